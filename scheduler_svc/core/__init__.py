@@ -1,0 +1,33 @@
+"""The pure scheduling core: stdlib only (no grpc, torch, numpy, opentelemetry).
+
+Both the scheduler service and the simulator drive it with the same loop::
+
+    plan = core.schedule(now)
+    result = runner.execute(plan)
+    events = core.update(plan, result, now)
+"""
+
+from scheduler_svc.core.batch_time import CumulativeMean, Ewma, make_estimator
+from scheduler_svc.core.config import SchedulerConfig
+from scheduler_svc.core.events import EventKind, LifecycleEvent
+from scheduler_svc.core.kv_blocks import BlockAllocator
+from scheduler_svc.core.plan import (BatchPlan, CachedRequestSlice, NewRequestSlice, PlanStats, StepResult,
+                                     TokenEvent)
+from scheduler_svc.core.policies.registry import PAPER_POLICIES, POLICIES, make_policy, policy_names
+from scheduler_svc.core.request import Request, RequestStatus, SamplingParams, Tier
+from scheduler_svc.core.scheduler import SchedulerCore
+
+
+def make_core(policy: str = "slai", num_blocks: int = 14733, config: SchedulerConfig | None = None,
+              record_events: bool = False) -> SchedulerCore:
+    """A core running the named policy over ``num_blocks`` KV blocks."""
+    p = make_policy(policy, config)
+    return SchedulerCore(p, num_blocks=num_blocks, config=p.config, record_events=record_events)
+
+
+__all__ = [
+    "BatchPlan", "BlockAllocator", "CachedRequestSlice", "CumulativeMean", "EventKind", "Ewma", "LifecycleEvent",
+    "NewRequestSlice", "PAPER_POLICIES", "POLICIES", "PlanStats", "Request", "RequestStatus", "SamplingParams",
+    "SchedulerConfig", "SchedulerCore", "StepResult", "Tier", "TokenEvent", "make_core", "make_estimator",
+    "make_policy", "policy_names",
+]

@@ -1,0 +1,132 @@
+"""The mechanism a policy uses to build one iteration's batch.
+
+Policies decide *order, chunk sizes and victims*; this class does the
+bookkeeping that every policy shares: token and sequence counting, KV block
+allocation, recompute preemption, and the slices that go into the plan. Policies
+never touch the allocator directly (design habit 4).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from scheduler_svc.core.plan import CachedRequestSlice, NewRequestSlice
+from scheduler_svc.core.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from scheduler_svc.core.scheduler import SchedulerCore
+
+VictimFn = Callable[[Request], "Request | None"]
+
+
+class BatchBuilder:
+    """Accumulates one step's work. Created by the core for each ``schedule`` call."""
+
+    def __init__(self, core: SchedulerCore, now: float) -> None:
+        self.core = core
+        self.now = now
+        self.config = core.config
+        self.num_tokens = 0
+        self.num_prefill_tokens = 0
+        self.num_decodes = 0
+        self.num_preempted = 0
+        self.num_critical = 0  # set by deadline-aware policies (SLAI, EDF)
+        self.offset = 0.0  # SLAI's delta in force, for telemetry
+        self.new: list[NewRequestSlice] = []
+        self.cached: list[CachedRequestSlice] = []
+        self.scheduled: dict[str, Request] = {}  # in scheduling order
+
+    # ---- budget ----
+    @property
+    def budget_left(self) -> int:
+        return self.config.token_budget - self.num_tokens
+
+    def is_scheduled(self, req: Request) -> bool:
+        return req.req_id in self.scheduled
+
+    # ---- admission of a waiting request ----
+    def can_admit(self, req: Request) -> bool:
+        """KV for the whole prompt fits above the watermark and the seq cap allows it."""
+        return (len(self.core.running) < self.config.max_num_seqs
+                and self.core.allocator.can_allocate(req.num_tokens))
+
+    def admit(self, req: Request, num_new_tokens: int) -> None:
+        """Allocate blocks for ``req``'s whole prompt and schedule its first chunk.
+
+        The caller has popped ``req`` from its waiting queue and checked ``can_admit``.
+        """
+        self._check_chunk(req, num_new_tokens)
+        block_ids = self.core.allocator.allocate(req.req_id, req.num_tokens)
+        self.core.on_admitted(req, self.now)
+        ids = req.all_token_ids()
+        self.new.append(NewRequestSlice(
+            req_id=req.req_id,
+            token_ids=ids if ids is not None else (),
+            num_tokens=req.num_tokens,
+            sampling=req.sampling,
+            block_ids=tuple(block_ids),
+            num_computed_tokens=req.num_computed_tokens,
+            num_new_tokens=num_new_tokens,
+            sample=req.num_computed_tokens + num_new_tokens == req.num_tokens,
+        ))
+        self._count(req, num_new_tokens, is_decode=False)
+
+    # ---- continuing work of an admitted request ----
+    def add_chunk(self, req: Request, num_new_tokens: int) -> None:
+        """Continue a paused prefill; its blocks were allocated at admission."""
+        self._check_chunk(req, num_new_tokens)
+        self.cached.append(CachedRequestSlice(
+            req_id=req.req_id, num_computed_tokens=req.num_computed_tokens,
+            num_new_tokens=num_new_tokens, is_decode=False,
+            sample=req.num_computed_tokens + num_new_tokens == req.num_tokens))
+        self._count(req, num_new_tokens, is_decode=False)
+
+    def add_decode(self, req: Request, victim: VictimFn) -> bool:
+        """Schedule one decode token for ``req``, reserving a KV slot.
+
+        While no block is free, ``victim(req)`` names a request to preempt; when it
+        returns ``None`` (or ``req`` itself) the decode preempts itself and this
+        returns ``False``. No token-budget check: callers decide that.
+        """
+        if not req.is_decode or self.is_scheduled(req):
+            raise ValueError(f"{req.req_id!r} is not an unscheduled decode")
+        alloc = self.core.allocator
+        while not alloc.can_append():
+            v = victim(req)
+            if v is None or v is req:
+                self.preempt(req)
+                return False
+            if self.is_scheduled(v):
+                raise RuntimeError(f"policy chose {v.req_id!r}, already scheduled this step, as a victim")
+            self.preempt(v)
+        added = alloc.append(req.req_id, req.num_computed_tokens + 1)
+        self.cached.append(CachedRequestSlice(
+            req_id=req.req_id, new_block_ids=tuple(added),
+            num_computed_tokens=req.num_computed_tokens, num_new_tokens=1, is_decode=True,
+            sample=True))
+        self._count(req, 1, is_decode=True)
+        return True
+
+    def preempt(self, req: Request) -> None:
+        """Recompute preemption: free KV, reset progress, hand back to the policy."""
+        self.core.preempt(req, self.now)
+        self.num_preempted += 1
+
+    def ignore(self, req: Request) -> None:
+        """Drop a waiting request that can never run (too long)."""
+        self.core.finish(req, RequestStatus.FINISHED_IGNORED, self.now)
+
+    # ---- internals ----
+    def _check_chunk(self, req: Request, n: int) -> None:
+        if self.is_scheduled(req):
+            raise ValueError(f"{req.req_id!r} scheduled twice in one step")
+        if not 1 <= n <= req.num_uncomputed_tokens:
+            raise ValueError(f"chunk of {n} tokens for {req.req_id!r} with {req.num_uncomputed_tokens} left")
+
+    def _count(self, req: Request, n: int, is_decode: bool) -> None:
+        self.scheduled[req.req_id] = req
+        self.num_tokens += n
+        if is_decode:
+            self.num_decodes += 1
+        else:
+            self.num_prefill_tokens += n

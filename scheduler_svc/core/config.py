@@ -1,0 +1,78 @@
+"""Scheduler configuration: one frozen dataclass, paper values as defaults.
+
+Policies read the fields they need; variants in the registry override some.
+Every field can be set from the command line as ``--set name=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    # --- shared mechanics (paper.md 3.1, 3.5) ---
+    token_budget: int = field(default=512, metadata={"help": "max tokens per iteration (tau)"})
+    max_num_seqs: int = field(default=128, metadata={"help": "max requests holding KV (alpha)"})
+    max_decodes: int = field(default=128, metadata={"help": "max decode tokens per iteration (beta); SLAI, EDF, RAD"})
+    max_model_len: int = field(default=8192, metadata={"help": "prompt + max_tokens above this is ignored"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    watermark: float = field(default=0.01, metadata={"help": "free fraction of blocks kept at admission"})
+    default_tbt_s: float = field(default=0.2, metadata={"help": "TBT SLO of a request that carries none"})
+    default_ttft_s: float = field(default=0.5, metadata={"help": "TTFT objective of a request that carries none (EDF laxity)"})
+    # --- waiting-queue order ---
+    fcfs: bool = field(default=False, metadata={"help": "True: arrival order; False: shortest prompt first"})
+    user_priority: bool = field(default=True, metadata={"help": "with SPF, paying requests first"})
+    # --- SLAI (paper.md 3.1) ---
+    fixed_offset: bool = field(default=False, metadata={"help": "SLAI: always use below_memory_limit_offset"})
+    below_memory_limit_offset: float = field(default=5.0, metadata={"help": "SLAI delta below memory_limit"})
+    above_memory_limit_offset: float = field(default=10.0, metadata={"help": "SLAI delta at/above memory_limit"})
+    memory_limit: float = field(default=0.96, metadata={"help": "KV used fraction that switches SLAI's offset"})
+    mean_estimator: str = field(default="cumulative", metadata={"help": "batch-time estimator: cumulative | ewma(a)"})
+    # --- vLLM-style baseline ---
+    max_num_batched_tokens: int = field(default=8192, metadata={"help": "vllm: max prompt tokens in one prefill batch"})
+    # --- EDF baseline ---
+    edf_lookahead: float = field(default=2.0, metadata={"help": "edf: a decode is due when deadline - now <= this x mean batch"})
+    edf_prefill_order: str = field(default="spf", metadata={"help": "edf: prefill order spf | fcfs | laxity"})
+    # --- RAD ---
+    tile_size: int = field(default=16, metadata={"help": "rad: budget and chunks are multiples of this"})
+
+    def __post_init__(self) -> None:
+        positive = ("token_budget", "max_num_seqs", "max_decodes", "max_model_len", "block_size",
+                    "max_num_batched_tokens", "tile_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.memory_limit <= 1:
+            raise ValueError(f"memory_limit must be in (0, 1], got {self.memory_limit}")
+        if self.default_tbt_s <= 0 or self.default_ttft_s <= 0:
+            raise ValueError("default_tbt_s and default_ttft_s must be > 0")
+        if self.edf_prefill_order not in ("spf", "fcfs", "laxity"):
+            raise ValueError(f"edf_prefill_order must be spf, fcfs or laxity, got {self.edf_prefill_order!r}")
+
+    def replace(self, **changes: object) -> SchedulerConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, pairs: list[str] | tuple[str, ...]) -> SchedulerConfig:
+        """Apply ``name=value`` strings, converting to each field's type."""
+        types = {f.name: f.type for f in dataclasses.fields(self)}
+        changes: dict[str, object] = {}
+        for pair in pairs:
+            name, sep, raw = pair.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in types:
+                raise ValueError(f"bad setting {pair!r}: expected name=value with name in {sorted(types)}")
+            kind = types[name]
+            if kind in ("bool", bool):
+                low = raw.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"{name} expects true/false, got {raw!r}")
+                changes[name] = low in ("1", "true", "yes")
+            elif kind in ("int", int):
+                changes[name] = int(raw)
+            elif kind in ("float", float):
+                changes[name] = float(raw)
+            else:
+                changes[name] = raw.strip()
+        return self.replace(**changes)

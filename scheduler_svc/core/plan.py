@@ -1,0 +1,127 @@
+"""Frozen values that cross the scheduler/runner boundary (design habits 5 and 6).
+
+The scheduler never hands its mutable ``Request`` objects to a runner. A plan
+sends a request's full data once (``NewRequestSlice``), then only deltas
+(``CachedRequestSlice``). Finished and preempted ids ride in the next plan so the
+executor can drop its per-request state without an extra RPC.
+
+Every field has a default so adding one does not break callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_svc.core.request import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequestSlice:
+    """First appearance of a request on an executor (or after a preemption)."""
+
+    req_id: str = ""
+    token_ids: tuple[int, ...] = ()  # prompt (+ outputs so far, after a recompute); () in the simulator
+    num_tokens: int = 0  # len(token_ids) even when ids are not carried (simulator)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    block_ids: tuple[int, ...] = ()  # KV placement for the whole prompt, in token order
+    num_computed_tokens: int = 0  # always 0 today (no prefix caching); kept for the wire
+    num_new_tokens: int = 0  # tokens of token_ids to compute in this step
+    sample: bool = False  # this chunk completes the sequence: sample a token
+
+
+@dataclass(frozen=True, slots=True)
+class CachedRequestSlice:
+    """A request the executor already knows: a prefill continuation or a decode."""
+
+    req_id: str = ""
+    new_block_ids: tuple[int, ...] = ()  # blocks appended since the last plan
+    num_computed_tokens: int = 0  # KV tokens before this step (lets the executor check it is in sync)
+    num_new_tokens: int = 0  # 1 for a decode; a chunk length for a paused prefill
+    is_decode: bool = False  # decode: the new token is the last sampled one
+    sample: bool = False  # this chunk completes the sequence (always True for a decode)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStats:
+    """What the policy decided, for telemetry and tests. Not needed to execute."""
+
+    num_prefill_tokens: int = 0  # tokens in prefill chunks
+    num_decodes: int = 0  # decode tokens (critical + non-critical)
+    num_critical_decodes: int = 0  # SLAI: decodes past their last schedulable time
+    num_noncritical_decodes: int = 0
+    num_preempted: int = 0  # requests preempted while building this plan
+    kv_used_fraction: float = 0.0  # after this plan's allocations
+    offset: float = 0.0  # SLAI's delta in force for this step (0 for other policies)
+    num_waiting: int = 0  # waiting + paused prefills after this plan
+    num_running: int = 0  # requests holding KV after this plan
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """One iteration's work for one executor."""
+
+    step_id: int = 0
+    new: tuple[NewRequestSlice, ...] = ()
+    cached: tuple[CachedRequestSlice, ...] = ()
+    finished_ids: tuple[str, ...] = ()  # release these (finished or aborted since last plan)
+    preempted_ids: tuple[str, ...] = ()  # release these too; they come back as `new` later
+    stats: PlanStats = field(default_factory=PlanStats)
+
+    @classmethod
+    def make_empty(cls, step_id: int = 0) -> BatchPlan:
+        return cls(step_id=step_id)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.new) + sum(s.num_new_tokens for s in self.cached)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.new) + len(self.cached)
+
+    @property
+    def is_empty(self) -> bool:
+        """No forward pass needed (there may still be ids to release)."""
+        return not self.new and not self.cached
+
+    def sampling_ids(self) -> tuple[str, ...]:
+        """Requests that must get a sampled token in this step's result."""
+        return tuple(s.req_id for s in self.new if s.sample) + tuple(c.req_id for c in self.cached if c.sample)
+
+    def scheduled_ids(self) -> tuple[str, ...]:
+        return tuple(s.req_id for s in self.new) + tuple(s.req_id for s in self.cached)
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What a runner reports for a plan: sampled tokens and measured durations."""
+
+    step_id: int = 0
+    req_ids: tuple[str, ...] = ()  # requests that sampled a token this step
+    token_ids: tuple[int, ...] = ()  # [len(req_ids)], aligned with req_ids
+    prepare_ns: int = 0  # building inputs from the plan
+    forward_ns: int = 0  # the model forward pass
+    sample_ns: int = 0  # sampling
+    total_ns: int = 0  # receipt of the plan to sending of the result
+
+    @classmethod
+    def make_empty(cls, step_id: int = 0) -> StepResult:
+        return cls(step_id=step_id)
+
+    def sampled(self) -> dict[str, int]:
+        return dict(zip(self.req_ids, self.token_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """New output tokens of one request from one step (what streams fan out)."""
+
+    req_id: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "ignored" | None
+    time_s: float = 0.0  # scheduler clock
+    is_first: bool = False  # carries the first output token (TTFT stamp)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # outputs so far, including these
+    ttft_s: float | None = None  # set on the first token: first_token - arrival
+    tbt_s: float | None = None  # gap since this request's previous token

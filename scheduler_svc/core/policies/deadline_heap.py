@@ -1,0 +1,51 @@
+"""A min-heap of decode-ready requests keyed by a deadline, with lazy deletion.
+
+Shared by SLAI-like policies (EDF, RAD). A request has at most one live entry;
+pushing it again supersedes the old one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from scheduler_svc.core.request import Request, RequestStatus
+
+
+class DeadlineHeap:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, float, int, Request]] = []  # (key, arrival, ticket, req)
+        self._ticket = itertools.count()
+        self._live: dict[str, int] = {}
+
+    def push(self, req: Request, key: float) -> None:
+        t = next(self._ticket)
+        self._live[req.req_id] = t
+        heapq.heappush(self._heap, (key, req.arrival_s, t, req))
+
+    def peek(self) -> tuple[float, Request] | None:
+        h = self._heap
+        while h:
+            key, _, t, req = h[0]
+            if self._live.get(req.req_id) == t and req.status == RequestStatus.RUNNING:
+                return key, req
+            heapq.heappop(h)
+            if self._live.get(req.req_id) == t:
+                del self._live[req.req_id]
+        return None
+
+    def pop(self) -> Request:
+        if self.peek() is None:
+            raise IndexError("pop from an empty DeadlineHeap")
+        req = heapq.heappop(self._heap)[3]
+        del self._live[req.req_id]
+        return req
+
+    def discard(self, req: Request) -> None:
+        self._live.pop(req.req_id, None)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, req: Request) -> bool:
+        return req.req_id in self._live

@@ -1,0 +1,99 @@
+"""EDF: a strong deadline-aware baseline beside the paper's policies.
+
+Same skeleton as SLAI (due decodes, paused prefills, new prefills, the other
+decodes), but each decode's key is its *own* deadline, the time its previous
+token was produced plus its TBT objective, not the batch end minus an offset.
+A decode is due when ``deadline - now <= lookahead x mean batch time`` (default
+2: the step that serves it must also finish before the deadline). There is no
+memory-dependent offset.
+
+Prefill order (``edf_prefill_order``): ``spf`` (shortest first, paying first, the
+default), ``fcfs``, or ``laxity``: least TTFT laxity first, where laxity =
+arrival + TTFT objective - (prefill steps left x mean batch time).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Iterator
+
+from scheduler_svc.core.policies.slai import SlaiPolicy
+from scheduler_svc.core.queues import FcfsQueue, SpfQueue
+from scheduler_svc.core.request import Request, RequestStatus
+
+_WAITING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+
+
+class LaxityQueue:
+    """Least laxity first; the key is fixed when a request is (re)queued."""
+
+    def __init__(self, policy: EdfPolicy) -> None:
+        self._policy = policy
+        self._heap: list[tuple[float, int, Request]] = []
+        self._live: dict[str, int] = {}
+        self._next = itertools.count()
+
+    def _key(self, req: Request) -> float:
+        p = self._policy
+        steps = -(-req.num_tokens // p.config.token_budget)
+        ttft = req.ttft_slo_s if req.ttft_slo_s is not None else p.config.default_ttft_s
+        mean = p.core.estimator.mean_s if p.core is not None else 0.0
+        return req.arrival_s + ttft - steps * mean
+
+    def push(self, req: Request) -> None:
+        order = next(self._next)
+        self._live[req.req_id] = order
+        heapq.heappush(self._heap, (self._key(req), order, req))
+
+    push_front = push  # a preempted request's laxity already reflects its age
+
+    def _skip(self) -> None:
+        while self._heap:
+            _, order, req = self._heap[0]
+            if self._live.get(req.req_id) == order and req.status in _WAITING:
+                return
+            heapq.heappop(self._heap)
+            if self._live.get(req.req_id) == order:
+                del self._live[req.req_id]
+
+    def peek(self) -> Request | None:
+        self._skip()
+        return self._heap[0][2] if self._heap else None
+
+    def pop(self) -> Request:
+        self._skip()
+        req = heapq.heappop(self._heap)[2]
+        del self._live[req.req_id]
+        return req
+
+    def discard(self, req: Request) -> None:
+        self._live.pop(req.req_id, None)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (e[2] for e in self._heap if self._live.get(e[2].req_id) == e[1] and e[2].status in _WAITING)
+
+
+class EdfPolicy(SlaiPolicy):
+    name = "edf"
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        order = self.config.edf_prefill_order
+        if order == "laxity":
+            self.waiting = LaxityQueue(self)
+        elif order == "fcfs":
+            self.waiting = FcfsQueue()
+        else:
+            self.waiting = SpfQueue(user_priority=self.config.user_priority)
+        self.current_offset = 0.0
+
+    def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
+        last = req.last_token_s if req.last_token_s is not None else batch_end
+        return last + self.tbt_of(req)
+
+    def is_critical(self, key: float, now: float) -> bool:
+        return key - now <= self.config.edf_lookahead * self.core.estimator.mean_s

@@ -1,0 +1,50 @@
+"""The policy registry: name -> (class, config overrides). No import-time side effects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler_svc.core.config import SchedulerConfig
+from scheduler_svc.core.policies.base import Policy
+from scheduler_svc.core.policies.edf import EdfPolicy
+from scheduler_svc.core.policies.rad import RadPolicy
+from scheduler_svc.core.policies.sarathi import SarathiPolicy
+from scheduler_svc.core.policies.slai import SlaiPolicy
+from scheduler_svc.core.policies.vllm_prefill_first import VllmPrefillFirstPolicy
+
+# name -> (policy class, overrides applied on top of the caller's config, description)
+POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
+    "slai": (SlaiPolicy, {"fcfs": False, "user_priority": True, "fixed_offset": False},
+             "SLAI, SPF with paying first, dynamic offset 5/10 (the paper's final default)"),
+    "slai-spf-dynamic": (SlaiPolicy, {"fcfs": False, "user_priority": False, "fixed_offset": False},
+                         "SLAI, SPF, dynamic offset"),
+    "slai-spf-fixed": (SlaiPolicy, {"fcfs": False, "user_priority": False, "fixed_offset": True,
+                                    "below_memory_limit_offset": 10.0},
+                       "SLAI, SPF, fixed offset 10"),
+    "slai-fcfs-fixed": (SlaiPolicy, {"fcfs": True, "user_priority": False, "fixed_offset": True,
+                                     "below_memory_limit_offset": 10.0},
+                        "SLAI, FCFS, fixed offset 10"),
+    "sarathi-fcfs": (SarathiPolicy, {"fcfs": True, "user_priority": False}, "Sarathi-Serve, FCFS"),
+    "sarathi-spf": (SarathiPolicy, {"fcfs": False, "user_priority": False}, "Sarathi-Serve, shortest prompt first"),
+    "vllm": (VllmPrefillFirstPolicy, {"fcfs": True, "user_priority": False},
+             "vLLM v0 prefill-first, whole prompts"),
+    "edf": (EdfPolicy, {"fcfs": False, "user_priority": True}, "earliest TBT deadline first + SPF prefill"),
+    "rad": (RadPolicy, {"fcfs": True, "user_priority": False},
+            "Resource-Aware Dynamic: tiled budget + MaxWeight prefill/decode split"),
+}
+
+PAPER_POLICIES = ("slai", "slai-spf-dynamic", "slai-spf-fixed", "slai-fcfs-fixed",
+                  "sarathi-fcfs", "sarathi-spf", "vllm")
+
+
+def policy_names() -> list[str]:
+    return list(POLICIES)
+
+
+def make_policy(name: str, config: SchedulerConfig | None = None) -> Policy:
+    """Build a fresh policy; the variant's overrides win over ``config``."""
+    try:
+        cls, overrides, _ = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
+    return cls((config or SchedulerConfig()).replace(**overrides))

@@ -1,0 +1,127 @@
+"""SLAI: SLO-Aware LLM Inference (paper.md section 3), step by step.
+
+Each decode carries a *last schedulable time*
+``LST = last_batch_end + TBT - delta * mean_batch_time``, computed once after it
+runs (delta is frozen at push time). Per iteration:
+
+0. (``on_step_end``) requests of the last batch: unfinished prompts become
+   paused prefills; finished prompts get a new LST and go on the decode heap;
+1. critical decodes (``now >= LST``) in LST order, up to the decode cap;
+2. paused prefills (FIFO) continue with the rest of the budget;
+3. the waiting queue is kept shortest-prompt-first, paying users first
+   (an incremental heap, see queues.py);
+4. new prefills are admitted head-of-line while KV, the sequence cap and the
+   budget allow;
+5. non-critical decodes in LST order fill what is left of the budget and cap;
+   those not picked keep their old LST and become critical later.
+
+Slot reservation preempts the *most recent* paused prefill first; if there is
+none, the decode preempts itself. SLAI never preempts another decode.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from scheduler_svc.core.batch_builder import BatchBuilder
+from scheduler_svc.core.policies.base import Policy
+from scheduler_svc.core.policies.deadline_heap import DeadlineHeap
+from scheduler_svc.core.request import Request
+
+
+class SlaiPolicy(Policy):
+    name = "slai"
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.decode_heap = DeadlineHeap()  # keyed by LST; ties by arrival (paper.md 3.7)
+        self.paused: deque[Request] = deque()
+        self.current_offset = self.config.below_memory_limit_offset
+
+    # ---- step 0 ----
+    def offset(self) -> float:
+        c = self.config
+        if c.fixed_offset:
+            return c.below_memory_limit_offset
+        used = self.core.allocator.used_fraction()
+        return c.above_memory_limit_offset if used >= c.memory_limit else c.below_memory_limit_offset
+
+    def on_step_end(self, served: list[Request], now: float) -> None:
+        core = self.core
+        end = core.last_batch_end_s if core.last_batch_end_s is not None else now
+        mean = core.estimator.mean_s
+        for req in served:
+            if req.is_prefill:
+                if req not in self.paused:  # at most one partial prefill exists (paper.md 3.7)
+                    self.paused.append(req)
+            else:
+                if req in self.paused:
+                    self.paused.remove(req)
+                self.decode_heap.push(req, self.decode_key(req, end, mean))
+
+    def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
+        """The heap key: SLAI's last schedulable time, with delta frozen now."""
+        self.current_offset = self.offset()
+        return batch_end + self.tbt_of(req) - self.current_offset * mean
+
+    def is_critical(self, key: float, now: float) -> bool:
+        return now >= key
+
+    # ---- bookkeeping ----
+    def on_preempt(self, req: Request, now: float) -> None:
+        self._forget(req)
+        super().on_preempt(req, now)
+
+    def on_remove(self, req: Request) -> None:
+        self._forget(req)
+        super().on_remove(req)
+
+    def _forget(self, req: Request) -> None:
+        self.decode_heap.discard(req)
+        if req in self.paused:
+            self.paused.remove(req)
+
+    def _victim(self, current: Request) -> Request | None:
+        # the most recent paused prefill not already in this batch; else the decode itself
+        return self.paused.pop() if self.paused else None
+
+    def num_decodes_queued(self) -> int:
+        return len(self.decode_heap)
+
+    # ---- steps 1-5 ----
+    def schedule(self, b: BatchBuilder, now: float) -> None:
+        tau, beta = self.config.token_budget, self.config.max_decodes
+        b.offset = self.current_offset
+        crit = 0
+        # 1. critical decodes
+        while b.num_tokens < tau and crit < beta:
+            top = self.decode_heap.peek()
+            if top is None or not self.is_critical(top[0], now):
+                break
+            req = self.decode_heap.pop()
+            if b.add_decode(req, self._victim):
+                crit += 1
+        # 2. paused prefills, FIFO
+        while self.paused and b.num_tokens < tau:
+            req = self.paused.popleft()
+            b.add_chunk(req, min(req.num_uncomputed_tokens, b.budget_left))
+        # 3 + 4. new prefills, shortest prompt first (the queue keeps the order)
+        while b.num_tokens < tau:
+            req = self.waiting.peek()
+            if req is None:
+                break
+            if req.num_tokens > self.config.max_model_len:
+                self.waiting.pop()
+                b.ignore(req)
+                continue
+            if not b.can_admit(req):
+                break
+            self.waiting.pop()
+            b.admit(req, min(req.num_uncomputed_tokens, b.budget_left))
+        # 5. non-critical decodes
+        noncrit = 0
+        while b.num_tokens < tau and crit + noncrit < beta and self.decode_heap.peek() is not None:
+            req = self.decode_heap.pop()
+            if b.add_decode(req, self._victim):
+                noncrit += 1
+        b.num_critical = crit

@@ -1,0 +1,272 @@
+"""SchedulerCore: the whole scheduler as two calls (design habit 2).
+
+    plan = core.schedule(now)
+    result = runner.execute(plan)          # gRPC in the service, a cost model in the simulator
+    events = core.update(plan, result, now)
+
+plus ``add`` and ``abort``. Time is always passed in; nothing here reads a clock.
+The policy (a strategy object) decides order, budget split and victims; this
+class owns request state, KV placement and the plan/result protocol.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable
+
+from scheduler_svc.core.batch_builder import BatchBuilder
+from scheduler_svc.core.batch_time import BatchTimeEstimator, make_estimator
+from scheduler_svc.core.config import SchedulerConfig
+from scheduler_svc.core.events import EventKind, LifecycleEvent
+from scheduler_svc.core.kv_blocks import BlockAllocator
+from scheduler_svc.core.plan import BatchPlan, PlanStats, StepResult, TokenEvent
+from scheduler_svc.core.policies.base import Policy
+from scheduler_svc.core.request import FINISH_REASONS, Request, RequestStatus
+
+
+class SchedulerCore:
+    """All scheduling state for one executor (one KV pool)."""
+
+    def __init__(self, policy: Policy, num_blocks: int, config: SchedulerConfig | None = None,
+                 estimator: BatchTimeEstimator | None = None, record_events: bool = False) -> None:
+        self.config = config or policy.config
+        self.policy = policy
+        self.allocator = BlockAllocator(num_blocks, self.config.block_size, self.config.watermark)
+        self.estimator = estimator or make_estimator(self.config.mean_estimator)
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.running: dict[str, Request] = {}  # requests holding KV, admission order
+        self.last_batch_end_s: float | None = None
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self.num_waiting_tokens = 0  # prompt tokens of waiting requests (admission control)
+        self._record_events = record_events
+        self._events: list[LifecycleEvent] = []
+        self._seq = itertools.count()
+        self._step_ids = itertools.count(1)
+        self._in_flight: BatchPlan | None = None
+        self._scheduled_at: float = 0.0
+        self._known_to_runner: set[str] = set()  # sent as `new`, not yet released
+        self._release_finished: list[str] = []
+        self._release_preempted: list[str] = []
+        policy.bind(self)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_waiting(self) -> int:
+        """Requests not holding KV (waiting, preempted)."""
+        return len(self.requests) - len(self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests) or bool(self._release_finished) or bool(self._release_preempted)
+
+    @property
+    def mean_batch_s(self) -> float:
+        return self.estimator.mean_s
+
+    def kv_used_fraction(self) -> float:
+        return self.allocator.used_fraction()
+
+    def outstanding_tokens(self) -> int:
+        """Uncomputed prompt tokens + remaining decode tokens (routing's work measure)."""
+        return sum(r.num_uncomputed_tokens - (1 if r.is_decode else 0) + r.num_remaining_outputs
+                   for r in self.requests.values())
+
+    def drain_events(self) -> list[LifecycleEvent]:
+        events, self._events = self._events, []
+        return events
+
+    # ------------------------------------------------------------------ inputs
+    def add(self, req: Request, now: float) -> TokenEvent | None:
+        """Queue a new request. Returns a finish event if it can never run."""
+        if req.req_id in self.requests:
+            raise ValueError(f"duplicate request id {req.req_id!r}")
+        if req.status != RequestStatus.WAITING or req.num_computed_tokens or req.num_output_tokens:
+            raise ValueError(f"request {req.req_id!r} is not fresh")
+        req.seq = next(self._seq)
+        self._event(EventKind.QUEUED, req, now)
+        if req.num_prompt_tokens + req.max_tokens > self.config.max_model_len:
+            req.status = RequestStatus.FINISHED_IGNORED
+            req.finished_s = now
+            self._event(EventKind.FINISHED, req, now, "ignored")
+            return TokenEvent(req_id=req.req_id, finish_reason="ignored", time_s=now,
+                              num_prompt_tokens=req.num_prompt_tokens)
+        self.requests[req.req_id] = req
+        self.num_waiting_tokens += req.num_tokens
+        self.policy.on_arrival(req, now)
+        return None
+
+    def abort(self, req_id: str, now: float) -> TokenEvent | None:
+        """Cancel a request; its KV is freed now and the runner told in the next plan."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        self.finish(req, RequestStatus.FINISHED_ABORTED, now)
+        return TokenEvent(req_id=req_id, finish_reason="abort", time_s=now,
+                          num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens)
+
+    def take_back_all(self, now: float) -> list[Request]:
+        """Remove every unfinished request (executor lost) and return them, reset.
+
+        Each comes back fresh (no progress kept: the KV is gone with the executor),
+        ready to be ``add``-ed to another core. Output tokens already streamed are
+        kept in ``output_token_ids`` / ``num_output_tokens`` so the caller can
+        resubmit the remainder.
+        """
+        taken = list(self.requests.values())
+        for req in taken:
+            self.allocator.free(req.req_id)
+            self.policy.on_remove(req)
+        self.requests.clear()
+        self.running.clear()
+        self.num_waiting_tokens = 0
+        self._known_to_runner.clear()
+        self._release_finished.clear()
+        self._release_preempted.clear()
+        self._in_flight = None
+        return taken
+
+    # ------------------------------------------------------------------ the two calls
+    def schedule(self, now: float) -> BatchPlan:
+        """Decide the next iteration's batch."""
+        if self._in_flight is not None:
+            raise RuntimeError("schedule() called twice without update()")
+        builder = BatchBuilder(self, now)
+        self.policy.schedule(builder, now)
+        new_ids = [s.req_id for s in builder.new]
+        for rid in new_ids:
+            self._known_to_runner.add(rid)
+        stats = PlanStats(
+            num_prefill_tokens=builder.num_prefill_tokens,
+            num_decodes=builder.num_decodes,
+            num_critical_decodes=builder.num_critical,
+            num_noncritical_decodes=builder.num_decodes - builder.num_critical,
+            num_preempted=builder.num_preempted,
+            kv_used_fraction=self.allocator.used_fraction(),
+            offset=builder.offset,
+            num_waiting=self.num_waiting,
+            num_running=len(self.running),
+        )
+        plan = BatchPlan(
+            step_id=next(self._step_ids),
+            new=tuple(builder.new),
+            cached=tuple(builder.cached),
+            finished_ids=tuple(self._release_finished),
+            preempted_ids=tuple(self._release_preempted),
+            stats=stats,
+        )
+        self._release_finished = []
+        self._release_preempted = []
+        self._in_flight = plan
+        self._scheduled_at = now
+        return plan
+
+    def update(self, plan: BatchPlan, result: StepResult, now: float) -> list[TokenEvent]:
+        """Apply a step's result: advance counters, record tokens, finish requests."""
+        if plan is not self._in_flight:
+            raise RuntimeError("update() for a plan that is not in flight")
+        if result.step_id != plan.step_id:
+            raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
+        self._in_flight = None
+        if not plan.is_empty:
+            self.estimator.observe(now - self._scheduled_at)
+            self.last_batch_end_s = now
+            self.num_steps += 1
+        sampled = result.sampled()
+        events: list[TokenEvent] = []
+        served: list[Request] = []
+        for rid, n in self._slices(plan):
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran: its token (if any) is dropped
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:
+                if rid not in sampled:
+                    raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
+                events.append(self._on_token(req, sampled[rid], now))
+            if not req.is_finished:
+                served.append(req)
+        self.policy.on_step_end(served, now)
+        return events
+
+    # ------------------------------------------------------------------ mechanism used by BatchBuilder
+    def on_admitted(self, req: Request, now: float) -> None:
+        req.status = RequestStatus.RUNNING
+        self.running[req.req_id] = req
+        self.num_waiting_tokens -= req.num_tokens
+        if req.first_scheduled_s is None:
+            req.first_scheduled_s = now
+        self._event(EventKind.SCHEDULED, req, now)
+
+    def preempt(self, req: Request, now: float) -> None:
+        if req.status != RequestStatus.RUNNING:
+            raise ValueError(f"cannot preempt {req.req_id!r} in state {req.status.name}")
+        self.allocator.free(req.req_id)
+        del self.running[req.req_id]
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.num_waiting_tokens += req.num_tokens
+        if req.req_id in self._known_to_runner:
+            self._known_to_runner.discard(req.req_id)
+            self._release_preempted.append(req.req_id)
+        self._event(EventKind.PREEMPTED, req, now)
+        self.policy.on_preempt(req, now)
+
+    def finish(self, req: Request, status: RequestStatus, now: float) -> None:
+        if not status.is_finished:
+            raise ValueError(f"{status.name} is not a finished state")
+        if req.status == RequestStatus.RUNNING:
+            self.allocator.free(req.req_id)
+            del self.running[req.req_id]
+        else:
+            self.num_waiting_tokens -= req.num_tokens
+        req.status = status
+        req.finished_s = now
+        self.requests.pop(req.req_id, None)
+        self.policy.on_remove(req)
+        if req.req_id in self._known_to_runner:
+            self._known_to_runner.discard(req.req_id)
+            self._release_finished.append(req.req_id)
+        self._event(EventKind.FINISHED, req, now, FINISH_REASONS[status])
+
+    # ------------------------------------------------------------------ internals
+    def _on_token(self, req: Request, token_id: int, now: float) -> TokenEvent:
+        is_first = req.first_token_s is None
+        tbt = None if req.last_token_s is None else now - req.last_token_s
+        if is_first:
+            req.first_token_s = now
+            self._event(EventKind.FIRST_TOKEN, req, now)
+        req.last_token_s = now
+        if req.prompt_token_ids is not None:
+            req.output_token_ids.append(token_id)
+        req.num_output_tokens += 1
+        req.num_computed_tokens = req.num_tokens - 1  # the new token has no KV yet
+        reason = None
+        if not req.sampling.ignore_eos and token_id in req.sampling.stop_token_ids:
+            self.finish(req, RequestStatus.FINISHED_STOPPED, now)
+            reason = "stop"
+        elif req.num_output_tokens >= req.max_tokens:
+            self.finish(req, RequestStatus.FINISHED_LENGTH, now)
+            reason = "length"
+        return TokenEvent(
+            req_id=req.req_id, token_ids=(token_id,), finish_reason=reason, time_s=now,
+            is_first=is_first, num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            ttft_s=(now - req.arrival_s) if is_first else None, tbt_s=tbt)
+
+    @staticmethod
+    def _slices(plan: BatchPlan) -> Iterable[tuple[str, int]]:
+        for s in plan.new:
+            yield s.req_id, s.num_new_tokens
+        for c in plan.cached:
+            yield c.req_id, c.num_new_tokens
+
+    def _event(self, kind: EventKind, req: Request, now: float, detail: str = "") -> None:
+        if self._record_events:
+            self._events.append(LifecycleEvent(kind, req.req_id, now, detail))
