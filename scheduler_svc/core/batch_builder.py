@@ -26,6 +26,7 @@ class BatchBuilder:
         self.core = core
         self.now = now
         self.config = core.config
+        self.token_budget = core.config.token_budget  # a policy may size each step differently
         self.num_tokens = 0
         self.num_prefill_tokens = 0
         self.num_decodes = 0
@@ -39,7 +40,7 @@ class BatchBuilder:
     # ---- budget ----
     @property
     def budget_left(self) -> int:
-        return self.config.token_budget - self.num_tokens
+        return self.token_budget - self.num_tokens
 
     def is_scheduled(self, req: Request) -> bool:
         return req.req_id in self.scheduled

@@ -133,5 +133,24 @@ class SpfQueue:
         return (e[3] for e in self._heap if self._live.get(e[3].req_id) == e[2] and e[3].status in _WAITING)
 
 
+class AgingSpfQueue(SpfQueue):
+    """Shortest prompt first with aging: a request's length counts ``rate`` tokens
+    less for every second it has waited.
+
+    The key ``length + rate * arrival`` is static (every waiting request ages at
+    the same rate), so the heap never needs re-sorting. A request can only be
+    overtaken by requests arriving within ``length / rate`` seconds after it,
+    which bounds its wait: SPF's low median without SPF's starvation of long prompts.
+    """
+
+    def __init__(self, user_priority: bool = True, rate_tokens_per_s: float = 2000.0) -> None:
+        super().__init__(user_priority)
+        self._rate = rate_tokens_per_s
+
+    def _key(self, req: Request, order: int):
+        tier = int(req.tier) if self._user_priority else 0
+        return (tier, req.num_tokens + self._rate * req.arrival_s, order, req)
+
+
 def make_waiting_queue(fcfs: bool, user_priority: bool) -> WaitingQueue:
     return FcfsQueue() if fcfs else SpfQueue(user_priority=user_priority)

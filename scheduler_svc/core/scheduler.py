@@ -36,6 +36,8 @@ class SchedulerCore:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.running: dict[str, Request] = {}  # requests holding KV, admission order
         self.last_batch_end_s: float | None = None
+        self.last_step_s = 0.0  # duration of the last non-empty step (schedule -> update)
+        self.last_step_tokens = 0  # tokens in that step
         self.num_preemptions = 0
         self.num_steps = 0
         self.num_waiting_tokens = 0  # prompt tokens of waiting requests (admission control)
@@ -173,7 +175,9 @@ class SchedulerCore:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
         self._in_flight = None
         if not plan.is_empty:
-            self.estimator.observe(now - self._scheduled_at)
+            self.last_step_s = now - self._scheduled_at
+            self.last_step_tokens = plan.num_tokens
+            self.estimator.observe(self.last_step_s)
             self.last_batch_end_s = now
             self.num_steps += 1
         sampled = result.sampled()

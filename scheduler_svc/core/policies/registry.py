@@ -10,6 +10,7 @@ from scheduler_svc.core.policies.edf import EdfPolicy
 from scheduler_svc.core.policies.rad import RadPolicy
 from scheduler_svc.core.policies.sarathi import SarathiPolicy
 from scheduler_svc.core.policies.slai import SlaiPolicy
+from scheduler_svc.core.policies.slai_adaptive import SlaiAdaptivePolicy
 from scheduler_svc.core.policies.vllm_prefill_first import VllmPrefillFirstPolicy
 
 # name -> (policy class, overrides applied on top of the caller's config, description)
@@ -29,6 +30,8 @@ POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
     "vllm": (VllmPrefillFirstPolicy, {"fcfs": True, "user_priority": False},
              "vLLM v0 prefill-first, whole prompts"),
     "edf": (EdfPolicy, {"fcfs": False, "user_priority": True}, "earliest TBT deadline first + SPF prefill"),
+    "slai-adaptive": (SlaiAdaptivePolicy, {"fcfs": False, "user_priority": True, "fixed_offset": False},
+                      "SLAI + slack-sized steps (online step-time fit) + aging SPF (this project's refinement)"),
     "rad": (RadPolicy, {"fcfs": True, "user_priority": False},
             "Resource-Aware Dynamic: tiled budget + MaxWeight prefill/decode split"),
 }

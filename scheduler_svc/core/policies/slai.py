@@ -89,39 +89,41 @@ class SlaiPolicy(Policy):
         return len(self.decode_heap)
 
     # ---- steps 1-5 ----
+    def step_budget(self, now: float) -> int:
+        """Token budget of this step (tau). SLAI uses the fixed configured value."""
+        return self.config.token_budget
+
     def schedule(self, b: BatchBuilder, now: float) -> None:
-        tau, beta = self.config.token_budget, self.config.max_decodes
+        b.token_budget = self.step_budget(now)
         b.offset = self.current_offset
+        b.num_critical = self.schedule_critical_decodes(b, now)  # step 1
+        self.schedule_prefills(b, now)  # steps 2-4
+        self.schedule_noncritical_decodes(b)  # step 5
+
+    def schedule_critical_decodes(self, b: BatchBuilder, now: float) -> int:
+        """Step 1: decodes past their LST, in LST order, up to the decode cap."""
         crit = 0
-        # 1. critical decodes
-        while b.num_tokens < tau and crit < beta:
+        while b.num_tokens < b.token_budget and crit < self.config.max_decodes:
             top = self.decode_heap.peek()
             if top is None or not self.is_critical(top[0], now):
                 break
             req = self.decode_heap.pop()
             if b.add_decode(req, self._victim):
                 crit += 1
-        # 2. paused prefills, FIFO
-        while self.paused and b.num_tokens < tau:
+        return crit
+
+    def schedule_prefills(self, b: BatchBuilder, now: float) -> None:
+        """Step 2: paused prefills FIFO; steps 3-4: admissions in queue order (SPF)."""
+        while self.paused and b.num_tokens < b.token_budget:
             req = self.paused.popleft()
             b.add_chunk(req, min(req.num_uncomputed_tokens, b.budget_left))
-        # 3 + 4. new prefills, shortest prompt first (the queue keeps the order)
-        while b.num_tokens < tau:
-            req = self.waiting.peek()
-            if req is None:
-                break
-            if req.num_tokens > self.config.max_model_len:
-                self.waiting.pop()
-                b.ignore(req)
-                continue
-            if not b.can_admit(req):
-                break
-            self.waiting.pop()
-            b.admit(req, min(req.num_uncomputed_tokens, b.budget_left))
-        # 5. non-critical decodes
+        self.admit_waiting(b)
+
+    def schedule_noncritical_decodes(self, b: BatchBuilder) -> None:
+        """Step 5: the other decodes in LST order, with what is left of budget and cap."""
         noncrit = 0
-        while b.num_tokens < tau and crit + noncrit < beta and self.decode_heap.peek() is not None:
+        beta = self.config.max_decodes - b.num_critical
+        while b.num_tokens < b.token_budget and noncrit < beta and self.decode_heap.peek() is not None:
             req = self.decode_heap.pop()
             if b.add_decode(req, self._victim):
                 noncrit += 1
-        b.num_critical = crit
