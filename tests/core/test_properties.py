@@ -19,7 +19,9 @@ def _run(policy: str, items, num_blocks: int, budget: int):
     cfg = SchedulerConfig(token_budget=budget, max_num_seqs=16, max_decodes=12, max_num_batched_tokens=1024,
                           max_model_len=4096)
     core = make_core(policy, num_blocks=num_blocks, config=cfg)
-    limit_tokens = cfg.max_num_batched_tokens if policy == "vllm" else budget
+    # each policy's own step limit: vllm batches whole prompts; slai-adaptive sizes steps up to max_token_budget
+    limit_tokens = {"vllm": cfg.max_num_batched_tokens,
+                    "slai-adaptive": max(budget, cfg.max_token_budget)}.get(policy, budget)
     pending = [make_request(p, d, tier=Tier.PAYING if pay else Tier.FREE) for p, d, pay, _ in items]
     gaps = [g for *_, g in items]
     reqs = list(pending)

@@ -3,9 +3,12 @@
 Same skeleton as SLAI (due decodes, paused prefills, new prefills, the other
 decodes), but each decode's key is its *own* deadline, the time its previous
 token was produced plus its TBT objective, not the batch end minus an offset.
-A decode is due when ``deadline - now <= lookahead x mean batch time`` (default
-2: the step that serves it must also finish before the deadline). There is no
-memory-dependent offset.
+A decode is due when ``deadline - now <= lookahead x T_step`` (default 2: if it
+waits through this step it must still fit in the next one), where ``T_step`` is
+a slowly decaying maximum of measured step times: the *mean* step is much
+shorter than a full-budget step when decode-only steps are frequent, and a
+deadline test on the mean misses deadlines whenever a full step follows.
+There is no memory-dependent offset.
 
 Prefill order (``edf_prefill_order``): ``spf`` (shortest first, paying first, the
 default), ``fcfs``, or ``laxity``: least TTFT laxity first, where laxity =
@@ -90,10 +93,15 @@ class EdfPolicy(SlaiPolicy):
         else:
             self.waiting = SpfQueue(user_priority=self.config.user_priority)
         self.current_offset = 0.0
+        self.step_ref_s = 0.0  # decaying max of step durations
+
+    def on_step_end(self, served: list[Request], now: float) -> None:
+        self.step_ref_s = max(self.core.last_step_s, 0.999 * self.step_ref_s)
+        super().on_step_end(served, now)
 
     def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
         last = req.last_token_s if req.last_token_s is not None else batch_end
         return last + self.tbt_of(req)
 
     def is_critical(self, key: float, now: float) -> bool:
-        return key - now <= self.config.edf_lookahead * self.core.estimator.mean_s
+        return key - now <= self.config.edf_lookahead * max(self.step_ref_s, self.core.estimator.mean_s)
