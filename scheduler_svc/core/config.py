@@ -39,7 +39,7 @@ class SchedulerConfig:
     max_token_budget: int = field(default=2048, metadata={"help": "slai-adaptive: largest step, in tokens"})
     tile_slack_fraction: float = field(default=0.8, metadata={
         "help": "slai-adaptive: a step may take this share of the tightest decode slack"})
-    aging_tokens_per_s: float = field(default=2000.0, metadata={
+    aging_tokens_per_s: float = field(default=100.0, metadata={
         "help": "slai-adaptive: SPF aging, prompt tokens forgiven per second of waiting"})
     # --- RAD ---
     tile_size: int = field(default=16, metadata={"help": "rad: budget and chunks are multiples of this"})
