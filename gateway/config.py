@@ -1,0 +1,69 @@
+"""Gateway configuration: frozen dataclasses, validated on construction, no I/O.
+
+Tiers (design habit 13): a tier is a named pair of objectives (TBT, optional
+TTFT) that the gateway stamps on every request it forwards. The client never
+chooses its tier: the API key does (:mod:`gateway.auth`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_svc.core.request import Tier
+
+TIER_NAMES: dict[str, Tier] = {"paying": Tier.PAYING, "free": Tier.FREE}
+
+
+@dataclass(frozen=True, slots=True)
+class TierPolicy:
+    """Objectives of one tier, in seconds (0 = the scheduler's default)."""
+
+    tier: Tier = Tier.PAYING
+    tbt_slo_s: float = field(default=0.1, metadata={"help": "time-between-tokens objective"})
+    ttft_slo_s: float = field(default=0.0, metadata={"help": "time-to-first-token objective; 0 = scheduler default"})
+
+    def __post_init__(self) -> None:
+        if self.tbt_slo_s < 0 or self.ttft_slo_s < 0:
+            raise ValueError(f"tier {self.tier.name.lower()}: SLOs must be >= 0")
+
+
+def default_tier_policies() -> dict[str, TierPolicy]:
+    """The paper's two tiers: paying 0.1 s TBT, free 0.5 s TBT."""
+    return {"paying": TierPolicy(Tier.PAYING, 0.1), "free": TierPolicy(Tier.FREE, 0.5)}
+
+
+def parse_tier(name: str) -> str:
+    """Normalise a tier name; ValueError for unknown ones."""
+    low = str(name).strip().lower()
+    if low not in TIER_NAMES:
+        raise ValueError(f"unknown tier {name!r}; choose from {', '.join(TIER_NAMES)}")
+    return low
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    scheduler_address: str = field(default="127.0.0.1:50061", metadata={"help": "scheduler host:port"})
+    grpc_address: str = field(default="0.0.0.0:50051", metadata={"help": "gRPC listen address"})
+    http_host: str = field(default="0.0.0.0", metadata={"help": "HTTP listen host"})
+    http_port: int = field(default=8000, metadata={"help": "HTTP listen port; 0 = pick one, -1 = no HTTP"})
+    model_dir: str = field(default="", metadata={"help": "folder with tokenizer.json, config.json, chat template"})
+    model_name: str = field(default="", metadata={"help": "served model id; default: the folder's name"})
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
+    max_concurrent_requests: int = field(default=1024, metadata={"help": "in-flight requests before 429"})
+    max_model_len: int = field(default=0, metadata={"help": "prompt + max_tokens limit; 0 = from config.json"})
+    request_timeout_s: float = field(default=3600.0, metadata={"help": "deadline of one Submit stream"})
+    drain_timeout_s: float = field(default=10.0, metadata={"help": "grace for in-flight streams on SIGTERM"})
+    default_tier: str = field(default="paying", metadata={"help": "tier of requests without a key file"})
+    tiers: dict[str, TierPolicy] = field(default_factory=default_tier_policies)
+
+    def __post_init__(self) -> None:
+        parse_tier(self.default_tier)
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")
+        if self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+        for name in TIER_NAMES:
+            if name not in self.tiers:
+                raise ValueError(f"tier {name!r} has no policy")

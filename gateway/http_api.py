@@ -1,0 +1,284 @@
+"""OpenAI-compatible HTTP API (FastAPI), served on the gateway's event loop.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``
+as server-sent events ending with ``data: [DONE]``), ``GET /v1/models``,
+``GET /health``. The official ``openai`` client works against it unchanged.
+
+Bodies are parsed by hand (not by pydantic models) so every error is a 400 in
+OpenAI's error shape whose ``param`` names the offending field. Status codes:
+400 bad input, 401 unknown key, 429 full (with ``Retry-After``), 503 scheduler
+down. A streamed response starts once the first token is known, so admission
+and scheduler errors still get their own status code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from common.grpc_server import AdmissionRejected
+from common.metrics_http import add_metrics_route
+from gateway.auth import KeyStore, Unauthenticated
+from gateway.config import TierPolicy
+from gateway.service import GenerationService
+from gateway.types import Delta, GenerationInput
+
+FINISH_TO_OPENAI = {"stop": "stop", "length": "length", "ignored": "length", "abort": "abort", "error": "error"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class BadRequest(ValueError):
+    """Malformed body (the message starts with the field name)."""
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """Map a gateway exception to OpenAI's error body and an HTTP status."""
+    headers: dict[str, str] = {}
+    message = str(exc)
+    param = None
+    if isinstance(exc, Unauthenticated):
+        status, kind = 401, "authentication_error"
+    elif isinstance(exc, AdmissionRejected):
+        status, kind = 429, "rate_limit_error"
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    elif isinstance(exc, ValueError):
+        status, kind = 400, "invalid_request_error"
+        head, sep, _ = message.partition(":")
+        if sep and " " not in head.strip():
+            param = head.strip()
+    elif isinstance(exc, (ConnectionError, TimeoutError)):
+        status, kind = 503, "service_unavailable"
+    elif isinstance(exc, LookupError):
+        status, kind = 404, "not_found_error"
+    else:
+        status, kind = 500, "internal_error"
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------- body parsing
+def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, allow_none: bool = True) -> Any:
+    value = body.get(name, default)
+    if value is None and allow_none:
+        return default
+    if isinstance(value, bool) and bool not in kinds:
+        raise BadRequest(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got a boolean")
+    if not isinstance(value, kinds):
+        raise BadRequest(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    return value
+
+
+def _common_fields(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
+    max_tokens = 0
+    for name in max_tokens_names:
+        value = _get(body, name, (int,))
+        if value is not None:
+            if value < 1:
+                raise BadRequest(f"{name}: must be >= 1, got {value}")
+            max_tokens = value
+    n = _get(body, "n", (int,), 1)
+    if n != 1:
+        raise BadRequest(f"n: only n=1 is supported, got {n}")
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise BadRequest("stop: expected a string or a list of strings")
+    seed = _get(body, "seed", (int,))
+    top_k = _get(body, "top_k", (int,), 0)
+    return dict(
+        max_tokens=max_tokens,
+        temperature=float(_get(body, "temperature", (int, float), 1.0)),
+        top_p=float(_get(body, "top_p", (int, float), 1.0)),
+        top_k=0 if top_k == -1 else top_k,  # vLLM spells "disabled" as -1
+        seed=seed,
+        ignore_eos=_get(body, "ignore_eos", (bool,), False),
+        stop=stops,
+        model=_get(body, "model", (str,), ""),
+        request_id=_get(body, "request_id", (str,), ""),
+    )
+
+
+def parse_completion(body: dict) -> GenerationInput:
+    prompt = body.get("prompt")
+    fields = _common_fields(body, ("max_tokens",))
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return GenerationInput(prompt=prompt, **fields)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return GenerationInput(prompt_token_ids=tuple(prompt), **fields)
+    if prompt is None or prompt == [] or prompt == "":
+        raise BadRequest("prompt: must not be empty")
+    raise BadRequest("prompt: expected a string, a list of one string, or a list of token ids")
+
+
+def parse_chat(body: dict) -> GenerationInput:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: expected a non-empty list of messages")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}]: expected an object with role and content")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise BadRequest(f"messages[{i}].role: expected a string")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # content parts: only text is supported
+            parts = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise BadRequest(f"messages[{i}].content: only text parts are supported")
+                parts.append(p["text"])
+            content = "".join(parts)
+        elif not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content: expected a string or a list of text parts")
+        turns.append((role, content))
+    fields = _common_fields(body, ("max_tokens", "max_completion_tokens"))
+    return GenerationInput(messages=tuple(turns), **fields)
+
+
+# ---------------------------------------------------------------- the app
+def build_app(service: GenerationService, keys: KeyStore) -> FastAPI:
+    app = FastAPI(title="slai-serve gateway", docs_url=None, redoc_url=None)
+    created = int(time.time())
+    add_metrics_route(app, service.metrics.registry)  # GET /metrics (Prometheus)
+
+    async def read_json(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"body: malformed JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("body: expected a JSON object")
+        return body
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": service.model_name, "scheduler": service.scheduler_state(),
+                "in_flight": service.num_in_flight}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            keys.resolve(request.headers.get("authorization"))
+        except Unauthenticated as exc:
+            return error_response(exc)
+        return JSONResponse({"object": "list", "data": [{
+            "id": service.model_name, "object": "model", "created": created, "owned_by": "slai-serve",
+            "max_model_len": service.max_model_len}]})
+
+    async def handle(request: Request, chat: bool) -> Response:
+        try:
+            tier = keys.resolve(request.headers.get("authorization"))
+            body = await read_json(request)
+            inp = parse_chat(body) if chat else parse_completion(body)
+            stream = _get(body, "stream", (bool,), False)
+            opts = _get(body, "stream_options", (dict,), {}) or {}
+            include_usage = bool(opts.get("include_usage", False))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            return error_response(exc)
+        if stream:
+            return await _stream(service, inp, tier, chat, include_usage, request.headers)
+        return await _complete(service, inp, tier, chat, request.headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, chat=True)
+
+    return app
+
+
+def _usage(d: Delta) -> dict:
+    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+            "total_tokens": d.prompt_tokens + d.completion_tokens}
+
+
+async def _complete(service: GenerationService, inp: GenerationInput, tier: TierPolicy, chat: bool,
+                    headers=None) -> Response:
+    parts: list[str] = []
+    last: Delta | None = None
+    try:
+        async for d in service.generate(inp, tier, headers):
+            parts.append(d.text)
+            last = d
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc)
+    assert last is not None
+    text = "".join(parts)
+    finish = FINISH_TO_OPENAI.get(last.finish_reason or "", last.finish_reason)
+    base = {"id": ("chatcmpl-" if chat else "cmpl-") + last.request_id, "created": int(time.time()),
+            "model": service.model_name, "usage": _usage(last)}
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+        return JSONResponse({**base, "object": "chat.completion", "choices": [choice]})
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return JSONResponse({**base, "object": "text_completion", "choices": [choice]})
+
+
+async def _stream(service: GenerationService, inp: GenerationInput, tier: TierPolicy, chat: bool,
+                  include_usage: bool, headers=None) -> Response:
+    agen = service.generate(inp, tier, headers)
+    try:
+        first = await agen.__anext__()
+    except Exception as exc:  # noqa: BLE001 - admission / validation / scheduler errors keep their status
+        await agen.aclose()
+        return error_response(exc)
+    created = int(time.time())
+    rid = ("chatcmpl-" if chat else "cmpl-") + first.request_id
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choices: list, usage: dict | None = None) -> bytes:
+        payload = {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+    def choice(d: Delta) -> dict:
+        finish = FINISH_TO_OPENAI.get(d.finish_reason, d.finish_reason) if d.finish_reason else None
+        if chat:
+            return {"index": 0, "delta": {"content": d.text} if d.text else {}, "logprobs": None,
+                    "finish_reason": finish}
+        return {"index": 0, "text": d.text, "logprobs": None, "finish_reason": finish}
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if chat:
+                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            d: Delta | None = first
+            while d is not None:
+                if d.text or d.finish_reason:
+                    yield event([choice(d)])
+                if d.finish_reason:
+                    if include_usage:
+                        yield event([], _usage(d))
+                    break
+                d = await anext(agen, None)
+            yield b"data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - headers are gone; report in-band like OpenAI does
+            err = json.loads(error_response(exc).body)
+            yield b"data: " + json.dumps(err).encode() + b"\n\n" + b"data: [DONE]\n\n"
+        finally:
+            await agen.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

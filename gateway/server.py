@@ -1,0 +1,135 @@
+"""GatewayService over gRPC, plus the process that serves gRPC and HTTP on one loop.
+
+The servicer is thin (design habit 12): authenticate, decode, call
+:class:`~gateway.service.GenerationService`, encode. Exceptions become statuses
+in ``common.grpc_server``'s interceptor; only UNAUTHENTICATED is raised here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+
+from common import codec
+from common.grpc_server import ServiceServer, start_server
+from common.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.auth import KeyStore, Unauthenticated
+from gateway.config import GatewayConfig
+from gateway.service import GenerationService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, service: GenerationService, keys: KeyStore) -> None:
+        self.service = service
+        self.keys = keys
+
+    async def Generate(self, request: gateway_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateChunk]:
+        try:
+            tier = self.keys.resolve(metadata_value(context, "authorization"))
+        except Unauthenticated as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        inp = codec.generate_input_from_pb(request)
+        async for delta in self.service.generate(inp, tier, context.invocation_metadata()):
+            yield codec.delta_to_pb(delta)
+
+    async def Abort(self, request: gateway_pb2.GatewayAbortRequest,
+                    context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayAbortResponse:
+        try:
+            self.keys.resolve(metadata_value(context, "authorization"))
+        except Unauthenticated as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        if not request.request_id:
+            raise ValueError("request_id: must not be empty")
+        return gateway_pb2.GatewayAbortResponse(found=await self.service.abort(request.request_id))
+
+
+def _bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class RunningGateway:
+    """A started gateway: gRPC server, HTTP server task, and the shared service."""
+
+    service: GenerationService
+    grpc_server: ServiceServer
+    grpc_port: int
+    http_port: int | None
+    _http_server: object | None = None
+    _http_task: asyncio.Task | None = None
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Drain: NOT_SERVING, refuse new calls, give in-flight streams ``grace_s``."""
+        await self.grpc_server.set_serving(False)
+        stops = [self.grpc_server.server.stop(grace_s)]
+        if self._http_server is not None:
+            self._http_server.should_exit = True  # uvicorn stops accepting, waits for open responses
+            stops.append(asyncio.wait_for(asyncio.shield(self._http_task), grace_s + 1.0))
+        for res in await asyncio.gather(*stops, return_exceptions=True):
+            if isinstance(res, BaseException) and not isinstance(res, asyncio.TimeoutError):
+                log.debug("stop: %r", res)
+        if self._http_task is not None and not self._http_task.done():
+            self._http_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._http_task
+        await self.service.close()
+
+
+async def start_gateway(config: GatewayConfig, service: GenerationService, keys: KeyStore) -> RunningGateway:
+    """Start gRPC (``config.grpc_address``) and, unless ``http_port < 0``, HTTP on this loop."""
+    servicer = GatewayServicer(service, keys)
+    grpc_server = await start_server(
+        [lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s)],
+        [SERVICE_NAME], config.grpc_address)
+    running = RunningGateway(service=service, grpc_server=grpc_server, grpc_port=grpc_server.port, http_port=None)
+    if config.http_port >= 0:
+        import uvicorn
+
+        from gateway.http_api import build_app
+
+        class _Server(uvicorn.Server):
+            # NOTE: the gateway process owns SIGINT/SIGTERM (it drains gRPC too);
+            # uvicorn must not install its own handlers on the shared loop.
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+        app = build_app(service, keys)
+        sock = _bind_socket(config.http_host, config.http_port)
+        uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                   timeout_graceful_shutdown=int(max(config.drain_timeout_s, 1)))
+        http = _Server(uv_config)
+        running._http_server = http
+        running._http_task = asyncio.create_task(http.serve(sockets=[sock]))
+        running.http_port = sock.getsockname()[1]
+        for _ in range(500):  # wait until uvicorn accepts (it does in a few ms)
+            if http.started or running._http_task.done():
+                break
+            await asyncio.sleep(0.01)
+        if running._http_task.done():
+            await running._http_task  # raise its startup error
+    return running

@@ -1,0 +1,139 @@
+"""End to end through real processes: gateway -> scheduler -> executor (``slai-serve up`` machinery).
+
+* the embedded SmolLM2 on CPU answers a greedy chat question, over gRPC and over
+  HTTP with the official openai client;
+* 32 concurrent streams with ignore_eos get exactly max_tokens tokens (fake executor).
+
+Skips cleanly when the scheduler/executor services or the converted model are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+import pytest
+
+from bench.launch import LocalStack, default_model_dir
+
+pytestmark = pytest.mark.slow
+
+HAVE_SERVICES = all(importlib.util.find_spec(m) is not None
+                    for m in ("scheduler_svc.server", "scheduler_svc.__main__", "executor_svc.server",
+                              "executor_svc.__main__"))
+MODEL_DIR = default_model_dir()
+HAVE_MODEL = (MODEL_DIR / "tokenizer.json").is_file() and (MODEL_DIR / "model.safetensors").is_file()
+QUESTION = "What is the capital of France?"
+
+
+def _stack(**kw) -> LocalStack:
+    return LocalStack(gateway_grpc_port=0, http_port=0, scheduler_port=0, executor_port=0, metrics_port=-1,
+                      log_dir="", drain_timeout_s=2.0, startup_timeout_s=180.0, model_dir=str(MODEL_DIR), **kw)
+
+
+@pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
+@pytest.mark.skipif(not HAVE_MODEL, reason="SmolLM2 not converted (python -m executor_svc.models)")
+def test_smollm2_answers_paris_over_grpc_and_openai_http():
+    import openai
+
+    from gateway.client import SyncGatewayClient
+
+    with _stack(executor_args=["--warmup-tokens", "32"]) as st:
+        with SyncGatewayClient(st.gateway_address, timeout_s=120) as client:
+            pieces = list(client.stream(messages=[("user", QUESTION)], max_tokens=24, temperature=0.0))
+        text = "".join(p.text for p in pieces)
+        assert "Paris" in text, text
+        assert pieces[-1].finish_reason in ("stop", "length")
+        assert len(pieces) > 2  # streamed token by token
+
+        oai = openai.OpenAI(base_url=st.http_base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        resp = oai.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=24,
+                                           messages=[{"role": "user", "content": QUESTION}])
+        assert "Paris" in resp.choices[0].message.content
+        assert resp.choices[0].message.content.strip() == text.strip()  # greedy: same answer both ways
+        stream = oai.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=24,
+                                             messages=[{"role": "user", "content": QUESTION}], stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == resp.choices[0].message.content
+
+
+KEYS_YAML = "keys:\n  k-pay: paying\n  k-free: free\n"
+
+
+@pytest.fixture(scope="module")
+def fake_stack(tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys.write_text(KEYS_YAML)
+    with _stack(fake=True, api_keys=str(keys)) as st:
+        st.keys_file = str(keys)
+        yield st
+
+
+@pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
+@pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="no tokenizer for the gateway")
+def test_32_concurrent_streams_exact_token_counts_fake_executor(fake_stack):
+    from gateway.client import GatewayClient
+
+    async def go(address: str) -> list:
+        async with GatewayClient(address, api_key="k-free", timeout_s=60) as client:
+            return await asyncio.gather(*(client.generate(f"request {i}:" + " the" * (5 + i), max_tokens=16 + i,
+                                                          ignore_eos=True) for i in range(32)))
+
+    results = asyncio.run(go(fake_stack.gateway_address))
+    for i, r in enumerate(results):
+        assert r.finish_reason == "length", (i, r.finish_reason)
+        assert len(r.token_ids) == r.completion_tokens == 16 + i
+
+
+@pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
+@pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="no tokenizer for the gateway")
+def test_bench_serve_reports_sim_keys(fake_stack):
+    import argparse
+
+    from bench import loadgen
+    from bench.metrics import MetricsCollector
+
+    parser = argparse.ArgumentParser()
+    loadgen.add_arguments(parser)
+    args = parser.parse_args(["--gateway", fake_stack.gateway_address, "--qps", "40", "--num-requests", "24",
+                              "--api-keys", fake_stack.keys_file, "--paying-prob", "0.5", "--max-prompt-len", "64",
+                              "--max-output-len", "12", "--scheduler", fake_stack.scheduler_address,
+                              "--model-dir", str(MODEL_DIR), "--json"])
+    import contextlib
+    import io
+    import json
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert loadgen.run(args) == 0
+    out = json.loads(buf.getvalue())
+    expected = set(MetricsCollector().summary()) | {"qps", "effective_qps", "meets_slo", "slo_margin", "policy"}
+    assert expected <= set(out), expected - set(out)
+    assert out["num_finished"] == 24 and out["num_errors"] == 0 and out["num_unfinished"] == 0
+    assert out["num_requests_by_tier"]["paying"] + out["num_requests_by_tier"]["free"] == 24
+    assert out["tiers_keyed"] == ["free", "paying"] and out["policy"] == "slai"
+    assert out["ttft_p50_s"] > 0 and out["throughput_tokens_per_s"] > 0
+
+
+@pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
+@pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="no tokenizer for the gateway")
+def test_up_stops_cleanly_on_sigterm(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "up", "--fake", "--grpc-port", "0", "--http-port", "0",
+                             "--scheduler-port", "0", "--executor-port", "0", "--metrics-port", "-1",
+                             "--drain-timeout", "2", "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    lines = []
+    t0 = time.monotonic()
+    for line in proc.stdout:
+        lines.append(line)
+        if "Ctrl-C" in line or time.monotonic() - t0 > 60:
+            break
+    assert any("gateway_grpc" in line for line in lines), lines
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "stopped: gateway=0, scheduler=0, executor-0=0" in rest
