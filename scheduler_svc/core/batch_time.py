@@ -22,9 +22,7 @@ class BatchTimeEstimator(Protocol):
     def observe(self, duration_s: float) -> None: ...
 
 
-class CumulativeMean:
-    """Mean of every iteration since start; initial value 0 (the paper's HEAD)."""
-
+class _Estimate:
     __slots__ = ("_mean", "_n")
 
     def __init__(self) -> None:
@@ -39,6 +37,12 @@ class CumulativeMean:
     def count(self) -> int:
         return self._n
 
+
+class CumulativeMean(_Estimate):
+    """Mean of every iteration since start; initial value 0 (the paper's HEAD)."""
+
+    __slots__ = ()
+
     def observe(self, duration_s: float) -> None:
         if duration_s < 0:
             raise ValueError(f"negative batch duration {duration_s}")
@@ -46,28 +50,19 @@ class CumulativeMean:
         self._mean += (duration_s - self._mean) / self._n
 
 
-class Ewma:
+class Ewma(_Estimate):
     """Exponentially weighted mean (the authors' older versions used alpha=0.1).
 
     The first observation seeds the estimate, so it does not start biased at 0.
     """
 
-    __slots__ = ("_alpha", "_mean", "_n")
+    __slots__ = ("_alpha",)
 
     def __init__(self, alpha: float = 0.1) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        super().__init__()
         self._alpha = alpha
-        self._mean = 0.0
-        self._n = 0
-
-    @property
-    def mean_s(self) -> float:
-        return self._mean
-
-    @property
-    def count(self) -> int:
-        return self._n
 
     def observe(self, duration_s: float) -> None:
         if duration_s < 0:

@@ -84,12 +84,13 @@ class SpfQueue:
 
     def __init__(self, user_priority: bool = True) -> None:
         self._user_priority = user_priority
-        self._heap: list[tuple[int, int, int, Request]] = []
+        self._heap: list[tuple] = []  # (*sort key, order, request)
         self._live: dict[str, int] = {}  # req_id -> order of its live entry
         self._next = itertools.count()
         self._front = itertools.count(-1, -1)
 
-    def _key(self, req: Request, order: int) -> tuple[int, int, int, Request]:
+    def _key(self, req: Request, order: int) -> tuple:
+        """The heap entry: sort key first, then ``order`` and the request last."""
         tier = int(req.tier) if self._user_priority else 0
         return (tier, req.num_tokens, order, req)
 
@@ -106,7 +107,7 @@ class SpfQueue:
     def _skip_stale(self) -> None:
         h = self._heap
         while h:
-            _, _, order, req = h[0]
+            order, req = h[0][-2], h[0][-1]
             if self._live.get(req.req_id) == order and req.status in _WAITING:
                 return
             heapq.heappop(h)
@@ -115,11 +116,11 @@ class SpfQueue:
 
     def peek(self) -> Request | None:
         self._skip_stale()
-        return self._heap[0][3] if self._heap else None
+        return self._heap[0][-1] if self._heap else None
 
     def pop(self) -> Request:
         self._skip_stale()
-        req = heapq.heappop(self._heap)[3]
+        req = heapq.heappop(self._heap)[-1]
         del self._live[req.req_id]
         return req
 
@@ -130,7 +131,7 @@ class SpfQueue:
         return len(self._live)
 
     def __iter__(self) -> Iterator[Request]:
-        return (e[3] for e in self._heap if self._live.get(e[3].req_id) == e[2] and e[3].status in _WAITING)
+        return (e[-1] for e in self._heap if self._live.get(e[-1].req_id) == e[-2] and e[-1].status in _WAITING)
 
 
 class AgingSpfQueue(SpfQueue):

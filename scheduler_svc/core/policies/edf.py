@@ -17,67 +17,27 @@ arrival + TTFT objective - (prefill steps left x mean batch time).
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from typing import Iterator
-
 from scheduler_svc.core.policies.slai import SlaiPolicy
 from scheduler_svc.core.queues import FcfsQueue, SpfQueue
-from scheduler_svc.core.request import Request, RequestStatus
-
-_WAITING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+from scheduler_svc.core.request import Request
 
 
-class LaxityQueue:
-    """Least laxity first; the key is fixed when a request is (re)queued."""
+class LaxityQueue(SpfQueue):
+    """Least TTFT laxity first; the key is fixed when a request is (re)queued."""
 
     def __init__(self, policy: EdfPolicy) -> None:
+        super().__init__(user_priority=False)
         self._policy = policy
-        self._heap: list[tuple[float, int, Request]] = []
-        self._live: dict[str, int] = {}
-        self._next = itertools.count()
 
-    def _key(self, req: Request) -> float:
+    def _key(self, req: Request, order: int) -> tuple:
         p = self._policy
         steps = -(-req.num_tokens // p.config.token_budget)
         ttft = req.ttft_slo_s if req.ttft_slo_s is not None else p.config.default_ttft_s
         mean = p.core.estimator.mean_s if p.core is not None else 0.0
-        return req.arrival_s + ttft - steps * mean
+        return (req.arrival_s + ttft - steps * mean, order, req)
 
-    def push(self, req: Request) -> None:
-        order = next(self._next)
-        self._live[req.req_id] = order
-        heapq.heappush(self._heap, (self._key(req), order, req))
-
-    push_front = push  # a preempted request's laxity already reflects its age
-
-    def _skip(self) -> None:
-        while self._heap:
-            _, order, req = self._heap[0]
-            if self._live.get(req.req_id) == order and req.status in _WAITING:
-                return
-            heapq.heappop(self._heap)
-            if self._live.get(req.req_id) == order:
-                del self._live[req.req_id]
-
-    def peek(self) -> Request | None:
-        self._skip()
-        return self._heap[0][2] if self._heap else None
-
-    def pop(self) -> Request:
-        self._skip()
-        req = heapq.heappop(self._heap)[2]
-        del self._live[req.req_id]
-        return req
-
-    def discard(self, req: Request) -> None:
-        self._live.pop(req.req_id, None)
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def __iter__(self) -> Iterator[Request]:
-        return (e[2] for e in self._heap if self._live.get(e[2].req_id) == e[1] and e[2].status in _WAITING)
+    def push_front(self, req: Request) -> None:
+        self.push(req)  # a preempted request's laxity already reflects its age
 
 
 class EdfPolicy(SlaiPolicy):
