@@ -1,0 +1,203 @@
+"""Per-request executor state: built from a NewRequestSlice, then updated by deltas.
+
+Torch-free, so ``FakeRunner`` shares the exact validation of ``ModelRunner``.
+
+Validation (:meth:`RequestCache.check`) reads the plan against the state *as it
+will be* after the plan's releases, and raises :class:`PlanError` before any
+state changes; :meth:`RequestCache.apply` then mutates. A rejected plan
+therefore changes nothing, not even its releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from scheduler_svc.core.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
+from scheduler_svc.core.request import SamplingParams
+
+from executor_svc.runner_api import PlanError
+
+
+@dataclass(slots=True)
+class RequestState:
+    """What the executor remembers about one request between steps."""
+
+    req_id: str
+    token_ids: list[int]  # prompt (+ outputs); grows by one per sampled token; [] in the simulator
+    num_tokens: int  # == len(token_ids) when ids are carried
+    sampling: SamplingParams
+    block_ids: list[int] = field(default_factory=list)  # KV block table, token order
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+
+    def append_token(self, token_id: int) -> None:
+        if self.token_ids or self.num_tokens == 0:
+            self.token_ids.append(token_id)
+        self.num_tokens += 1
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """One slice of the plan resolved against the state (what the runner computes)."""
+
+    state: RequestState
+    start: int  # first token position computed now (== KV context length)
+    num_new_tokens: int
+    sample: bool
+    is_decode: bool  # a single token at the end of the sequence (batched decode path)
+
+
+class RequestCache:
+    """Request id -> :class:`RequestState`, plus the checks that keep KV consistent.
+
+    ``num_blocks`` None disables block-range checks and ``check_blocks=False``
+    disables block-count checks (the simulator's plans may carry no block ids).
+    """
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_model_len: int | None = None,
+        require_token_ids: bool = True,
+        check_blocks: bool = True,
+    ) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.require_token_ids = require_token_ids
+        self.check_blocks = check_blocks
+        self._states: dict[str, RequestState] = {}
+        self._block_owner: dict[int, str] = {}  # NOTE: catches two live requests sharing a block
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._states
+
+    def get(self, req_id: str) -> RequestState:
+        return self._states[req_id]
+
+    def release(self, req_ids: Iterable[str]) -> None:
+        for rid in req_ids:
+            state = self._states.pop(rid, None)
+            if state is not None:
+                for b in state.block_ids:
+                    if self._block_owner.get(b) == rid:
+                        del self._block_owner[b]
+
+    # ---- validation -------------------------------------------------------------
+    def check(self, plan: BatchPlan) -> None:
+        """Raise :class:`PlanError` if ``plan`` cannot run against the current state."""
+        released = set(plan.finished_ids) | set(plan.preempted_ids)
+        seen: set[str] = set()
+        claimed: dict[int, str] = {}  # blocks newly attached by this plan
+        for s in plan.new:
+            self._check_id(s.req_id, seen, plan.step_id)
+            if s.req_id in self._states and s.req_id not in released:
+                raise PlanError(f"step {plan.step_id}: new request {s.req_id!r} is already active "
+                                "(not in finished_ids/preempted_ids)")
+            self._check_new(s, plan.step_id)
+            self._claim(s.req_id, s.block_ids, released, claimed, plan.step_id)
+        for c in plan.cached:
+            self._check_id(c.req_id, seen, plan.step_id)
+            state = self._states.get(c.req_id)
+            if state is None or c.req_id in released:
+                raise PlanError(f"step {plan.step_id}: cached slice for unknown request {c.req_id!r}")
+            self._check_cached(c, state, plan.step_id)
+            self._claim(c.req_id, c.new_block_ids, released, claimed, plan.step_id)
+
+    def _check_id(self, req_id: str, seen: set[str], step_id: int) -> None:
+        if req_id in seen:
+            raise PlanError(f"step {step_id}: request {req_id!r} appears twice in the plan")
+        seen.add(req_id)
+
+    def _check_new(self, s: NewRequestSlice, step_id: int) -> None:
+        where = f"step {step_id}: new request {s.req_id!r}"
+        if s.token_ids:
+            if len(s.token_ids) != s.num_tokens:
+                raise PlanError(f"{where}: num_tokens={s.num_tokens} but {len(s.token_ids)} token ids")
+        elif self.require_token_ids:
+            raise PlanError(f"{where}: no token ids (this runner needs them)")
+        if s.num_computed_tokens != 0:
+            raise PlanError(f"{where}: num_computed_tokens={s.num_computed_tokens}, expected 0 "
+                            "(no KV exists for a new request)")
+        self._check_chunk(where, 0, s.num_new_tokens, s.num_tokens, s.sample, len(s.block_ids))
+
+    def _check_cached(self, c: CachedRequestSlice, state: RequestState, step_id: int) -> None:
+        where = f"step {step_id}: request {c.req_id!r}"
+        if c.num_computed_tokens != state.num_computed_tokens:
+            raise PlanError(f"{where}: plan says {c.num_computed_tokens} computed tokens, "
+                            f"executor has {state.num_computed_tokens}")
+        if c.is_decode and c.num_new_tokens != 1:
+            raise PlanError(f"{where}: decode with num_new_tokens={c.num_new_tokens}")
+        num_blocks = len(state.block_ids) + len(c.new_block_ids)
+        self._check_chunk(where, c.num_computed_tokens, c.num_new_tokens, state.num_tokens, c.sample, num_blocks)
+
+    def _check_chunk(self, where: str, start: int, n: int, num_tokens: int, sample: bool, num_blocks: int) -> None:
+        end = start + n
+        if n < 1:
+            raise PlanError(f"{where}: num_new_tokens={n} must be >= 1")
+        if end > num_tokens:
+            raise PlanError(f"{where}: chunk [{start}, {end}) runs past the end of its {num_tokens} tokens")
+        if sample and end != num_tokens:
+            raise PlanError(f"{where}: sample=True but chunk ends at {end} of {num_tokens} tokens")
+        if self.max_model_len is not None and end > self.max_model_len:
+            raise PlanError(f"{where}: {end} tokens exceed max_model_len={self.max_model_len}")
+        if self.check_blocks and num_blocks * self.block_size < end:
+            raise PlanError(f"{where}: {num_blocks} KV blocks hold {num_blocks * self.block_size} tokens, "
+                            f"chunk needs {end}")
+
+    def _claim(self, rid: str, blocks: Iterable[int], released: set[str], claimed: dict[int, str],
+               step_id: int) -> None:
+        for b in blocks:
+            if self.num_blocks is not None and not 0 <= b < self.num_blocks:
+                raise PlanError(f"step {step_id}: request {rid!r}: block id {b} out of range [0, {self.num_blocks})")
+            owner = claimed.get(b)
+            if owner is None:
+                owner = self._block_owner.get(b)
+                if owner in released:
+                    owner = None
+            if owner is not None:
+                raise PlanError(f"step {step_id}: request {rid!r}: block {b} already belongs to {owner!r}")
+            claimed[b] = rid
+
+    # ---- mutation -----------------------------------------------------------------
+    def apply(self, plan: BatchPlan) -> list[ScheduledChunk]:
+        """Release, register new requests, append blocks; return the chunks to compute.
+
+        Call only after :meth:`check`. Chunks come in plan order: new, then cached.
+        """
+        self.release(plan.finished_ids)
+        self.release(plan.preempted_ids)
+        chunks: list[ScheduledChunk] = []
+        for s in plan.new:
+            state = RequestState(s.req_id, list(s.token_ids), s.num_tokens, s.sampling, list(s.block_ids))
+            self._states[s.req_id] = state
+            self._own(s.req_id, s.block_ids)
+            chunks.append(ScheduledChunk(state, 0, s.num_new_tokens, s.sample,
+                                         is_decode=False))
+        for c in plan.cached:
+            state = self._states[c.req_id]
+            state.block_ids.extend(c.new_block_ids)
+            self._own(c.req_id, c.new_block_ids)
+            # NOTE: a 1-token chunk with context is computed on the batched decode
+            # path whatever the plan calls it; attention is the same.
+            is_decode = c.num_new_tokens == 1 and state.num_computed_tokens > 0
+            chunks.append(ScheduledChunk(state, state.num_computed_tokens, c.num_new_tokens, c.sample, is_decode))
+        return chunks
+
+    def _own(self, rid: str, blocks: Iterable[int]) -> None:
+        for b in blocks:
+            self._block_owner[b] = rid
+
+    @staticmethod
+    def commit(chunks: Iterable[ScheduledChunk], sampled: dict[str, int]) -> None:
+        """After the forward: advance computed counters and append sampled tokens."""
+        for ch in chunks:
+            ch.state.num_computed_tokens = ch.start + ch.num_new_tokens
+            tok = sampled.get(ch.state.req_id)
+            if tok is not None:
+                ch.state.append_token(tok)

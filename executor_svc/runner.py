@@ -1,0 +1,221 @@
+"""ModelRunner: runs one BatchPlan on a transformers model with a paged KV cache.
+
+One step = validate the plan -> apply it to the request cache -> pack every
+scheduled token into one ``[1, T]`` sequence (decodes first, then prefill
+chunks) -> one forward with the paged attention function -> sample at the last
+row of each sampling slice -> commit counters and tokens.
+
+The runner decides nothing: block ids, chunk sizes and who samples all come
+from the plan (design habit 7). It only refuses plans that would corrupt KV.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from scheduler_svc.core.plan import BatchPlan, StepResult
+
+from executor_svc import attention
+from executor_svc.attention import PagedStep, PrefillChunk
+from executor_svc.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, kv_shape_from_config, num_blocks_for_device
+from executor_svc.models import LoadedModel, load_model
+from executor_svc.request_cache import RequestCache, ScheduledChunk
+from executor_svc.runner_api import RunnerInfo
+from executor_svc.sampler import Sampler
+
+
+class ModelRunner:
+    """The torch implementation of :class:`executor_svc.runner_api.Runner`.
+
+    Args:
+        model: "default" (SmolLM2-135M), a preset name (``models.PRESETS``), a
+            local folder, or an already loaded :class:`LoadedModel`.
+        load_format: "auto" or "dummy" (random weights), see ``models.load_model``.
+        num_blocks / kv_bytes / memory_fraction / max_num_blocks: KV sizing, see
+            ``kv_cache.num_blocks_for_device``.
+        max_model_len: cap on prompt + outputs per request (default: the
+            model's max_position_embeddings, and its sliding window if any).
+        attention_backend: None (auto), "sdpa" or "flash-attn".
+        num_threads: torch intra-op threads (process-wide); None leaves torch's
+            default. On a CPU shared with other busy processes, fewer threads than
+            cores avoids OpenMP spin-wait collapse (10x slower steps measured).
+    """
+
+    def __init__(
+        self,
+        model: str | LoadedModel = "default",
+        *,
+        load_format: str = "auto",
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_blocks: int | None = None,
+        kv_bytes: int | None = None,
+        memory_fraction: float = 0.9,
+        max_num_blocks: int | None = None,
+        max_model_len: int | None = None,
+        attention_backend: str | None = None,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(
+            model, load_format=load_format, dtype=dtype, device=device, seed=seed
+        )
+        self.model = self.loaded.model
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        config = self.model.config
+        self.backend = attention.select_backend(self.device, self.dtype, attention_backend)
+        self.model.set_attn_implementation(attention.register())
+        shape = kv_shape_from_config(config, block_size, self.dtype)
+        n = num_blocks_for_device(shape, self.device, num_blocks=num_blocks, kv_bytes=kv_bytes,
+                                  memory_fraction=memory_fraction, max_blocks=max_num_blocks)
+        self.kv = KVCache(shape, n, self.device)
+        limit = config.max_position_embeddings
+        if getattr(config, "sliding_window", None):
+            # NOTE: the paged path attends to the full context; capping the length
+            # at the window keeps that exact for sliding-window models.
+            limit = min(limit, config.sliding_window)
+        self.max_model_len = min(limit, max_model_len) if max_model_len else limit
+        self.requests = RequestCache(block_size=block_size, num_blocks=n, max_model_len=self.max_model_len)
+        self.sampler = Sampler(self.device, seed=seed)
+        self._arange_block = torch.arange(block_size, device=self.device)
+        self._gather_k: torch.Tensor | None = None
+        self._gather_v: torch.Tensor | None = None
+
+    # ---- Runner protocol ------------------------------------------------------------
+    def info(self) -> RunnerInfo:
+        cfg = self.model.config
+        return RunnerInfo(
+            model=self.loaded.name, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            attention_backend=self.backend, block_size=self.kv.block_size, num_blocks=self.kv.num_blocks,
+            max_model_len=self.max_model_len, vocab_size=cfg.vocab_size, eos_token_ids=self.loaded.eos_token_ids,
+            num_layers=cfg.num_hidden_layers, kv_bytes_per_block=self.kv.shape.bytes_per_block,
+        )
+
+    def release(self, req_ids: Iterable[str]) -> None:
+        self.requests.release(req_ids)
+
+    def execute(self, plan: BatchPlan) -> StepResult:
+        t0 = time.perf_counter_ns()
+        self.requests.check(plan)  # raises PlanError before anything changes
+        chunks = self.requests.apply(plan)
+        if not chunks:
+            return StepResult(step_id=plan.step_id, total_ns=time.perf_counter_ns() - t0)
+        with torch.inference_mode():
+            ids, pos, step, keep_rows, sample_chunks = self._prepare(chunks)
+            t1 = time.perf_counter_ns()
+            out = self.model(input_ids=ids, position_ids=pos, use_cache=False, paged=step, logits_to_keep=keep_rows)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter_ns()
+            logits = out.logits[0]  # [num_sampled, vocab]
+            tokens = self.sampler.sample(
+                logits, [c.state.sampling for c in sample_chunks], [c.state.num_tokens for c in sample_chunks]
+            )
+        sampled = {c.state.req_id: t for c, t in zip(sample_chunks, tokens)}
+        RequestCache.commit(chunks, sampled)
+        t3 = time.perf_counter_ns()
+        # result order follows the plan (new, then cached), not the packed order
+        req_ids = tuple(c.state.req_id for c in chunks if c.sample)
+        return StepResult(
+            step_id=plan.step_id, req_ids=req_ids, token_ids=tuple(sampled[r] for r in req_ids),
+            prepare_ns=t1 - t0, forward_ns=t2 - t1, sample_ns=t3 - t2, total_ns=t3 - t0,
+        )
+
+    # ---- input building ---------------------------------------------------------------
+    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        bs = self.kv.block_size
+        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _read_slots(self, block_ids: list[int], length: int) -> torch.Tensor:
+        bs = self.kv.block_size
+        nb = -(-length // bs)
+        bt = torch.tensor(block_ids[:nb], dtype=torch.long, device=self.device)
+        return (bt[:, None] * bs + self._arange_block).reshape(-1)[:length]
+
+    def _prepare(self, chunks: list[ScheduledChunk]):
+        decodes = [c for c in chunks if c.is_decode]
+        prefills = [c for c in chunks if not c.is_decode]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        last_row: dict[str, int] = {}
+        for c in decodes:
+            st = c.state
+            ids.append(st.token_ids[c.start])
+            pos.append(c.start)
+            slots.append(st.block_ids[c.start // self.kv.block_size] * self.kv.block_size
+                         + c.start % self.kv.block_size)
+            last_row[st.req_id] = len(ids) - 1
+        chunk_meta: list[PrefillChunk] = []
+        for c in prefills:
+            st, end = c.state, c.start + c.num_new_tokens
+            q_start = len(ids)
+            ids.extend(st.token_ids[c.start:end])
+            pos.extend(range(c.start, end))
+            slots.extend(self._slots(st.block_ids, c.start, end))
+            read = self._read_slots(st.block_ids, end) if c.start > 0 else None
+            chunk_meta.append(PrefillChunk(q_start, c.num_new_tokens, c.start, read))
+            last_row[st.req_id] = len(ids) - 1
+        dev = self.device
+        step = PagedStep(kv=self.kv, backend=self.backend,
+                         write_slots=torch.tensor(slots, dtype=torch.long, device=dev),
+                         prefills=chunk_meta, num_decodes=len(decodes))
+        if decodes:
+            self._prepare_decodes(step, decodes)
+        gather_rows = max([0 if step.decode_slots is None else step.decode_slots.numel()]
+                          + [c.context_len + c.q_len for c in chunk_meta if c.context_len])
+        if gather_rows and self.backend == "sdpa":
+            step.k_buf, step.v_buf = self._workspace(gather_rows)
+        if self.backend == "flash-attn":  # pragma: no cover - CUDA + flash-attn only
+            self._prepare_flash(step, decodes, prefills)
+        sample_chunks = [c for c in decodes + prefills if c.sample]
+        keep = torch.tensor([last_row[c.state.req_id] for c in sample_chunks], dtype=torch.long, device=dev)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)[None]
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)[None]
+        return ids_t, pos_t, step, keep, sample_chunks
+
+    def _workspace(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reused flat K/V gather buffers for at least ``rows`` slots (grown, never shrunk)."""
+        per_row = self.kv.shape.num_kv_heads * self.kv.shape.head_dim
+        have = 0 if self._gather_k is None else self._gather_k.numel() // per_row
+        if have < rows:
+            rows = max(rows, int(1.25 * have))
+            self._gather_k = torch.empty(rows * per_row, dtype=self.dtype, device=self.device)
+            self._gather_v = torch.empty(rows * per_row, dtype=self.dtype, device=self.device)
+        return self._gather_k, self._gather_v
+
+    def _prepare_decodes(self, step: PagedStep, decodes: list[ScheduledChunk]) -> None:
+        bs = self.kv.block_size
+        lengths = [c.start + 1 for c in decodes]
+        max_len = max(lengths)
+        max_nb = -(-max_len // bs)
+        # pad block tables with block 0: padded keys are masked out below
+        table = [c.state.block_ids[:max_nb] + [0] * (max_nb - min(max_nb, len(c.state.block_ids)))
+                 for c in decodes]
+        bt = torch.tensor(table, dtype=torch.long, device=self.device)
+        step.decode_slots = (bt[:, :, None] * bs + self._arange_block).reshape(len(decodes), -1)[:, :max_len]
+        if min(lengths) != max_len:
+            lens = torch.tensor(lengths, device=self.device)
+            valid = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]
+            step.decode_mask = valid[:, None, None, :]
+
+    def _prepare_flash(self, step: PagedStep, decodes, prefills) -> None:  # pragma: no cover
+        k_slots: list[torch.Tensor] = []
+        cu_q, cu_k = [0], [0]
+        for c in decodes + prefills:
+            end = c.start + c.num_new_tokens
+            k_slots.append(self._read_slots(c.state.block_ids, end))
+            cu_q.append(cu_q[-1] + c.num_new_tokens)
+            cu_k.append(cu_k[-1] + end)
+            step.flash_max_q = max(step.flash_max_q, c.num_new_tokens)
+            step.flash_max_k = max(step.flash_max_k, end)
+        step.flash_k_slots = torch.cat(k_slots)
+        step.flash_cu_q = torch.tensor(cu_q, dtype=torch.int32, device=self.device)
+        step.flash_cu_k = torch.tensor(cu_k, dtype=torch.int32, device=self.device)
