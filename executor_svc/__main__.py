@@ -1,0 +1,100 @@
+"""``slai-serve executor``: serve ExecutorService around a model runner (or ``--fake``).
+
+    slai-serve executor --model default --port 50061
+    slai-serve executor --load-format dummy --preset mistral-7b --memory-fraction 0.9 --port 50061
+    slai-serve executor --fake --kv-blocks 14733 --fake-cost paper --port 50061
+
+The executor warms up at start (so its health check turns SERVING without a
+scheduler, as docker-compose's ``depends_on: service_healthy`` needs); a
+scheduler's ``Warmup`` may later cap the blocks further. SIGTERM drains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+log = logging.getLogger("executor_svc")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a preset name, or a model folder")
+    p.add_argument("--preset", default=None, help="random-weight model shape (e.g. tiny-llama, mistral-7b); "
+                                                  "overrides --model")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"), help="dummy = random weights")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50061)
+    p.add_argument("--uds", default=None, help="serve on this unix socket path instead of host:port")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default by device)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-blocks", type=int, default=None, help="exact number of KV blocks")
+    kv.add_argument("--memory-fraction", type=float, default=None, help="fraction of free device memory for KV")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--attention-backend", default=None, choices=("sdpa", "flash-attn"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-tokens", type=int, default=512, help="size of the start-up warm-up step")
+    p.add_argument("--fake", action="store_true", help="FakeRunner: deterministic tokens, no torch")
+    p.add_argument("--fake-cost", default=None, help="with --fake: sleep each step for this cost model's time "
+                                                     "('paper' or a cost-model JSON file)")
+    p.add_argument("--grace-s", type=float, default=5.0, help="drain time on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_runner(args: argparse.Namespace):
+    if args.fake:
+        from executor_svc.fake_runner import FakeRunner
+        cost = None
+        if args.fake_cost:
+            from bench.cost_models import resolve_cost_model
+            cost = resolve_cost_model(args.fake_cost).step_time_s
+        return FakeRunner(num_blocks=args.kv_blocks or 14733, cost=cost, check_blocks=True,
+                          max_model_len=args.max_model_len or 0)
+    from executor_svc.runner import ModelRunner
+    device = args.device
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(load_format=args.load_format, device=device, dtype=args.dtype, num_blocks=args.kv_blocks,
+              max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed)
+    if args.memory_fraction is not None:
+        kw["memory_fraction"] = args.memory_fraction
+    return ModelRunner(args.preset or args.model, **kw)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from common import names, telemetry
+    from common.metrics import ExecutorMetrics, metrics_port, start_metrics_server
+    from executor_svc.server import serve
+    telemetry.init_tracing(names.SERVICE_EXECUTOR)  # no-op unless OTEL_* is set
+    metrics = ExecutorMetrics()
+    start_metrics_server(metrics_port(names.EXECUTOR_METRICS_PORT), metrics.registry)  # SLAI_METRICS_PORT=-1: off
+    runner = build_runner(args)
+    address = f"unix:{args.uds}" if args.uds else f"{args.host}:{args.port}"
+    srv, servicer = await serve(runner, address, warmup=True, max_batch_tokens=args.warmup_tokens, metrics=metrics)
+    info = runner.info()
+    log.info("executor serving on %s: model=%s device=%s dtype=%s backend=%s blocks=%d x %d",
+             address if args.uds else f"{args.host}:{srv.port}", info.model, info.device, info.dtype,
+             info.attention_backend, servicer.state.num_blocks, info.block_size)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (%.1f s)", args.grace_s)
+    await srv.stop(args.grace_s)
+    telemetry.shutdown_tracing()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m executor_svc")
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -1,0 +1,174 @@
+"""ExecutorService: runs exactly the plans it is sent and reports timings (design habits 7, 8, 12).
+
+* ``Info``: model, device, dtype, KV geometry.
+* ``Warmup``: caps ``num_blocks`` (the scheduler then only places KV in blocks
+  ``[0, cap)``: the memory stays allocated, placement is the scheduler's) and runs
+  a full-size warm-up step. Health turns SERVING only after a warm-up.
+* ``Step``: one long-lived bidi stream. Each ``StepRequest`` is decoded, run in a
+  worker thread (torch releases the GIL, so the event loop keeps serving) and
+  answered with the runner's timings; ``total_ns`` spans receipt of the plan to
+  sending of the result. A rejected plan (``PlanError`` / ``ValueError``) is
+  answered with ``error`` set and nothing run; the stream stays up.
+* ``Release``: drop per-request state outside a step (a scheduler reconnecting
+  sends ``all=true``).
+
+The servicer is thin: every protobuf conversion is in ``common.codec``.
+Telemetry (optional): ``ExecutorMetrics`` per step, and an ``executor.step``
+span as the child of the scheduler's step span when the plan carries a
+``traceparent`` (both no-ops when off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import grpc
+
+from common import codec, telemetry
+from common.grpc_server import ServiceServer, start_server
+from common.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+
+if TYPE_CHECKING:  # only common.codec imports both the wire types and the core
+    from scheduler_svc.core.plan import BatchPlan
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+WARMUP_REQ_ID = "__warmup__"
+
+
+@dataclass(slots=True)
+class ExecutorState:
+    """What the servicer tracks beyond the runner: the block cap, readiness, known ids."""
+
+    num_blocks: int = 0  # blocks the scheduler may use (<= the runner's)
+    ready: bool = False  # a warm-up has run
+    num_steps: int = 0
+    num_rejected: int = 0
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
+    """Drives one runner (``executor_svc.runner_api.Runner``)."""
+
+    def __init__(self, runner: Any, on_ready: Any = None, metrics: Any = None, name: str = "") -> None:
+        self.runner = runner
+        self.metrics = metrics  # common.metrics.ExecutorMetrics or None
+        self.name = name
+        self.state = ExecutorState(num_blocks=runner.info().num_blocks)
+        self._on_ready = on_ready  # async callback(bool): flips health
+        self._lock = asyncio.Lock()  # one plan at a time, even if two streams are open
+        self._known: set[str] = set()  # ids the runner holds state for (for Release(all))
+
+    # ------------------------------------------------------------------ unary RPCs
+    def _info(self):
+        return replace(self.runner.info(), num_blocks=self.state.num_blocks)
+
+    async def Info(self, request, context):
+        info = await asyncio.to_thread(self._info)  # touches the runner (and its device)
+        return codec.info_to_pb(info, ready=self.state.ready)
+
+    async def Warmup(self, request, context):
+        cap, max_batch_tokens = codec.warmup_from_pb(request)
+        await self.warmup(cap, max_batch_tokens)
+        return codec.info_to_pb(self._info(), ready=True)
+
+    async def Release(self, request, context):
+        ids = set(self._known) if request.all else set(request.request_ids)
+        num_known = len(ids & self._known)
+        async with self._lock:
+            await asyncio.to_thread(self.runner.release, sorted(ids))
+        self._known -= ids
+        return executor_pb2.ReleaseResponse(num_released=num_known)
+
+    async def warmup(self, max_num_blocks: int | None = None, max_batch_tokens: int = 512) -> None:
+        """Cap the blocks, run one full-size step and release it; then report SERVING."""
+        full = self.runner.info().num_blocks
+        self.state.num_blocks = min(full, max_num_blocks) if max_num_blocks else full
+        if self.state.num_blocks < 1:
+            raise ValueError(f"no KV blocks available (runner has {full}, cap {max_num_blocks})")
+        async with self._lock:
+            await asyncio.to_thread(self._warmup_step, max(1, max_batch_tokens))
+        self.state.ready = True
+        if self._on_ready is not None:
+            await self._on_ready(True)
+
+    def _warmup_step(self, max_batch_tokens: int) -> None:
+        info = self.runner.info()
+        limit = self.state.num_blocks * info.block_size
+        if info.max_model_len:
+            limit = min(limit, info.max_model_len)
+        n = max(1, min(max_batch_tokens, limit - 1))
+        plan = codec.plan_from_pb(executor_pb2.StepRequest(step_id=0, new=[executor_pb2.NewRequest(
+            request_id=WARMUP_REQ_ID, token_ids=[0] * n, block_ids=range(-(-n // info.block_size)),
+            num_new_tokens=n, sample=True)]))
+        t0 = time.perf_counter()
+        self.runner.execute(plan)
+        self.runner.release([WARMUP_REQ_ID])
+        log.info("warm-up step of %d tokens took %.1f ms", n, 1e3 * (time.perf_counter() - t0))
+
+    # ------------------------------------------------------------------ the step stream
+    async def Step(self, request_iterator: AsyncIterator[executor_pb2.StepRequest],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.StepResponse]:
+        async for msg in request_iterator:
+            t0 = time.perf_counter_ns()
+            try:
+                plan = codec.plan_from_pb(msg)
+                self._check_blocks(plan)
+                async with self._lock:
+                    result = await asyncio.to_thread(self.runner.execute, plan)
+            except ValueError as exc:  # PlanError is a ValueError: nothing was run
+                self.state.num_rejected += 1
+                log.warning("step %d rejected: %s", msg.step_id, exc)
+                yield executor_pb2.StepResponse(step_id=msg.step_id, error=f"plan rejected: {exc}")
+                continue
+            self._track(plan)
+            self.state.num_steps += 1
+            out = codec.result_to_pb(result)
+            out.total_ns = time.perf_counter_ns() - t0
+            yield out
+            if not plan.is_empty:
+                if self.metrics is not None:
+                    self.metrics.record_step(out, plan.num_seqs)
+                telemetry.executor_step_span(msg.traceparent, out, executor=self.name, num_seqs=plan.num_seqs)
+
+    def _check_blocks(self, plan: BatchPlan) -> None:
+        """The scheduler may only place KV below the warm-up cap."""
+        cap = self.state.num_blocks
+        for s in plan.new:
+            if s.block_ids and max(s.block_ids) >= cap:
+                raise ValueError(f"request {s.req_id!r}: block id {max(s.block_ids)} >= num_blocks {cap}")
+        for c in plan.cached:
+            if c.new_block_ids and max(c.new_block_ids) >= cap:
+                raise ValueError(f"request {c.req_id!r}: block id {max(c.new_block_ids)} >= num_blocks {cap}")
+
+    def _track(self, plan: BatchPlan) -> None:
+        known = self._known
+        for rid in plan.finished_ids:
+            known.discard(rid)
+        for rid in plan.preempted_ids:
+            known.discard(rid)
+        for s in plan.new:
+            known.add(s.req_id)
+
+
+async def serve(runner: Any, address: str = "127.0.0.1:0", warmup: bool = True,
+                max_num_blocks: int | None = None, max_batch_tokens: int = 512, metrics: Any = None
+                ) -> tuple[ServiceServer, ExecutorServicer]:
+    """Start an executor server around ``runner``; with ``warmup`` it is SERVING on return."""
+    holder: dict[str, ServiceServer] = {}
+
+    async def on_ready(ok: bool) -> None:
+        if "srv" in holder:
+            await holder["srv"].set_serving(ok)
+
+    servicer = ExecutorServicer(runner, on_ready=on_ready, metrics=metrics, name=address)
+    srv = await start_server([lambda s: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, s)],
+                             [SERVICE_NAME], address, serving=False)
+    holder["srv"] = srv
+    if warmup:
+        await servicer.warmup(max_num_blocks, max_batch_tokens)
+    return srv, servicer

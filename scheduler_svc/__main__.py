@@ -1,0 +1,91 @@
+"""``slai-serve scheduler``: the scheduler service in front of one or more executors.
+
+    slai-serve scheduler --policy slai --executors 127.0.0.1:50061,127.0.0.1:50062 --port 50051 \
+        [--routing least-work|round-robin|power-of-two] [--set token_budget=256 ...] \
+        [--max-queued-requests 10000 --max-queued-tokens 8000000]
+
+Health turns SERVING once an executor has answered Info/Warmup. SIGTERM drains:
+NOT_SERVING, in-flight streams get ``--grace-s``, then executors are released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from scheduler_svc.config import ROUTINGS, ServiceConfig
+from scheduler_svc.core.policies.registry import POLICIES
+
+log = logging.getLogger("scheduler_svc")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = ServiceConfig()
+    p.add_argument("--policy", default=d.policy, choices=list(POLICIES))
+    p.add_argument("--executors", required=True, help="comma-separated executor addresses (host:port or unix:PATH)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--uds", default=None, help="serve on this unix socket path instead of host:port")
+    p.add_argument("--routing", default=d.routing, choices=ROUTINGS,
+                   help="how new requests pick an executor (default: least outstanding work in tokens)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a SchedulerConfig field (repeatable), e.g. --set token_budget=256")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests)
+    p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens)
+    p.add_argument("--paying-tbt-s", type=float, default=d.paying_tbt_s)
+    p.add_argument("--free-tbt-s", type=float, default=d.free_tbt_s)
+    p.add_argument("--step-timeout-s", type=float, default=d.step_timeout_s)
+    p.add_argument("--kv-blocks-cap", type=int, default=0, help="cap each executor's KV blocks (paper: 14733)")
+    p.add_argument("--grace-s", type=float, default=5.0)
+    p.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    return ServiceConfig(
+        policy=args.policy, executors=tuple(a.strip() for a in args.executors.split(",") if a.strip()),
+        routing=args.routing, overrides=tuple(args.overrides), max_queued_requests=args.max_queued_requests,
+        max_queued_tokens=args.max_queued_tokens, paying_tbt_s=args.paying_tbt_s, free_tbt_s=args.free_tbt_s,
+        step_timeout_s=args.step_timeout_s, kv_blocks_cap=args.kv_blocks_cap)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from common import names, telemetry
+    from common.metrics import SchedulerMetrics, metrics_port, start_metrics_server
+    from scheduler_svc.server import serve
+    config = config_from_args(args)
+    if not config.executors:
+        raise SystemExit("--executors: give at least one address")
+    telemetry.init_tracing(names.SERVICE_SCHEDULER)  # no-op unless OTEL_* is set
+    metrics = SchedulerMetrics()
+    start_metrics_server(metrics_port(names.SCHEDULER_METRICS_PORT), metrics.registry)  # SLAI_METRICS_PORT=-1: off
+    address = f"unix:{args.uds}" if args.uds else f"{args.host}:{args.port}"
+    srv, dispatcher = await serve(config, address, metrics=metrics)
+    log.info("scheduler (%s, routing %s) on %s, executors %s", config.policy, config.routing,
+             address if args.uds else f"{args.host}:{srv.port}", ", ".join(config.executors))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (%.1f s)", args.grace_s)
+    await srv.stop(args.grace_s)
+    await dispatcher.close()
+    telemetry.shutdown_tracing()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return asyncio.run(_main(args))
+    except ValueError as exc:  # bad configuration: fail fast with the message
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m scheduler_svc")
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

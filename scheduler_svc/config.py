@@ -1,0 +1,57 @@
+"""Scheduler service configuration: one frozen dataclass, validated, no I/O (design habit 17).
+
+The scheduling knobs themselves live in ``scheduler_svc.core.config.SchedulerConfig``
+(set with ``--set name=value``); this file holds the service's own: executors,
+routing, admission bounds, tier defaults, failure handling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_svc.core.config import SchedulerConfig
+from scheduler_svc.core.policies.registry import POLICIES
+from scheduler_svc.core.request import Tier
+
+ROUTINGS = ("least-work", "round-robin", "power-of-two")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    policy: str = field(default="slai", metadata={"help": "scheduling policy (core registry name)"})
+    executors: tuple[str, ...] = field(default=(), metadata={"help": "executor addresses host:port or unix:PATH"})
+    routing: str = field(default="least-work", metadata={"help": "least-work | round-robin | power-of-two"})
+    overrides: tuple[str, ...] = field(default=(), metadata={"help": "name=value SchedulerConfig overrides"})
+    max_queued_requests: int = field(default=10_000, metadata={"help": "admission: max requests not yet admitted"})
+    max_queued_tokens: int = field(default=8_000_000, metadata={"help": "admission: max queued prompt tokens"})
+    paying_tbt_s: float = field(default=0.1, metadata={"help": "TBT SLO of paying requests that carry none"})
+    free_tbt_s: float = field(default=0.5, metadata={"help": "TBT SLO of free requests that carry none"})
+    step_timeout_s: float = field(default=30.0, metadata={"help": "a step slower than this marks the executor lost"})
+    connect_timeout_s: float = field(default=10.0, metadata={"help": "Info/Warmup deadline on (re)connect"})
+    warmup_timeout_s: float = field(default=300.0, metadata={"help": "Warmup deadline (model warm-up can be slow)"})
+    kv_blocks_cap: int = field(default=0, metadata={"help": "cap executors' KV blocks (0 = all they have)"})
+    reconnect_initial_s: float = field(default=0.1, metadata={"help": "first reconnect backoff"})
+    reconnect_max_s: float = field(default=5.0, metadata={"help": "largest reconnect backoff"})
+    routing_seed: int = field(default=0, metadata={"help": "seed of power-of-two sampling"})
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        for name in ("max_queued_requests", "max_queued_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("paying_tbt_s", "free_tbt_s", "step_timeout_s", "connect_timeout_s", "warmup_timeout_s",
+                     "reconnect_initial_s", "reconnect_max_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        self.scheduler_config()  # validates the overrides early
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The policy's variant settings, then the user's ``--set`` overrides (which win)."""
+        _, variant, _ = POLICIES[self.policy]
+        return SchedulerConfig().replace(**variant).with_overrides(list(self.overrides))
+
+    def tier_tbt_s(self, tier: Tier) -> float:
+        return self.paying_tbt_s if tier == Tier.PAYING else self.free_tbt_s

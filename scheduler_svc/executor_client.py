@@ -1,0 +1,91 @@
+"""One executor as the scheduler sees it: a channel, Info/Warmup, and one bidi Step stream.
+
+``step(plan)`` writes one ``StepRequest`` and reads its ``StepResponse`` (ping-pong
+on a persistent stream: ~0.3 ms on loopback, ecosystem.md section 11). Any stream
+error, a timeout or a rejected plan raises ``ExecutorLost`` so the driver can
+take its requests back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from common import codec
+from common.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+
+if TYPE_CHECKING:  # only common.codec imports both the wire types and the core
+    from scheduler_svc.core.plan import BatchPlan, StepResult
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorLost(ConnectionError):
+    """The executor's step stream failed, timed out, or rejected a plan."""
+
+
+class ExecutorClient:
+    def __init__(self, address: str, step_timeout_s: float = 30.0, connect_timeout_s: float = 10.0,
+                 warmup_timeout_s: float = 300.0) -> None:
+        self.address = address
+        self.step_timeout_s = step_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.warmup_timeout_s = warmup_timeout_s
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: executor_pb2_grpc.ExecutorServiceStub | None = None
+        self._call = None  # the open Step stream
+
+    async def connect(self, max_num_blocks: int | None, max_batch_tokens: int) -> codec.ExecutorInfo:
+        """Open a channel, check Info, drop stale state, warm up; returns the KV geometry."""
+        await self.close()
+        self._channel = grpc.aio.insecure_channel(self.address, options=[
+            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self._stub = executor_pb2_grpc.ExecutorServiceStub(self._channel)
+        try:
+            await self._stub.Info(executor_pb2.InfoRequest(), timeout=self.connect_timeout_s, wait_for_ready=False)
+            # NOTE: a reconnecting scheduler starts with empty cores, so whatever the
+            # executor still holds from the previous stream is stale.
+            await self._stub.Release(executor_pb2.ReleaseRequest(all=True), timeout=self.connect_timeout_s)
+            info = codec.info_from_pb(await self._stub.Warmup(
+                codec.warmup_to_pb(max_num_blocks, max_batch_tokens), timeout=self.warmup_timeout_s))
+            self._call = self._stub.Step()
+        except grpc.aio.AioRpcError as exc:
+            await self.close()
+            raise ExecutorLost(f"executor {self.address}: {exc.code().name}: {exc.details()}") from None
+        return info
+
+    async def step(self, plan: BatchPlan, traceparent: str = "") -> StepResult:
+        """Send one plan and wait for its result."""
+        call = self._call
+        if call is None:
+            raise ExecutorLost(f"executor {self.address}: no step stream")
+        msg = codec.plan_to_pb(plan, traceparent)
+        try:
+            async with asyncio.timeout(self.step_timeout_s):
+                await call.write(msg)
+                resp = await call.read()
+        except TimeoutError:
+            raise ExecutorLost(f"executor {self.address}: step {plan.step_id} timed out after "
+                               f"{self.step_timeout_s:.1f} s") from None
+        except grpc.aio.AioRpcError as exc:
+            raise ExecutorLost(f"executor {self.address}: {exc.code().name}: {exc.details()}") from None
+        except (grpc.aio.UsageError, grpc.aio.InternalError, RuntimeError) as exc:  # stream already closed
+            raise ExecutorLost(f"executor {self.address}: {type(exc).__name__}: {exc}") from None
+        if resp is grpc.aio.EOF:
+            raise ExecutorLost(f"executor {self.address}: step stream closed")
+        if resp.error:
+            raise ExecutorLost(f"executor {self.address} rejected step {plan.step_id}: {resp.error}")
+        if resp.step_id != plan.step_id:
+            raise ExecutorLost(f"executor {self.address}: answer for step {resp.step_id}, expected {plan.step_id}")
+        return codec.result_from_pb(resp)
+
+    async def close(self) -> None:
+        call, channel = self._call, self._channel
+        self._call = self._channel = self._stub = None
+        if call is not None:
+            call.cancel()
+        if channel is not None:
+            await channel.close(grace=None)

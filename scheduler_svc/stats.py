@@ -1,0 +1,94 @@
+"""Per-executor step statistics: decision time, RPC overhead, executor timings.
+
+Times here are wall-clock (``time.perf_counter``), independent of the injected
+scheduling clock, so they stay meaningful under a virtual clock. Recent samples
+are kept in bounded rings for percentiles (benchmarks); means are cumulative.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from scheduler_svc.core.plan import BatchPlan, PlanStats, StepResult
+
+RING = 4096  # recent samples kept for percentiles
+
+
+@dataclass(slots=True)
+class DriverStats:
+    num_steps: int = 0  # steps sent to the executor (including release-only plans)
+    num_failures: int = 0  # times the executor was lost
+    sum_decision_s: float = 0.0  # inside core.schedule
+    sum_rpc_s: float = 0.0  # send plan -> result back, as the scheduler sees it
+    sum_executor_total_s: float = 0.0  # executor-reported total_ns
+    sum_executor_forward_s: float = 0.0  # executor-reported forward_ns
+    sum_iteration_s: float = 0.0  # schedule start -> events fanned out
+    last: PlanStats = field(default_factory=PlanStats)
+    decision_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
+    overhead_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
+
+    def reset(self) -> None:
+        failures = self.num_failures
+        fresh = DriverStats()
+        for name in self.__slots__:
+            setattr(self, name, getattr(fresh, name))
+        self.num_failures = failures
+
+    def observe(self, plan: BatchPlan, result: StepResult, decision_s: float, rpc_s: float,
+                iteration_s: float) -> None:
+        self.num_steps += 1
+        total_s = result.total_ns * 1e-9
+        self.sum_decision_s += decision_s
+        self.sum_rpc_s += rpc_s
+        self.sum_executor_total_s += total_s
+        self.sum_executor_forward_s += result.forward_ns * 1e-9
+        self.sum_iteration_s += iteration_s
+        self.decision_ring.append(decision_s)
+        self.overhead_ring.append(rpc_s - total_s)
+        if not plan.is_empty:
+            self.last = plan.stats
+
+    def _mean(self, total: float) -> float:
+        return total / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def mean_decision_s(self) -> float:
+        return self._mean(self.sum_decision_s)
+
+    @property
+    def mean_rpc_overhead_s(self) -> float:
+        """Step time seen by the scheduler (send -> receive) minus the executor's total_ns."""
+        return self._mean(self.sum_rpc_s - self.sum_executor_total_s)
+
+    @property
+    def mean_executor_wait_s(self) -> float:
+        """Executor idle per iteration: decision + encode + RPC + update + fan-out."""
+        return self._mean(self.sum_iteration_s - self.sum_executor_total_s)
+
+    @property
+    def mean_forward_s(self) -> float:
+        return self._mean(self.sum_executor_forward_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorStatsView:
+    """One executor in ``Stats`` (field names = ``slai.v1.ExecutorStats``)."""
+
+    address: str = ""
+    healthy: bool = False
+    num_waiting: int = 0
+    num_running: int = 0
+    num_blocks: int = 0
+    kv_used_fraction: float = 0.0
+    mean_batch_s: float = 0.0
+    num_steps: int = 0
+    num_preemptions: int = 0
+    last_num_critical_decodes: int = 0
+    last_num_noncritical_decodes: int = 0
+    last_num_prefill_tokens: int = 0
+    last_offset: float = 0.0
+    mean_decision_s: float = 0.0
+    mean_executor_wait_s: float = 0.0
+    mean_rpc_overhead_s: float = 0.0
+
