@@ -77,9 +77,8 @@ class BatchBuilder:
         """Continue a paused prefill; its blocks were allocated at admission."""
         self._check_chunk(req, num_new_tokens)
         self.cached.append(CachedRequestSlice(
-            req_id=req.req_id, num_computed_tokens=req.num_computed_tokens,
-            num_new_tokens=num_new_tokens, is_decode=False,
-            sample=req.num_computed_tokens + num_new_tokens == req.num_tokens))
+            req.req_id, (), req.num_computed_tokens, num_new_tokens, False,
+            req.num_computed_tokens + num_new_tokens == req.num_tokens))
         self._count(req, num_new_tokens, is_decode=False)
 
     def add_decode(self, req: Request, victim: VictimFn) -> bool:
@@ -89,23 +88,25 @@ class BatchBuilder:
         returns ``None`` (or ``req`` itself) the decode preempts itself and this
         returns ``False``. No token-budget check: callers decide that.
         """
-        if not req.is_decode or self.is_scheduled(req):
-            raise ValueError(f"{req.req_id!r} is not an unscheduled decode")
+        # NOTE: the hot path of every policy (once per decode per step): keep it flat.
+        rid = req.req_id
+        computed = req.num_computed_tokens
+        if not req.is_decode or rid in self.scheduled:
+            raise ValueError(f"{rid!r} is not an unscheduled decode")
         alloc = self.core.allocator
-        while not alloc.can_append():
+        while not alloc._free:
             v = victim(req)
             if v is None or v is req:
                 self.preempt(req)
                 return False
-            if self.is_scheduled(v):
+            if v.req_id in self.scheduled:
                 raise RuntimeError(f"policy chose {v.req_id!r}, already scheduled this step, as a victim")
             self.preempt(v)
-        added = alloc.append(req.req_id, req.num_computed_tokens + 1)
-        self.cached.append(CachedRequestSlice(
-            req_id=req.req_id, new_block_ids=tuple(added),
-            num_computed_tokens=req.num_computed_tokens, num_new_tokens=1, is_decode=True,
-            sample=True))
-        self._count(req, 1, is_decode=True)
+        added = alloc.append(rid, computed + 1)
+        self.cached.append(CachedRequestSlice(rid, added, computed, 1, True, True))
+        self.scheduled[rid] = req
+        self.num_tokens += 1
+        self.num_decodes += 1
         return True
 
     def preempt(self, req: Request) -> None:

@@ -61,7 +61,7 @@ class BlockAllocator:
         return self.num_free_blocks - self.blocks_for(num_tokens) >= self.watermark_blocks
 
     def can_append(self) -> bool:
-        return self.num_free_blocks >= 1
+        return bool(self._free)
 
     # ---- mutations ----
     def allocate(self, req_id: str, num_tokens: int) -> list[int]:
@@ -75,16 +75,18 @@ class BlockAllocator:
         self._tables[req_id] = ids
         return list(ids)
 
-    def append(self, req_id: str, num_tokens_after: int) -> list[int]:
+    def append(self, req_id: str, num_tokens_after: int) -> tuple[int, ...]:
         """Grow ``req_id``'s table to cover ``num_tokens_after`` tokens.
 
-        Returns the ids of the blocks added (usually none or one).
+        Returns the ids of the blocks added (usually none, sometimes one).
         """
         table = self._tables[req_id]
+        if num_tokens_after <= len(table) * self.block_size:
+            return ()  # the common decode case: the last block has room
         need = self.blocks_for(num_tokens_after) - len(table)
         if need > self.num_free_blocks:
             raise MemoryError(f"need {need} more blocks for {req_id!r}, {self.num_free_blocks} free")
-        added = [heapq.heappop(self._free) for _ in range(max(0, need))]
+        added = tuple(heapq.heappop(self._free) for _ in range(need))
         table.extend(added)
         return added
 

@@ -6,11 +6,18 @@ sends a request's full data once (``NewRequestSlice``), then only deltas
 executor can drop its per-request state without an extra RPC.
 
 Every field has a default so adding one does not break callers.
+
+NOTE: the two values made per decode per step (``CachedRequestSlice`` and
+``TokenEvent``) are ``NamedTuple``s, not frozen dataclasses: they are just as
+immutable, and building one costs 0.3 us instead of 1 us, which is most of a
+decode's cost in the simulator and the live scheduler's decision time.
+Positional construction order is part of their contract.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from scheduler_svc.core.request import SamplingParams
 
@@ -29,8 +36,7 @@ class NewRequestSlice:
     sample: bool = False  # this chunk completes the sequence: sample a token
 
 
-@dataclass(frozen=True, slots=True)
-class CachedRequestSlice:
+class CachedRequestSlice(NamedTuple):
     """A request the executor already knows: a prefill continuation or a decode."""
 
     req_id: str = ""
@@ -112,8 +118,7 @@ class StepResult:
         return dict(zip(self.req_ids, self.token_ids))
 
 
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
+class TokenEvent(NamedTuple):
     """New output tokens of one request from one step (what streams fan out)."""
 
     req_id: str = ""

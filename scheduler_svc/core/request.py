@@ -128,7 +128,8 @@ class Request:
 
     @property
     def is_decode(self) -> bool:
-        return self.num_uncomputed_tokens == 1 and self.num_output_tokens > 0
+        out = self.num_output_tokens
+        return out > 0 and self.num_prompt_tokens + out - self.num_computed_tokens == 1
 
     @property
     def num_remaining_outputs(self) -> int:

@@ -12,8 +12,6 @@ class owns request state, KV placement and the plan/result protocol.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
-
 from scheduler_svc.core.batch_builder import BatchBuilder
 from scheduler_svc.core.batch_time import BatchTimeEstimator, make_estimator
 from scheduler_svc.core.config import SchedulerConfig
@@ -180,19 +178,23 @@ class SchedulerCore:
             self.estimator.observe(self.last_step_s)
             self.last_batch_end_s = now
             self.num_steps += 1
-        sampled = result.sampled()
+        sampled = dict(zip(result.req_ids, result.token_ids))
         events: list[TokenEvent] = []
         served: list[Request] = []
-        for rid, n in self._slices(plan):
-            req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran: its token (if any) is dropped
-            req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:
-                if rid not in sampled:
-                    raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
-                events.append(self._on_token(req, sampled[rid], now))
-            if not req.is_finished:
+        requests, running, on_token = self.requests, RequestStatus.RUNNING, self._on_token
+        for slices in (plan.new, plan.cached):
+            for s in slices:
+                req = requests.get(s.req_id)
+                if req is None or req.status != running:
+                    continue  # aborted while the step ran: its token (if any) is dropped
+                req.num_computed_tokens += s.num_new_tokens
+                if s.sample:
+                    token = sampled.get(s.req_id)
+                    if token is None:
+                        raise ValueError(f"step {plan.step_id}: no token sampled for {s.req_id!r}")
+                    events.append(on_token(req, token, now))
+                    if req.status != running:
+                        continue  # finished by this token
                 served.append(req)
         self.policy.on_step_end(served, now)
         return events
@@ -241,35 +243,29 @@ class SchedulerCore:
 
     # ------------------------------------------------------------------ internals
     def _on_token(self, req: Request, token_id: int, now: float) -> TokenEvent:
-        is_first = req.first_token_s is None
-        tbt = None if req.last_token_s is None else now - req.last_token_s
-        if is_first:
+        last = req.last_token_s
+        if last is None:
             req.first_token_s = now
             self._event(EventKind.FIRST_TOKEN, req, now)
         req.last_token_s = now
         if req.prompt_token_ids is not None:
             req.output_token_ids.append(token_id)
-        req.num_output_tokens += 1
-        req.num_computed_tokens = req.num_tokens - 1  # the new token has no KV yet
+        n_out = req.num_output_tokens = req.num_output_tokens + 1
+        req.num_computed_tokens = req.num_prompt_tokens + n_out - 1  # the new token has no KV yet
         reason = None
-        if not req.sampling.ignore_eos and token_id in req.sampling.stop_token_ids:
+        sampling = req.sampling
+        if sampling.stop_token_ids and not sampling.ignore_eos and token_id in sampling.stop_token_ids:
             self.finish(req, RequestStatus.FINISHED_STOPPED, now)
             reason = "stop"
-        elif req.num_output_tokens >= req.max_tokens:
+        elif n_out >= req.max_tokens:
             self.finish(req, RequestStatus.FINISHED_LENGTH, now)
             reason = "length"
-        return TokenEvent(
-            req_id=req.req_id, token_ids=(token_id,), finish_reason=reason, time_s=now,
-            is_first=is_first, num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=req.num_output_tokens,
-            ttft_s=(now - req.arrival_s) if is_first else None, tbt_s=tbt)
-
-    @staticmethod
-    def _slices(plan: BatchPlan) -> Iterable[tuple[str, int]]:
-        for s in plan.new:
-            yield s.req_id, s.num_new_tokens
-        for c in plan.cached:
-            yield c.req_id, c.num_new_tokens
+        # positional: (req_id, token_ids, finish_reason, time_s, is_first, num_prompt_tokens,
+        #              num_output_tokens, ttft_s, tbt_s)
+        if last is None:
+            return TokenEvent(req.req_id, (token_id,), reason, now, True, req.num_prompt_tokens, n_out,
+                              now - req.arrival_s, None)
+        return TokenEvent(req.req_id, (token_id,), reason, now, False, req.num_prompt_tokens, n_out, None, now - last)
 
     def _event(self, kind: EventKind, req: Request, now: float, detail: str = "") -> None:
         if self._record_events:

@@ -17,17 +17,20 @@ class DeadlineHeap:
         self._heap: list[tuple[float, float, int, Request]] = []  # (key, arrival, ticket, req)
         self._ticket = itertools.count()
         self._live: dict[str, int] = {}
+        self._top_valid = False  # peek() found a live entry at the top and nothing changed since
 
     def push(self, req: Request, key: float) -> None:
         t = next(self._ticket)
         self._live[req.req_id] = t
         heapq.heappush(self._heap, (key, req.arrival_s, t, req))
+        self._top_valid = False
 
     def peek(self) -> tuple[float, Request] | None:
         h = self._heap
         while h:
             key, _, t, req = h[0]
             if self._live.get(req.req_id) == t and req.status == RequestStatus.RUNNING:
+                self._top_valid = True
                 return key, req
             heapq.heappop(h)
             if self._live.get(req.req_id) == t:
@@ -35,14 +38,29 @@ class DeadlineHeap:
         return None
 
     def pop(self) -> Request:
-        if self.peek() is None:
+        if not self._top_valid and self.peek() is None:
             raise IndexError("pop from an empty DeadlineHeap")
+        self._top_valid = False
         req = heapq.heappop(self._heap)[3]
         del self._live[req.req_id]
         return req
 
+    def pop_live(self) -> Request | None:
+        """Pop and return the live request with the smallest key, or None (one pass)."""
+        h, live = self._heap, self._live
+        self._top_valid = False
+        while h:
+            _, _, t, req = heapq.heappop(h)
+            rid = req.req_id
+            if live.get(rid) == t:
+                del live[rid]
+                if req.status == RequestStatus.RUNNING:
+                    return req
+        return None
+
     def discard(self, req: Request) -> None:
         self._live.pop(req.req_id, None)
+        self._top_valid = False
 
     def __len__(self) -> int:
         return len(self._live)

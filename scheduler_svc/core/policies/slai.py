@@ -50,19 +50,22 @@ class SlaiPolicy(Policy):
         core = self.core
         end = core.last_batch_end_s if core.last_batch_end_s is not None else now
         mean = core.estimator.mean_s
+        # delta depends only on KV use, which does not change during step 0: compute it once
+        self.current_offset = self.offset()
+        paused, push, key = self.paused, self.decode_heap.push, self.decode_key
         for req in served:
-            if req.is_prefill:
-                if req not in self.paused:  # at most one partial prefill exists (paper.md 3.7)
-                    self.paused.append(req)
+            if not req.is_decode:
+                if req not in paused:  # at most one partial prefill exists (paper.md 3.7)
+                    paused.append(req)
             else:
-                if req in self.paused:
-                    self.paused.remove(req)
-                self.decode_heap.push(req, self.decode_key(req, end, mean))
+                if paused and req in paused:
+                    paused.remove(req)
+                push(req, key(req, end, mean))
 
     def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
-        """The heap key: SLAI's last schedulable time, with delta frozen now."""
-        self.current_offset = self.offset()
-        return batch_end + self.tbt_of(req) - self.current_offset * mean
+        """The heap key: SLAI's last schedulable time, with delta frozen at push time."""
+        tbt = req.tbt_slo_s if req.tbt_slo_s is not None else self.config.default_tbt_s
+        return batch_end + tbt - self.current_offset * mean
 
     def is_critical(self, key: float, now: float) -> bool:
         return now >= key
@@ -123,7 +126,10 @@ class SlaiPolicy(Policy):
         """Step 5: the other decodes in LST order, with what is left of budget and cap."""
         noncrit = 0
         beta = self.config.max_decodes - b.num_critical
-        while b.num_tokens < b.token_budget and noncrit < beta and self.decode_heap.peek() is not None:
-            req = self.decode_heap.pop()
-            if b.add_decode(req, self._victim):
+        pop, victim = self.decode_heap.pop_live, self._victim
+        while b.num_tokens < b.token_budget and noncrit < beta:
+            req = pop()
+            if req is None:
+                break
+            if b.add_decode(req, victim):
                 noncrit += 1
