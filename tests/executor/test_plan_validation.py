@@ -54,10 +54,9 @@ def _bad_plans(drv: Driver, good: BatchPlan) -> dict[str, BatchPlan]:
         "block out of range": dataclasses.replace(good, new=(_new("n1", [5, 6, 7], [10_000]),)),
         "negative block": dataclasses.replace(good, new=(_new("n1", [5, 6, 7], [-1]),)),
         "chunk past end (new)": dataclasses.replace(good, new=(dataclasses.replace(ok_new, num_new_tokens=4),)),
-        "chunk past end (cached)": dataclasses.replace(good, cached=(dataclasses.replace(dec, num_new_tokens=2,
-                                                                                        is_decode=False),)),
-        "computed mismatch": dataclasses.replace(good, cached=(dataclasses.replace(
-            dec, num_computed_tokens=dec.num_computed_tokens - 1),)),
+        "chunk past end (cached)": dataclasses.replace(good, cached=(dec._replace(num_new_tokens=2, is_decode=False),)),
+        "computed mismatch": dataclasses.replace(good, cached=(dec._replace(
+            num_computed_tokens=dec.num_computed_tokens - 1),)),
         "duplicate new id": dataclasses.replace(good, new=(ok_new, _new("n1", [5, 6, 7], [61]))),
         "new id already active": dataclasses.replace(good, new=(_new(rid, [5, 6, 7], [61]),)),
         "id both new and cached": BatchPlan(step_id=step, new=(_new(rid, [5], [61]),), cached=(dec,),
