@@ -26,8 +26,7 @@ from typing import Any
 from bench.cost_models import PAPER_MODEL, CostModel
 from bench.metrics import MetricsCollector
 from bench.workloads import WorkloadItem
-from scheduler_svc.core import SchedulerConfig, SchedulerCore, StepResult
-from scheduler_svc.core.policies.registry import POLICIES
+from scheduler_svc.core import SchedulerConfig, SchedulerCore, StepResult, make_core
 
 # event kinds: the value is the tie-break at equal times
 ARRIVAL, STEP_END, SCHEDULE = 0, 1, 2
@@ -39,12 +38,7 @@ STEP_FIELDS = ("t", "dt", "prefill_tokens", "decodes", "critical_decodes", "kv_u
 def build_core(policy: str, num_blocks: int = 14733, overrides: list[str] | tuple[str, ...] = (),
                base: SchedulerConfig | None = None) -> SchedulerCore:
     """A core running ``policy``; ``overrides`` (``name=value``) win over the variant's settings."""
-    try:
-        cls, variant, _ = POLICIES[policy]
-    except KeyError:
-        raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}") from None
-    cfg = (base or SchedulerConfig()).replace(**variant).with_overrides(list(overrides))
-    return SchedulerCore(cls(cfg), num_blocks=num_blocks, config=cfg)
+    return make_core(policy, num_blocks, config=base, overrides=overrides)
 
 
 @dataclass(slots=True)

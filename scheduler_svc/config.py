@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scheduler_svc.core.config import SchedulerConfig
-from scheduler_svc.core.policies.registry import POLICIES
+from scheduler_svc.core.policies.registry import POLICIES, policy_config
 from scheduler_svc.core.request import Tier
 
 ROUTINGS = ("least-work", "round-robin", "power-of-two")
@@ -50,8 +50,7 @@ class ServiceConfig:
 
     def scheduler_config(self) -> SchedulerConfig:
         """The policy's variant settings, then the user's ``--set`` overrides (which win)."""
-        _, variant, _ = POLICIES[self.policy]
-        return SchedulerConfig().replace(**variant).with_overrides(list(self.overrides))
+        return policy_config(self.policy, self.overrides)
 
     def tier_tbt_s(self, tier: Tier) -> float:
         return self.paying_tbt_s if tier == Tier.PAYING else self.free_tbt_s

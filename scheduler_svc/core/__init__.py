@@ -13,15 +13,20 @@ from scheduler_svc.core.events import EventKind, LifecycleEvent
 from scheduler_svc.core.kv_blocks import BlockAllocator
 from scheduler_svc.core.plan import (BatchPlan, CachedRequestSlice, NewRequestSlice, PlanStats, StepResult,
                                      TokenEvent)
-from scheduler_svc.core.policies.registry import PAPER_POLICIES, POLICIES, make_policy, policy_names
+from scheduler_svc.core.policies.registry import (PAPER_POLICIES, POLICIES, make_policy, policy_config,
+                                                   policy_names)
 from scheduler_svc.core.request import Request, RequestStatus, SamplingParams, Tier
 from scheduler_svc.core.scheduler import SchedulerCore
 
 
 def make_core(policy: str = "slai", num_blocks: int = 14733, config: SchedulerConfig | None = None,
-              record_events: bool = False) -> SchedulerCore:
-    """A core running the named policy over ``num_blocks`` KV blocks."""
-    p = make_policy(policy, config)
+              record_events: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> SchedulerCore:
+    """A core running the named policy over ``num_blocks`` KV blocks.
+
+    ``config`` is the base; the policy variant's settings apply on top, then
+    ``overrides`` (``name=value`` strings), which win.
+    """
+    p = make_policy(policy, config, overrides)
     return SchedulerCore(p, num_blocks=num_blocks, config=p.config, record_events=record_events)
 
 
@@ -29,5 +34,5 @@ __all__ = [
     "BatchPlan", "BlockAllocator", "CachedRequestSlice", "CumulativeMean", "EventKind", "Ewma", "LifecycleEvent",
     "NewRequestSlice", "PAPER_POLICIES", "POLICIES", "PlanStats", "Request", "RequestStatus", "SamplingParams",
     "SchedulerConfig", "SchedulerCore", "StepResult", "Tier", "TokenEvent", "make_core", "make_estimator",
-    "make_policy", "policy_names",
+    "make_policy", "policy_config", "policy_names",
 ]

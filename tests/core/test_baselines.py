@@ -144,3 +144,12 @@ def test_stop_token_finishes_unless_ignore_eos():
     assert reasons == {"s": "stop", "k": None}
     run_to_completion(core)
     assert keep.num_output_tokens == 3
+
+
+def test_user_overrides_win_over_the_variant_settings():
+    core = make_core("slai", num_blocks=100, overrides=["fcfs=true", "token_budget=256"])
+    assert core.config.fcfs and core.config.token_budget == 256
+    a, b = make_request(300), make_request(100)
+    core.add(a, 0.0)
+    core.add(b, 0.0)
+    assert [s.req_id for s in core.schedule(0.0).new] == [a.req_id]  # FCFS, and 256 < 300 fills the step

@@ -44,10 +44,20 @@ def policy_names() -> list[str]:
     return list(POLICIES)
 
 
-def make_policy(name: str, config: SchedulerConfig | None = None) -> Policy:
-    """Build a fresh policy; the variant's overrides win over ``config``."""
+def policy_config(name: str, overrides: list[str] | tuple[str, ...] = (),
+                  base: SchedulerConfig | None = None) -> SchedulerConfig:
+    """The config a policy runs with: ``base``, then the variant's settings, then
+    the user's ``name=value`` overrides (which win: ``--set fcfs=true`` on ``slai``
+    means FCFS)."""
     try:
-        cls, overrides, _ = POLICIES[name]
+        _, variant, _ = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
-    return cls((config or SchedulerConfig()).replace(**overrides))
+    return (base or SchedulerConfig()).replace(**variant).with_overrides(list(overrides))
+
+
+def make_policy(name: str, config: SchedulerConfig | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Policy:
+    """Build a fresh policy with :func:`policy_config` (``config`` is the base)."""
+    cfg = policy_config(name, overrides, config)  # raises ValueError for an unknown name
+    return POLICIES[name][0](cfg)
