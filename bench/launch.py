@@ -110,6 +110,7 @@ class LocalStack:
     executor_args: list[str] = field(default_factory=list)
     scheduler_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every service (e.g. OTEL_*)
     procs: list[Proc] = field(default_factory=list)
 
     # ------------------------------------------------------------ addresses
@@ -147,7 +148,8 @@ class LocalStack:
             self.metrics_port = free_port(self.host)
 
     def _spawn(self, proc: Proc) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **proc.env}
+        # NOTE: per-service settings (OTEL_SERVICE_NAME, SLAI_METRICS_PORT) win over the stack-wide ``env``
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **proc.env}
         cmd = [sys.executable, "-m", "bench.cli", *proc.argv]
         out = None
         if self.log_dir is not None:

@@ -272,7 +272,8 @@ def start_request_span(request_id: str, *, carrier: Any = None, name: str = N.SP
     """Start a request span with gen_ai.* / slai.* attributes; ``trace.INVALID_SPAN`` when off.
 
     The parent is the traceparent in ``carrier`` (HTTP headers, gRPC metadata) if any, else the current
-    span. Not made current: pass the span to ``grpc_metadata``/``end_request_span`` explicitly.
+    span; the current span also wins when it already belongs to the carrier's trace (a server span of the
+    front end, e.g. FastAPI's). Not made current: pass the span to ``grpc_metadata``/``end_request_span`` explicitly.
     """
     if not _state.enabled:
         return trace.INVALID_SPAN
@@ -285,6 +286,12 @@ def start_request_span(request_id: str, *, carrier: Any = None, name: str = N.SP
         if value is not None:
             attrs[key] = value
     parent = extract_context(carrier)
+    if parent is not None:
+        # NOTE: a server span that already continues the caller's trace (FastAPI's own "POST /v1/..." span,
+        # a gRPC server interceptor's) is current here: nest under it rather than beside it.
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and current.trace_id == trace.get_current_span(parent).get_span_context().trace_id:
+            parent = None
     kind = SpanKind.SERVER if name == N.SPAN_GATEWAY_REQUEST else SpanKind.INTERNAL
     return _state.tracer.start_span(name, context=parent, kind=kind, attributes=attrs)
 

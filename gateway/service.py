@@ -227,8 +227,8 @@ class GenerationService:
             telemetry.end_request_span(
                 span, finish_reason=last.finish_reason if last else None,
                 completion_tokens=last.completion_tokens if last and last.finish_reason else None,
-                ttft_s=t.ttft_s if t else None, e2e_s=t.e2e_s if t else None, max_tbt_s=t.max_tbt_s if t else None,
-                num_preemptions=t.num_preemptions if t else None, error=error)
+                ttft_s=t.ttft_s if t else None, e2e_s=t.e2e_s if t else None, queue_s=t.queue_s if t else None,
+                max_tbt_s=t.max_tbt_s if t else None, num_preemptions=t.num_preemptions if t else None, error=error)
 
     async def _stream(self, prep: _Prepared, inp: GenerationInput, span) -> AsyncIterator[Delta]:
         rid = prep.request_id

@@ -1,11 +1,18 @@
-"""Fixtures for the observability tests: tracing is always shut down after a test."""
+"""Fixtures for the observability tests: tracing is always shut down after a test; ``traced_stack`` runs the
+three services as processes exporting to an in-process OTLP receiver."""
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from common import names as N
 from common import telemetry
+from tests.observability.otlp_receiver import OtlpReceiver
 
 OTEL_ENV = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
@@ -30,3 +37,62 @@ def memory_exporter() -> InMemorySpanExporter:
 
 def spans_named(exporter: InMemorySpanExporter, name: str) -> list:
     return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+# ---------------------------------------------------------------- the real stack, exporting to an OTLP receiver
+@dataclass
+class TracedStack:
+    """A running ``LocalStack`` (fake executor) whose three services export spans to ``receiver``."""
+
+    stack: Any  # bench.launch.LocalStack
+    receiver: OtlpReceiver
+    keys: dict[str, str]  # tier -> API key
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        st = self.stack
+        return {"gateway": f"{st.http_base}{N.METRICS_PATH}",
+                "scheduler": f"http://{st.host}:{st.metrics_port}{N.METRICS_PATH}",
+                "executor": f"http://{st.host}:{st.metrics_port + 1}{N.METRICS_PATH}"}
+
+    def wait_for_spans(self, predicate: Callable[[list], bool], timeout_s: float = 10.0) -> list:
+        """Poll the receiver until ``predicate(spans)`` holds; returns the (service, Span) list."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = self.receiver.spans()
+            if predicate(got) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+
+# Per-tier TBT SLOs the stack runs with: the paying one is below the paper cost model's 23.4 ms step floor, so
+# every paying TBT sample misses its deadline (deterministic SLO metrics); the free one is never missed.
+PAYING_TBT_S, FREE_TBT_S = 0.02, 0.5
+STACK_KEYS = {"paying": "k-pay", "free": "k-free"}
+
+
+@pytest.fixture(scope="session")
+def traced_stack(tmp_path_factory) -> Iterator[TracedStack]:
+    """gateway + scheduler + fake executor (paper step times) as subprocesses, tracing to an in-process receiver.
+
+    Shared by the end-to-end trace and metrics-scrape tests (one start, ≈ 3 s).
+    """
+    from bench.launch import LocalStack, default_model_dir
+
+    model_dir = default_model_dir()
+    if not (model_dir / "tokenizer.json").is_file():
+        pytest.skip("no tokenizer for the gateway (python -m executor_svc.models)")
+    tmp = tmp_path_factory.mktemp("traced-stack")
+    keys = tmp / "keys.yaml"
+    keys.write_text("keys:\n" + "".join(f"  {k}: {tier}\n" for tier, k in STACK_KEYS.items()))
+    with OtlpReceiver() as rx:
+        env = {"OTEL_SDK_DISABLED": "false", "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+               "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{rx.endpoint}", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+               "OTEL_RESOURCE_ATTRIBUTES": "", "OTEL_BSP_SCHEDULE_DELAY": "100", N.TRACE_STEP_EVERY_ENV: "1"}
+        stack = LocalStack(fake=True, gateway_grpc_port=0, http_port=0, scheduler_port=0, executor_port=0,
+                           metrics_port=0, log_dir=str(tmp / "logs"), drain_timeout_s=2.0, startup_timeout_s=60.0,
+                           model_dir=str(model_dir), api_keys=str(keys), env=env,
+                           executor_args=["--fake-cost", "paper", "--warmup-tokens", "16"],
+                           gateway_args=["--paying-tbt", str(PAYING_TBT_S), "--free-tbt", str(FREE_TBT_S)])
+        with stack:
+            yield TracedStack(stack, rx, dict(STACK_KEYS))
