@@ -1,8 +1,8 @@
 """``slai-serve executor``: serve ExecutorService around a model runner (or ``--fake``).
 
-    slai-serve executor --model default --port 50061
-    slai-serve executor --load-format dummy --preset mistral-7b --memory-fraction 0.9 --port 50061
-    slai-serve executor --fake --kv-blocks 14733 --fake-cost paper --port 50061
+    slai-serve executor --model default --port 50071
+    slai-serve executor --load-format dummy --preset mistral-7b --memory-fraction 0.9 --port 50071
+    slai-serve executor --fake --kv-blocks 14733 --fake-cost paper --port 50071
 
 The executor warms up at start (so its health check turns SERVING without a
 scheduler, as docker-compose's ``depends_on: service_healthy`` needs); a
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "overrides --model")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"), help="dummy = random weights")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=50061)
+    p.add_argument("--port", type=int, default=50071)
     p.add_argument("--uds", default=None, help="serve on this unix socket path instead of host:port")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default by device)")

@@ -1,6 +1,6 @@
 """``slai-serve scheduler``: the scheduler service in front of one or more executors.
 
-    slai-serve scheduler --policy slai --executors 127.0.0.1:50061,127.0.0.1:50062 --port 50051 \
+    slai-serve scheduler --policy slai --executors 127.0.0.1:50071,127.0.0.1:50072 --port 50061 \
         [--routing least-work|round-robin|power-of-two] [--set token_budget=256 ...] \
         [--max-queued-requests 10000 --max-queued-tokens 8000000]
 
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=d.policy, choices=list(POLICIES))
     p.add_argument("--executors", required=True, help="comma-separated executor addresses (host:port or unix:PATH)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50061)
     p.add_argument("--uds", default=None, help="serve on this unix socket path instead of host:port")
     p.add_argument("--routing", default=d.routing, choices=ROUTINGS,
                    help="how new requests pick an executor (default: least outstanding work in tokens)")
