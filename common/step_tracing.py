@@ -24,7 +24,8 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import (Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode,
+                                 set_span_in_context)
 
 from common import names as N
 from common.telemetry import _ROOT, _state, context_from_traceparent, start_request_span, traceparent_of
@@ -208,7 +209,12 @@ def _attach_links(span: Span, links: list[Link]) -> None:
 
 
 def step_span(plan: Any, requests: Any = (), *, executor: str = "") -> StepSpan:
-    """Start ``scheduler.step`` for ``plan`` (a core BatchPlan): a new trace with span LINKS to its requests.
+    """Start ``scheduler.step`` for ``plan`` (a core BatchPlan), with span LINKS to all its requests.
+
+    NOTE: a step serves many requests, so it cannot be the child of all of them. It is the child of ONE
+    of them, chosen round-robin by step id over the batch (and linked to every one). So each request's
+    trace holds some of the steps that served it, with their ``executor.step`` children: one request gives
+    one trace spanning gateway, scheduler and executor, and a request alone in the system gets every step.
 
     ``requests``: the scheduler's ``RequestSpans`` (fastest), a Mapping req id -> SpanContext (the plan's
     request ids are looked up), or an iterable of SpanContexts. At most ``MAX_STEP_LINKS`` links (or
@@ -228,9 +234,13 @@ def step_span(plan: Any, requests: Any = (), *, executor: str = "") -> StepSpan:
     attrs[N.SLAI_STEP_NUM_SEQS] = len(plan.new) + len(plan.cached)
     if executor:
         attrs[N.SLAI_EXECUTOR] = executor
-    span = _state.tracer.start_span(N.SPAN_SCHEDULER_STEP, context=_ROOT, kind=SpanKind.CLIENT, attributes=attrs)
+    links, dropped = _plan_links(plan, requests)
+    parent = _ROOT
+    if links:
+        owner = links[plan.step_id % len(links)].context
+        parent = set_span_in_context(NonRecordingSpan(owner))
+    span = _state.tracer.start_span(N.SPAN_SCHEDULER_STEP, context=parent, kind=SpanKind.CLIENT, attributes=attrs)
     if span.is_recording():
-        links, dropped = _plan_links(plan, requests)
         if links:
             _attach_links(span, links)
         if dropped:
