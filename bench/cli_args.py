@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.cost_models import CostModel, resolve_cost_model
-from bench.workloads import PAPER_TRACE, clipped_rate_factor, make_workload, mean_lengths, resolve_trace
+from bench.workloads import (PAPER_TRACE, clip_workload, clipped_rate_factor, make_workload, mean_lengths,
+                             resolve_trace)
 
 
 def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048) -> None:
@@ -23,6 +24,10 @@ def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048)
     g.add_argument("--paying-prob", type=float, default=0.05, help="probability of the paying tier")
     g.add_argument("--paying-tbt", type=float, default=0.1, help="paying tier TBT SLO, seconds")
     g.add_argument("--free-tbt", type=float, default=0.5, help="free tier TBT SLO, seconds")
+    g.add_argument("--max-prompt-len", type=int, default=0,
+                   help="clip prompt lengths to this (0 = no cap); same as bench-serve's option")
+    g.add_argument("--max-output-len", type=int, default=0,
+                   help="clip output lengths to this (0 = no cap); same as bench-serve's option")
     g = p.add_argument_group("system")
     g.add_argument("--cost-model", default="paper", metavar="FILE|paper",
                    help="step-time model: 'paper' (built-in fit) or a JSON model file")
@@ -50,6 +55,8 @@ class RunSpec:
     num_blocks: int
     overrides: tuple[str, ...]
     max_sim_time: float | None = None
+    max_prompt_len: int = 0  # 0 = no cap (bench-serve's --max-prompt-len)
+    max_output_len: int = 0
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> RunSpec:
@@ -59,18 +66,22 @@ class RunSpec:
                    clip_factor=a.clip_factor if a.clip_factor and a.clip_factor > 0 else None,
                    paying_prob=a.paying_prob, paying_tbt=a.paying_tbt, free_tbt=a.free_tbt,
                    cost_model=resolve_cost_model(a.cost_model, a.step_overhead_ms), num_blocks=a.num_blocks,
-                   overrides=tuple(a.overrides), max_sim_time=a.max_sim_time)
+                   overrides=tuple(a.overrides), max_sim_time=a.max_sim_time,
+                   max_prompt_len=getattr(a, "max_prompt_len", 0) or 0,
+                   max_output_len=getattr(a, "max_output_len", 0) or 0)
 
     def workload(self, qps: float):
-        return make_workload(self.num_requests, qps, seed=self.seed, trace=self.trace,
-                             clip_factor=self.clip_factor, paying_prob=self.paying_prob,
-                             paying_tbt_s=self.paying_tbt, free_tbt_s=self.free_tbt)
+        items = make_workload(self.num_requests, qps, seed=self.seed, trace=self.trace,
+                              clip_factor=self.clip_factor, paying_prob=self.paying_prob,
+                              paying_tbt_s=self.paying_tbt, free_tbt_s=self.free_tbt)
+        return clip_workload(items, self.max_prompt_len, self.max_output_len)
 
     def describe(self) -> dict[str, Any]:
         return {"num_requests": self.num_requests, "trace": self.trace or "synthetic", "seed": self.seed,
                 "clip_factor": self.clip_factor, "paying_prob": self.paying_prob,
                 "cost_model": self.cost_model.to_dict(), "num_blocks": self.num_blocks,
-                "overrides": list(self.overrides)}
+                "overrides": list(self.overrides), "max_prompt_len": self.max_prompt_len,
+                "max_output_len": self.max_output_len}
 
 
 def stability_bound(spec: RunSpec, policy: str = "slai") -> dict[str, float]:
@@ -84,7 +95,8 @@ def stability_bound(spec: RunSpec, policy: str = "slai") -> dict[str, float]:
 
     b = build_core(policy, spec.num_blocks, spec.overrides).config.token_budget
     t_b = spec.cost_model.full_step_s(b)
-    mp, md = mean_lengths(spec.trace, spec.seed)
+    mp, md = mean_lengths(spec.trace, spec.seed, max_prompt=spec.max_prompt_len,
+                          max_output=spec.max_output_len)
     lam = b / t_b / (mp + md)
     return {"token_budget": b, "t_b_s": t_b, "tokens_per_s": b / t_b, "mean_prompt": mp, "mean_output": md,
             "lambda_max_effective_qps": lam,

@@ -14,7 +14,8 @@ per tier is picked) or ``--paying-key`` / ``--free-key``.
 
 Metrics are computed by :mod:`bench.metrics` from client-side timestamps (one
 clock: this process), so the JSON has the same keys and definitions as
-``slai-serve sim --json``; it adds rejected/error counts.
+``slai-serve sim --json``; it adds rejected/error counts. ``--max-prompt-len``/``--max-output-len``
+clip lengths with :func:`bench.workloads.clip_lengths`, as ``sim`` does with the same options.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench.workloads import clip_lengths  # shared with ``sim --max-prompt-len/--max-output-len``
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,18 +77,6 @@ class PromptBuilder:
 
     def prompt(self, num_tokens: int) -> str:
         return self.word * max(1, num_tokens - self.num_special)
-
-
-def clip_lengths(prompt_len: int, output_len: int, max_prompt: int, max_output: int, max_total: int) -> tuple[int, int]:
-    if max_prompt:
-        prompt_len = min(prompt_len, max_prompt)
-    if max_output:
-        output_len = min(output_len, max_output)
-    prompt_len, output_len = max(1, prompt_len), max(1, output_len)
-    if prompt_len + output_len > max_total:  # keep the output, shorten the prompt
-        prompt_len = max(1, max_total - output_len)
-        output_len = min(output_len, max_total - prompt_len)
-    return prompt_len, output_len
 
 
 def tier_keys(args: argparse.Namespace) -> dict[str, str | None]:

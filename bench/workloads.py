@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -164,6 +164,38 @@ def make_workload(num_requests: int, qps: float, seed: int = 42, trace: str | Pa
     return items
 
 
+def clip_lengths(prompt_len: int, output_len: int, max_prompt: int = 0, max_output: int = 0,
+                 max_total: int | None = None) -> tuple[int, int]:
+    """Cap a request's lengths: prompt at ``max_prompt``, output at ``max_output`` (0 = no cap), then
+    prompt + output at ``max_total`` (the model length) by shortening the prompt first. Both stay >= 1."""
+    if max_prompt:
+        prompt_len = min(prompt_len, max_prompt)
+    if max_output:
+        output_len = min(output_len, max_output)
+    prompt_len, output_len = max(1, prompt_len), max(1, output_len)
+    if max_total and prompt_len + output_len > max_total:  # keep the output, shorten the prompt
+        prompt_len = max(1, max_total - output_len)
+        output_len = min(output_len, max_total - prompt_len)
+    return prompt_len, output_len
+
+
+def clip_workload(items: list[WorkloadItem], max_prompt: int = 0, max_output: int = 0,
+                  max_total: int | None = None) -> list[WorkloadItem]:
+    """``items`` with lengths passed through :func:`clip_lengths` (arrivals and tiers unchanged).
+
+    ``slai-serve bench-serve`` clips each request the same way before sending it, so
+    ``sim`` and ``bench-serve`` with the same ``--max-prompt-len``/``--max-output-len``
+    replay the same requests.
+    """
+    if not (max_prompt or max_output or max_total):
+        return list(items)
+    out = []
+    for it in items:
+        p, d = clip_lengths(it.prompt_len, it.output_len, max_prompt, max_output, max_total)
+        out.append(it if (p, d) == (it.prompt_len, it.output_len) else replace(it, prompt_len=p, output_len=d))
+    return out
+
+
 def workload_stats(items: list[WorkloadItem]) -> dict[str, float]:
     """Means used by the stability bound and reports."""
     n = len(items)
@@ -177,11 +209,15 @@ def workload_stats(items: list[WorkloadItem]) -> dict[str, float]:
     }
 
 
-def mean_lengths(trace: str | Path | None, seed: int = 42, n_synthetic: int = 200_000) -> tuple[float, float]:
-    """Mean (prompt, output) of the length source: the whole trace, or a large synthetic draw."""
+def mean_lengths(trace: str | Path | None, seed: int = 42, n_synthetic: int = 200_000,
+                 max_prompt: int = 0, max_output: int = 0) -> tuple[float, float]:
+    """Mean (prompt, output) of the length source: the whole trace, or a large synthetic draw,
+    after :func:`clip_lengths` with ``max_prompt``/``max_output`` (0 = no cap)."""
     path = resolve_trace(trace) if isinstance(trace, str) or trace is None else Path(trace)
     if path is not None:
         pairs = load_trace(str(path))
-        return (sum(p for p, _ in pairs) / len(pairs), sum(d for _, d in pairs) / len(pairs))
-    pairs = synthetic_lengths(n_synthetic, np.random.default_rng(seed))
+    else:
+        pairs = synthetic_lengths(n_synthetic, np.random.default_rng(seed))
+    if max_prompt or max_output:
+        pairs = [clip_lengths(p, d, max_prompt, max_output) for p, d in pairs]
     return (sum(p for p, _ in pairs) / len(pairs), sum(d for _, d in pairs) / len(pairs))

@@ -41,6 +41,20 @@ def test_sim_set_and_steps_out(capsys, tmp_path):
     assert {"t", "prefill_tokens", "decodes", "critical_decodes", "kv_used", "num_waiting"} <= set(header)
 
 
+def test_sim_max_lengths_clip_like_bench_serve(capsys):
+    # the same clipping as `bench-serve --max-prompt-len/--max-output-len` (bench.loadgen uses clip_lengths too)
+    from bench import loadgen
+    from bench.workloads import clip_lengths
+
+    assert loadgen.clip_lengths is clip_lengths
+    a = _sim_json(capsys, "--max-prompt-len", "64", "--max-output-len", "16")
+    assert a["max_prompt_len"] == 64 and a["max_output_len"] == 16 and a["num_finished"] == 40
+    assert a["num_output_tokens"] <= 40 * 16
+    assert a["stability_bound"]["mean_prompt"] <= 64 and a["stability_bound"]["mean_output"] <= 16
+    b = _sim_json(capsys)
+    assert b["max_prompt_len"] == 0 and b["num_output_tokens"] > a["num_output_tokens"]
+
+
 def test_find_capacity_on_a_known_curve():
     # median TTFT = 0.21 * qps -> passes below 0.5 / 0.21 = 2.381 QPS
     def trial(q):

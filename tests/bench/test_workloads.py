@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from bench.workloads import (KNOT_D, KNOT_P, KNOT_Q, clipped_rate_factor, effective_qps, load_trace, make_workload,
-                             synthetic_lengths, workload_stats)
+from bench.workloads import (KNOT_D, KNOT_P, KNOT_Q, clip_lengths, clip_workload, clipped_rate_factor, effective_qps,
+                             load_trace, make_workload, mean_lengths, synthetic_lengths, workload_stats)
 
 
 def test_synthetic_quantiles_match_the_knots():
@@ -72,3 +72,24 @@ def test_custom_trace_file(tmp_path):
     f.write_text("num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n10,5,15,2\n20,7,27,3\n")
     w = make_workload(5, 1.0, trace=str(f))  # more requests than rows: reshuffled passes
     assert {(it.prompt_len, it.output_len) for it in w} == {(10, 5), (20, 7)}
+
+
+def test_clip_lengths():
+    assert clip_lengths(1000, 300, 128, 48) == (128, 48)
+    assert clip_lengths(20, 5, 128, 48) == (20, 5)  # shorter ones are untouched
+    assert clip_lengths(1000, 300) == (1000, 300)  # 0 = no cap
+    assert clip_lengths(0, 0, 8, 8) == (1, 1)
+    assert clip_lengths(8000, 500, max_total=8192) == (7692, 500)  # the prompt gives way to the output
+    assert clip_lengths(10, 9000, max_total=8192) == (1, 8191)
+
+
+def test_clip_workload_keeps_arrivals_and_tiers():
+    w = make_workload(300, qps=2.0, seed=3, paying_prob=0.2)
+    c = clip_workload(w, max_prompt=128, max_output=48)
+    assert [(it.req_id, it.arrival_s, it.tier, it.tbt_slo_s) for it in c] == \
+        [(it.req_id, it.arrival_s, it.tier, it.tbt_slo_s) for it in w]
+    assert all((a.prompt_len, a.output_len) == (min(b.prompt_len, 128), min(b.output_len, 48)) for a, b in zip(c, w))
+    assert any(it.prompt_len < 128 for it in c) and max(it.prompt_len for it in c) == 128
+    assert clip_workload(w) == w
+    mp, md = mean_lengths(None, seed=3, n_synthetic=2000, max_prompt=128, max_output=48)
+    assert 100 < mp <= 128 and 30 < md <= 48
