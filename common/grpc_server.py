@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
@@ -135,3 +136,14 @@ async def start_server(add_servicers: Iterable[Callable[[grpc.aio.Server], None]
     srv = ServiceServer(server=server, health=health_servicer, port=port, service_names=names)
     await srv.set_serving(serving)
     return srv
+
+
+async def wait_for_stop_signal() -> None:
+    """Block until SIGTERM or SIGINT arrives; the caller then drains and stops."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

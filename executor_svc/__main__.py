@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
+
+from common.grpc_server import wait_for_stop_signal
 
 log = logging.getLogger("executor_svc")
 
@@ -78,11 +79,7 @@ async def _main(args: argparse.Namespace) -> int:
     log.info("executor serving on %s: model=%s device=%s dtype=%s backend=%s blocks=%d x %d",
              address if args.uds else f"{args.host}:{srv.port}", info.model, info.device, info.dtype,
              info.attention_backend, servicer.state.num_blocks, info.block_size)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("draining (%.1f s)", args.grace_s)
     await srv.stop(args.grace_s)
     telemetry.shutdown_tracing()

@@ -15,9 +15,9 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import sys
 
+from common.grpc_server import wait_for_stop_signal
 from gateway.auth import load_key_file, open_store
 from gateway.config import GatewayConfig, default_tier_policies
 
@@ -89,11 +89,7 @@ async def serve(config: GatewayConfig, api_keys: str = "") -> None:
     log.info("gateway up: gRPC :%d, HTTP %s, model %s (max_model_len %d), scheduler %s, keys %s",
              running.grpc_port, running.http_port, service.model_name, service.max_model_len,
              config.scheduler_address, "on" if keys.enabled else "off")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("draining (%.0f s)", config.drain_timeout_s)
     await running.stop(config.drain_timeout_s)
     telemetry.shutdown_tracing()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
+from common.grpc_server import wait_for_stop_signal
 from scheduler_svc.config import ROUTINGS, ServiceConfig
 from scheduler_svc.core.policies.registry import POLICIES
 
@@ -64,11 +64,7 @@ async def _main(args: argparse.Namespace) -> int:
     srv, dispatcher = await serve(config, address, metrics=metrics)
     log.info("scheduler (%s, routing %s) on %s, executors %s", config.policy, config.routing,
              address if args.uds else f"{args.host}:{srv.port}", ", ".join(config.executors))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("draining (%.1f s)", args.grace_s)
     await srv.stop(args.grace_s)
     await dispatcher.close()
