@@ -40,6 +40,14 @@ def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048)
                    help="stop a run at this simulated time (requests still queued count as unfinished)")
 
 
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("executors (bench/sim_cluster.py)")
+    g.add_argument("--executors", type=int, default=1,
+                   help="simulated executors, each with its own core and KV pool; --qps is the total (default 1)")
+    g.add_argument("--routing", default=None, choices=("least-work", "round-robin", "power-of-two"),
+                   help="routing at admission (default least-work when --executors > 1)")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything one simulation needs besides the policy and QPS (picklable for workers)."""
