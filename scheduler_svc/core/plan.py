@@ -114,9 +114,6 @@ class StepResult:
     def make_empty(cls, step_id: int = 0) -> StepResult:
         return cls(step_id=step_id)
 
-    def sampled(self) -> dict[str, int]:
-        return dict(zip(self.req_ids, self.token_ids))
-
 
 class TokenEvent(NamedTuple):
     """New output tokens of one request from one step (what streams fan out)."""
