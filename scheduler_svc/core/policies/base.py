@@ -66,13 +66,7 @@ class Policy(ABC):
         """
         while b.budget_left > 0:
             req = self.waiting.peek()
-            if req is None:
-                return
-            if req.num_tokens > self.config.max_model_len:
-                self.waiting.pop()
-                b.ignore(req)
-                continue
-            if not b.can_admit(req):
+            if req is None or not b.can_admit(req):
                 return
             self.waiting.pop()
             b.admit(req, min(req.num_uncomputed_tokens, b.budget_left))

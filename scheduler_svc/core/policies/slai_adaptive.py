@@ -77,10 +77,6 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         while b.num_tokens < b.token_budget:
             paused = min(self.paused, key=lambda r: self._key(r, r.num_uncomputed_tokens), default=None)
             head = self.waiting.peek()
-            if head is not None and head.num_tokens > self.config.max_model_len:
-                self.waiting.pop()
-                b.ignore(head)
-                continue
             take_new = head is not None and b.can_admit(head) and (
                 paused is None or self._key(head, head.num_tokens) < self._key(paused, paused.num_uncomputed_tokens))
             if take_new:
