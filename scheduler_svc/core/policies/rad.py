@@ -35,19 +35,16 @@ bound is not lost to memory when decodes pile up).
 
 from __future__ import annotations
 
-from collections import deque
-
 from scheduler_svc.core.batch_builder import BatchBuilder
-from scheduler_svc.core.policies.base import Policy
+from scheduler_svc.core.policies.paused_prefills import PausedPrefillPolicy
 from scheduler_svc.core.request import Request
 
 
-class RadPolicy(Policy):
+class RadPolicy(PausedPrefillPolicy):
     name = "rad"
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        self.paused: deque[Request] = deque()
         self._prompt_sum = 0
         self._prompt_n = 0
         self.last_split = "decode-first"  # for telemetry and tests
@@ -68,23 +65,7 @@ class RadPolicy(Policy):
 
     def on_step_end(self, served: list[Request], now: float) -> None:
         for req in served:
-            if req.is_prefill and req not in self.paused:
-                self.paused.append(req)
-            elif req.is_decode and req in self.paused:
-                self.paused.remove(req)
-
-    def on_preempt(self, req: Request, now: float) -> None:
-        if req in self.paused:
-            self.paused.remove(req)
-        super().on_preempt(req, now)
-
-    def on_remove(self, req: Request) -> None:
-        if req in self.paused:
-            self.paused.remove(req)
-        super().on_remove(req)
-
-    def _victim(self, current: Request) -> Request | None:
-        return self.paused.pop() if self.paused else None
+            self.track_served(req)
 
     def weights(self) -> tuple[float, float]:
         """(w_d, w_p) in requests, as in the module docstring."""
@@ -93,36 +74,25 @@ class RadPolicy(Policy):
         prefill_tokens = core.num_waiting_tokens + sum(r.num_uncomputed_tokens for r in self.paused)
         return float(decode_ready), prefill_tokens / self.mean_prompt
 
-    def _decodes(self, b: BatchBuilder, budget: int) -> None:
-        cap = min(self.config.max_decodes, budget)
+    def _decodes(self, b: BatchBuilder) -> None:
+        cap = min(self.config.max_decodes, b.token_budget)
         ready = [r for r in self.core.running.values() if r.is_decode and not b.is_scheduled(r)]
         ready.sort(key=lambda r: (r.last_token_s if r.last_token_s is not None else -1.0, r.seq))
         n = 0
         for req in ready:
-            if n >= cap or b.num_tokens >= budget:
+            if n >= cap or b.num_tokens >= b.token_budget:
                 break
             if req.req_id in self.core.running and b.add_decode(req, self._victim):
                 n += 1
 
-    def _prefills(self, b: BatchBuilder, budget: int) -> None:
-        while self.paused and b.num_tokens < budget:
-            req = self.paused.popleft()
-            b.add_chunk(req, min(req.num_uncomputed_tokens, budget - b.num_tokens))
-        while b.num_tokens < budget:
-            req = self.waiting.peek()
-            if req is None or not b.can_admit(req):
-                break
-            self.waiting.pop()
-            b.admit(req, min(req.num_uncomputed_tokens, budget - b.num_tokens))
-
     def schedule(self, b: BatchBuilder, now: float) -> None:
-        budget = self.budget
+        b.token_budget = self.budget
         w_d, w_p = self.weights()
         if w_d >= w_p:
             self.last_split = "decode-first"
-            self._decodes(b, budget)
-            self._prefills(b, budget)
+            self._decodes(b)
+            self.schedule_prefills(b, now)
         else:
             self.last_split = "prefill-first"
-            self._prefills(b, budget)
-            self._decodes(b, budget)
+            self.schedule_prefills(b, now)
+            self._decodes(b)

@@ -21,21 +21,18 @@ none, the decode preempts itself. SLAI never preempts another decode.
 
 from __future__ import annotations
 
-from collections import deque
-
 from scheduler_svc.core.batch_builder import BatchBuilder
-from scheduler_svc.core.policies.base import Policy
 from scheduler_svc.core.policies.deadline_heap import DeadlineHeap
+from scheduler_svc.core.policies.paused_prefills import PausedPrefillPolicy
 from scheduler_svc.core.request import Request
 
 
-class SlaiPolicy(Policy):
+class SlaiPolicy(PausedPrefillPolicy):
     name = "slai"
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
         self.decode_heap = DeadlineHeap()  # keyed by LST; ties by arrival (paper.md 3.7)
-        self.paused: deque[Request] = deque()
         self.current_offset = self.config.below_memory_limit_offset
 
     # ---- step 0 ----
@@ -52,14 +49,9 @@ class SlaiPolicy(Policy):
         mean = core.estimator.mean_s
         # delta depends only on KV use, which does not change during step 0: compute it once
         self.current_offset = self.offset()
-        paused, push, key = self.paused, self.decode_heap.push, self.decode_key
+        push, key, track = self.decode_heap.push, self.decode_key, self.track_served
         for req in served:
-            if not req.is_decode:
-                if req not in paused:  # at most one partial prefill exists (paper.md 3.7)
-                    paused.append(req)
-            else:
-                if paused and req in paused:
-                    paused.remove(req)
+            if track(req):  # at most one partial prefill exists (paper.md 3.7)
                 push(req, key(req, end, mean))
 
     def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
@@ -71,22 +63,9 @@ class SlaiPolicy(Policy):
         return now >= key
 
     # ---- bookkeeping ----
-    def on_preempt(self, req: Request, now: float) -> None:
-        self._forget(req)
-        super().on_preempt(req, now)
-
-    def on_remove(self, req: Request) -> None:
-        self._forget(req)
-        super().on_remove(req)
-
     def _forget(self, req: Request) -> None:
         self.decode_heap.discard(req)
-        if req in self.paused:
-            self.paused.remove(req)
-
-    def _victim(self, current: Request) -> Request | None:
-        # the most recent paused prefill not already in this batch; else the decode itself
-        return self.paused.pop() if self.paused else None
+        super()._forget(req)
 
     def num_decodes_queued(self) -> int:
         return len(self.decode_heap)
@@ -114,13 +93,6 @@ class SlaiPolicy(Policy):
             if b.add_decode(req, self._victim):
                 crit += 1
         return crit
-
-    def schedule_prefills(self, b: BatchBuilder, now: float) -> None:
-        """Step 2: paused prefills FIFO; steps 3-4: admissions in queue order (SPF)."""
-        while self.paused and b.num_tokens < b.token_budget:
-            req = self.paused.popleft()
-            b.add_chunk(req, min(req.num_uncomputed_tokens, b.budget_left))
-        self.admit_waiting(b)
 
     def schedule_noncritical_decodes(self, b: BatchBuilder) -> None:
         """Step 5: the other decodes in LST order, with what is left of budget and cap."""

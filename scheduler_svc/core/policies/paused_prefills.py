@@ -1,0 +1,56 @@
+"""Paused prefills: the bookkeeping SLAI and RAD share (paper.md 3.4 steps 0 and 2, 3.5).
+
+An admitted request whose prompt is only partly processed waits in ``paused``
+(FIFO) for its next chunk. When KV runs out, the *most recently* paused prefill
+is the victim; if none is paused, the decode needing the slot preempts itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from scheduler_svc.core.batch_builder import BatchBuilder
+from scheduler_svc.core.policies.base import Policy
+from scheduler_svc.core.request import Request
+
+
+class PausedPrefillPolicy(Policy):
+    """Base for policies that continue partial prefills before admitting new ones."""
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.paused: deque[Request] = deque()
+
+    def track_served(self, req: Request) -> bool:
+        """Step 0 for one served request: True if it now decodes, else it is (kept) paused."""
+        paused = self.paused
+        if not req.is_decode:
+            if req not in paused:
+                paused.append(req)
+            return False
+        if paused and req in paused:
+            paused.remove(req)
+        return True
+
+    def on_preempt(self, req: Request, now: float) -> None:
+        self._forget(req)
+        super().on_preempt(req, now)
+
+    def on_remove(self, req: Request) -> None:
+        self._forget(req)
+        super().on_remove(req)
+
+    def _forget(self, req: Request) -> None:
+        if req in self.paused:
+            self.paused.remove(req)
+
+    def _victim(self, current: Request) -> Request | None:
+        # the most recent paused prefill not already in this batch; else the decode itself
+        return self.paused.pop() if self.paused else None
+
+    def schedule_prefills(self, b: BatchBuilder, now: float) -> None:
+        """Paused prefills FIFO, then admissions in queue order, within ``b.token_budget``."""
+        while self.paused and b.num_tokens < b.token_budget:
+            req = self.paused.popleft()
+            b.add_chunk(req, min(req.num_uncomputed_tokens, b.budget_left))
+        self.admit_waiting(b)
