@@ -38,13 +38,7 @@ def run(args: argparse.Namespace) -> int:
     s.update(spec.describe())
     s["num_requests"] = spec.num_requests
     s["stability_bound"] = stability_bound(spec, args.policy)
-    out = clean_json(s)
-    if args.json:
-        json.dump(out, sys.stdout, sort_keys=True)
-        sys.stdout.write("\n")
-        return 0
-    _print(out)
-    return 0
+    return _emit(clean_json(s), args.json)
 
 
 def _run_cluster(args: argparse.Namespace, spec: RunSpec) -> int:
@@ -58,12 +52,17 @@ def _run_cluster(args: argparse.Namespace, spec: RunSpec) -> int:
     s.update(spec.describe())
     s["num_requests"] = spec.num_requests
     s["stability_bound_per_executor"] = stability_bound(spec, args.policy)
-    out = clean_json(s)
-    if args.json:
+    return _emit(clean_json(s), args.json,
+                 ("executors", "routing", "qps_per_executor", "requests_by_executor", "work_spread_mean_tokens"))
+
+
+def _emit(out: dict, as_json: bool, extra: tuple[str, ...] = ()) -> int:
+    """One JSON object on stdout, or the human-readable summary."""
+    if as_json:
         json.dump(out, sys.stdout, sort_keys=True)
         sys.stdout.write("\n")
-        return 0
-    _print(out, ("executors", "routing", "qps_per_executor", "requests_by_executor", "work_spread_mean_tokens"))
+    else:
+        _print(out, extra)
     return 0
 
 
