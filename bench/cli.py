@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"slai-serve {name}", description=help_text)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, OSError) as exc:
+        # bad input (a setting, a path, a value out of range): one clear line, not a traceback
+        print(f"slai-serve {name}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
