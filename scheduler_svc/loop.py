@@ -50,8 +50,8 @@ class DriverSink(Protocol):
 
 
 def work_of(req: Request) -> int:
-    """Tokens still to process: uncomputed prompt + remaining outputs (``core.outstanding_tokens`` term)."""
-    return req.num_uncomputed_tokens - (1 if req.is_decode else 0) + req.num_remaining_outputs
+    """Tokens still to process (the term ``core.outstanding_tokens`` sums)."""
+    return req.num_outstanding_tokens
 
 
 class ExecutorDriver:

@@ -136,6 +136,11 @@ class Request:
         return self.max_tokens - self.num_output_tokens
 
     @property
+    def num_outstanding_tokens(self) -> int:
+        """Work left in tokens: uncomputed prompt + remaining outputs (routing's load measure)."""
+        return self.num_uncomputed_tokens - (1 if self.is_decode else 0) + self.num_remaining_outputs
+
+    @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 

@@ -73,8 +73,7 @@ class SchedulerCore:
 
     def outstanding_tokens(self) -> int:
         """Uncomputed prompt tokens + remaining decode tokens (routing's work measure)."""
-        return sum(r.num_uncomputed_tokens - (1 if r.is_decode else 0) + r.num_remaining_outputs
-                   for r in self.requests.values())
+        return sum(r.num_outstanding_tokens for r in self.requests.values())
 
     def drain_events(self) -> list[LifecycleEvent]:
         events, self._events = self._events, []
