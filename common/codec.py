@@ -232,11 +232,6 @@ def final_token_event_to_pb(ev: TokenEvent, *, prompt_tokens: int, completion_to
     return msg
 
 
-def request_timings_from_pb(msg: common_pb2.RequestTimings) -> dict[str, float]:
-    return {"ttft_s": msg.ttft_s, "e2e_s": msg.e2e_s, "queue_s": msg.queue_s, "max_tbt_s": msg.max_tbt_s,
-            "num_preemptions": msg.num_preemptions}
-
-
 def error_event_to_pb(req_id: str) -> scheduler_pb2.TokenEvent:
     return scheduler_pb2.TokenEvent(request_id=req_id, finish_reason=common_pb2.FINISH_REASON_ERROR)
 

@@ -309,8 +309,8 @@ def end_request_span(span: Span, *, finish_reason: str | None = None, prompt_tok
                      error: BaseException | str | None = None, end_time_ns: int | None = None) -> None:
     """Set usage and latency attributes and end the span.
 
-    The timing keywords match ``codec.request_timings_from_pb``: ``end_request_span(span,
-    finish_reason=..., completion_tokens=..., **codec.request_timings_from_pb(msg.timings))``.
+    The timing keywords are the fields of ``codec.timings_from_pb``'s ``Timings``: ``end_request_span(span,
+    finish_reason=..., completion_tokens=..., **dataclasses.asdict(codec.timings_from_pb(msg.timings)))``.
     """
     if not _state.enabled or not span.is_recording():
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -76,8 +77,8 @@ def test_final_event_round_trip():
     back = codec.token_event_from_pb(msg)
     assert back.finish_reason == "length" and back.token_ids == (4,) and back.time_s == 3.0
     assert (back.num_prompt_tokens, back.num_output_tokens) == (12, 5)
-    assert codec.request_timings_from_pb(msg.timings) == {"ttft_s": 0.5, "e2e_s": 2.5, "queue_s": 0.25,
-                                                          "max_tbt_s": 0.75, "num_preemptions": 1}
+    assert dataclasses.asdict(codec.timings_from_pb(msg.timings)) == {
+        "ttft_s": 0.5, "e2e_s": 2.5, "queue_s": 0.25, "max_tbt_s": 0.75, "num_preemptions": 1}
     with pytest.raises(ValueError):
         codec.final_token_event_to_pb(TokenEvent(req_id="r"), prompt_tokens=1, completion_tokens=0, ttft_s=0,
                                       e2e_s=0, queue_s=0, max_tbt_s=0, num_preemptions=0)
