@@ -47,9 +47,14 @@ class BatchBuilder:
 
     # ---- admission of a waiting request ----
     def can_admit(self, req: Request) -> bool:
-        """KV for the whole prompt fits above the watermark and the seq cap allows it."""
+        """KV for the whole prompt fits above the watermark and the seq cap allows it.
+
+        A request preempted while its last token is still in flight (pipelined
+        scheduling) waits for that token: a recompute must carry every token id.
+        """
         return (len(self.core.running) < self.config.max_num_seqs
-                and self.core.allocator.can_allocate(req.num_tokens))
+                and self.core.allocator.can_allocate(req.num_tokens)
+                and not req.num_pending_outputs)
 
     def admit(self, req: Request, num_new_tokens: int) -> None:
         """Allocate blocks for ``req``'s whole prompt and schedule its first chunk.

@@ -93,6 +93,9 @@ class Request:
     num_output_tokens: int = 0  # == len(output_token_ids) when ids are tracked
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    # outputs counted ahead of their step's result (pipelined scheduling): already in
+    # num_output_tokens, not yet in output_token_ids; 0 whenever no step is in flight
+    num_pending_outputs: int = 0
 
     # --- timestamps on the scheduler's clock (None until they happen) ---
     first_scheduled_s: float | None = None

@@ -7,11 +7,24 @@
 plus ``add`` and ``abort``. Time is always passed in; nothing here reads a clock.
 The policy (a strategy object) decides order, budget split and victims; this
 class owns request state, KV placement and the plan/result protocol.
+
+Pipelining (the service only): ``schedule`` may be called once more while one
+plan is in flight, so the executor finds step N+1 queued when it finishes step
+N. The core then *advances* the in-flight plan optimistically before deciding:
+chunks count as computed, every sampling slice counts one output token whose id
+is still pending, requests reaching ``max_tokens`` finish, and the policy's
+``on_step_end`` runs at the plan's expected end. ``update`` later *confirms* it:
+token ids, timestamps and stop tokens. What optimism gets wrong is cheap: a
+request that samples a stop token may already be in the next plan, whose token
+for it is then dropped (one wasted decode); a request preempted while its token
+is pending is not re-admitted until the token is known.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
+
 from scheduler_svc.core.batch_builder import BatchBuilder
 from scheduler_svc.core.batch_time import BatchTimeEstimator, make_estimator
 from scheduler_svc.core.config import SchedulerConfig
@@ -43,8 +56,10 @@ class SchedulerCore:
         self._events: list[LifecycleEvent] = []
         self._seq = itertools.count()
         self._step_ids = itertools.count(1)
-        self._in_flight: BatchPlan | None = None
-        self._scheduled_at: float = 0.0
+        self._in_flight: deque[tuple[BatchPlan, float]] = deque()  # (plan, time scheduled), oldest first
+        self._advanced: tuple[BatchPlan, list[Request]] | None = None  # applied ahead; its sampling requests
+        self._expected_end = 0.0  # when the newest in-flight plan should finish
+        self._last_result_s: float | None = None  # when the last result was applied
         self._known_to_runner: set[str] = set()  # sent as `new`, not yet released
         self._release_finished: list[str] = []
         self._release_preempted: list[str] = []
@@ -105,8 +120,8 @@ class SchedulerCore:
         if req is None:
             return None
         self.finish(req, RequestStatus.FINISHED_ABORTED, now)
-        return TokenEvent(req_id=req_id, finish_reason="abort", time_s=now,
-                          num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens)
+        return TokenEvent(req_id=req_id, finish_reason="abort", time_s=now, num_prompt_tokens=req.num_prompt_tokens,
+                          num_output_tokens=req.num_output_tokens - req.num_pending_outputs)
 
     def take_back_all(self, now: float) -> list[Request]:
         """Remove every unfinished request (executor lost) and return them, reset.
@@ -120,20 +135,39 @@ class SchedulerCore:
         for req in taken:
             self.allocator.free(req.req_id)
             self.policy.on_remove(req)
+        if self._advanced is not None:  # finished by length ahead of a result that never came
+            taken += [r for r in self._advanced[1]
+                      if r.status == RequestStatus.FINISHED_LENGTH and r.num_pending_outputs]
+        for req in taken:  # outputs whose ids never arrived are not outputs
+            req.num_output_tokens -= req.num_pending_outputs
+            req.num_pending_outputs = 0
         self.requests.clear()
         self.running.clear()
         self.num_waiting_tokens = 0
         self._known_to_runner.clear()
         self._release_finished.clear()
         self._release_preempted.clear()
-        self._in_flight = None
+        self._in_flight.clear()
+        self._advanced = None
         return taken
 
     # ------------------------------------------------------------------ the two calls
     def schedule(self, now: float) -> BatchPlan:
-        """Decide the next iteration's batch."""
-        if self._in_flight is not None:
-            raise RuntimeError("schedule() called twice without update()")
+        """Decide the next iteration's batch.
+
+        With one plan in flight this schedules ahead (see the module docstring):
+        the in-flight plan is advanced first and the new plan is decided for its
+        expected start, the in-flight plan's expected end.
+        """
+        inflight = self._in_flight
+        if inflight:
+            if len(inflight) > 1:
+                raise RuntimeError("schedule() with two plans in flight: update() the oldest first")
+            if self._advanced is None:
+                self._advance(inflight[0][0])
+        sent = now  # measuring starts here (or at the previous result, if later)
+        if inflight:
+            now = max(now, self._expected_end)
         builder = BatchBuilder(self, now)
         self.policy.schedule(builder, now)
         new_ids = [s.req_id for s in builder.new]
@@ -160,23 +194,41 @@ class SchedulerCore:
         )
         self._release_finished = []
         self._release_preempted = []
-        self._in_flight = plan
-        self._scheduled_at = now
+        inflight.append((plan, sent))
+        self._expected_end = now + self.estimator.mean_s
         return plan
 
     def update(self, plan: BatchPlan, result: StepResult, now: float) -> list[TokenEvent]:
-        """Apply a step's result: advance counters, record tokens, finish requests."""
-        if plan is not self._in_flight:
-            raise RuntimeError("update() for a plan that is not in flight")
+        """Apply a step's result: advance counters, record tokens, finish requests.
+
+        Results are applied in the order plans were scheduled. A plan scheduled
+        ahead that carries nothing (no work, no ids to release) need not be sent:
+        ``update`` with an empty result withdraws it.
+        """
+        inflight = self._in_flight
+        if len(inflight) == 2 and plan is inflight[1][0] and plan.is_empty and not (
+                plan.finished_ids or plan.preempted_ids):
+            inflight.pop()
+            return []
+        if not inflight or plan is not inflight[0][0]:
+            raise RuntimeError("update() for a plan that is not the oldest in flight")
         if result.step_id != plan.step_id:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
-        self._in_flight = None
+        _, sent = inflight.popleft()
         if not plan.is_empty:
-            self.last_step_s = now - self._scheduled_at
+            # the step started when it was scheduled, or when the plan before it ended
+            last = self._last_result_s
+            self.last_step_s = now - (sent if last is None or last < sent else last)
             self.last_step_tokens = plan.num_tokens
             self.estimator.observe(self.last_step_s)
-            self.last_batch_end_s = now
             self.num_steps += 1
+        self._last_result_s = now
+        advanced = self._advanced
+        if advanced is not None and advanced[0] is plan:
+            self._advanced = None
+            return self._confirm(advanced[1], result, now)
+        if not plan.is_empty:
+            self.last_batch_end_s = now
         sampled = dict(zip(result.req_ids, result.token_ids))
         events: list[TokenEvent] = []
         served: list[Request] = []
@@ -196,6 +248,60 @@ class SchedulerCore:
                         continue  # finished by this token
                 served.append(req)
         self.policy.on_step_end(served, now)
+        return events
+
+    # ------------------------------------------------------------------ pipelining
+    @property
+    def num_in_flight(self) -> int:
+        """Plans scheduled and not yet updated (0, 1, or 2 when scheduling ahead)."""
+        return len(self._in_flight)
+
+    def _advance(self, plan: BatchPlan) -> None:
+        """Apply ``plan`` as if it ran as planned, before its result (scheduling ahead).
+
+        Mirrors ``update`` without token ids: each sampling slice counts one pending
+        output; a request that reaches ``max_tokens`` is finished now (its KV release
+        rides in the plan being built; its last token and FINISHED event come with
+        the result).
+        """
+        end = self._expected_end
+        requests, running = self.requests, RequestStatus.RUNNING
+        served: list[Request] = []
+        sampling: list[Request] = []
+        for slices in (plan.new, plan.cached):
+            for s in slices:
+                req = requests.get(s.req_id)
+                if req is None or req.status != running:
+                    continue  # aborted since it was scheduled
+                req.num_computed_tokens += s.num_new_tokens
+                if s.sample:
+                    n_out = req.num_output_tokens = req.num_output_tokens + 1
+                    req.num_pending_outputs += 1
+                    req.num_computed_tokens = req.num_prompt_tokens + n_out - 1
+                    sampling.append(req)
+                    if n_out >= req.max_tokens:
+                        self.finish(req, RequestStatus.FINISHED_LENGTH, end, record=False)
+                        continue
+                served.append(req)
+        self._advanced = (plan, sampling)
+        if not plan.is_empty:
+            self.last_batch_end_s = end
+        self.policy.on_step_end(served, end)
+
+    def _confirm(self, sampling: list[Request], result: StepResult, now: float) -> list[TokenEvent]:
+        """The result of an advanced plan: token ids, timestamps, stop tokens."""
+        sampled = dict(zip(result.req_ids, result.token_ids))
+        events: list[TokenEvent] = []
+        for req in sampling:
+            if not req.num_pending_outputs:
+                continue  # aborted (or taken back) since: its token is dropped
+            if req.status == RequestStatus.FINISHED_ABORTED:
+                continue
+            token = sampled.get(req.req_id)
+            if token is None:
+                raise ValueError(f"step {result.step_id}: no token sampled for {req.req_id!r}")
+            req.num_pending_outputs -= 1
+            events.append(self._on_token(req, token, now, advanced=True))
         return events
 
     # ------------------------------------------------------------------ mechanism used by BatchBuilder
@@ -223,7 +329,12 @@ class SchedulerCore:
         self._event(EventKind.PREEMPTED, req, now)
         self.policy.on_preempt(req, now)
 
-    def finish(self, req: Request, status: RequestStatus, now: float) -> None:
+    def finish(self, req: Request, status: RequestStatus, now: float, record: bool = True) -> None:
+        """Free ``req``'s KV, drop it from every queue, release it on the runner.
+
+        ``record=False`` leaves the FINISHED lifecycle event to the caller (a
+        length finish decided ahead of its step's result records it with the token).
+        """
         if not status.is_finished:
             raise ValueError(f"{status.name} is not a finished state")
         if req.status == RequestStatus.RUNNING:
@@ -238,10 +349,13 @@ class SchedulerCore:
         if req.req_id in self._known_to_runner:
             self._known_to_runner.discard(req.req_id)
             self._release_finished.append(req.req_id)
-        self._event(EventKind.FINISHED, req, now, FINISH_REASONS[status])
+        if record:
+            self._event(EventKind.FINISHED, req, now, FINISH_REASONS[status])
 
     # ------------------------------------------------------------------ internals
-    def _on_token(self, req: Request, token_id: int, now: float) -> TokenEvent:
+    def _on_token(self, req: Request, token_id: int, now: float, advanced: bool = False) -> TokenEvent:
+        """Record one sampled token. ``advanced``: its step was advanced, so the token is
+        already counted (and a length finish already applied, without its event)."""
         last = req.last_token_s
         if last is None:
             req.first_token_s = now
@@ -249,15 +363,27 @@ class SchedulerCore:
         req.last_token_s = now
         if req.prompt_token_ids is not None:
             req.output_token_ids.append(token_id)
-        n_out = req.num_output_tokens = req.num_output_tokens + 1
-        req.num_computed_tokens = req.num_prompt_tokens + n_out - 1  # the new token has no KV yet
+        if advanced:
+            n_out = req.num_output_tokens
+        else:
+            n_out = req.num_output_tokens = req.num_output_tokens + 1
+            req.num_computed_tokens = req.num_prompt_tokens + n_out - 1  # the new token has no KV yet
         reason = None
         sampling = req.sampling
         if sampling.stop_token_ids and not sampling.ignore_eos and token_id in sampling.stop_token_ids:
-            self.finish(req, RequestStatus.FINISHED_STOPPED, now)
+            if req.status == RequestStatus.FINISHED_LENGTH:  # finished ahead; the token says why
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.finished_s = now
+                self._event(EventKind.FINISHED, req, now, "stop")
+            else:
+                self.finish(req, RequestStatus.FINISHED_STOPPED, now)
             reason = "stop"
         elif n_out >= req.max_tokens:
-            self.finish(req, RequestStatus.FINISHED_LENGTH, now)
+            if req.status == RequestStatus.FINISHED_LENGTH:  # finished ahead: only the event is left
+                req.finished_s = now
+                self._event(EventKind.FINISHED, req, now, "length")
+            else:
+                self.finish(req, RequestStatus.FINISHED_LENGTH, now)
             reason = "length"
         # positional: (req_id, token_ids, finish_reason, time_s, is_first, num_prompt_tokens,
         #              num_output_tokens, ttft_s, tbt_s)
