@@ -99,13 +99,14 @@ def plan_from_pb(msg: executor_pb2.StepRequest) -> BatchPlan:
 def result_to_pb(r: StepResult, error: str = "") -> executor_pb2.StepResponse:
     return executor_pb2.StepResponse(
         step_id=r.step_id, request_ids=r.req_ids, token_ids=r.token_ids, prepare_ns=r.prepare_ns,
-        forward_ns=r.forward_ns, sample_ns=r.sample_ns, total_ns=r.total_ns, error=error)
+        forward_ns=r.forward_ns, sample_ns=r.sample_ns, total_ns=r.total_ns, idle_ns=r.idle_ns, error=error)
 
 
 def result_from_pb(msg: executor_pb2.StepResponse) -> StepResult:
     return StepResult(
         step_id=msg.step_id, req_ids=tuple(msg.request_ids), token_ids=tuple(msg.token_ids),
-        prepare_ns=msg.prepare_ns, forward_ns=msg.forward_ns, sample_ns=msg.sample_ns, total_ns=msg.total_ns)
+        prepare_ns=msg.prepare_ns, forward_ns=msg.forward_ns, sample_ns=msg.sample_ns, total_ns=msg.total_ns,
+        idle_ns=msg.idle_ns)
 
 
 # ---------------------------------------------------------------- token events (scheduler -> gateway)

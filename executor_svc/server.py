@@ -6,9 +6,12 @@
   a full-size warm-up step. Health turns SERVING only after a warm-up.
 * ``Step``: one long-lived bidi stream. Each ``StepRequest`` is decoded, run in a
   worker thread (torch releases the GIL, so the event loop keeps serving) and
-  answered with the runner's timings; ``total_ns`` spans receipt of the plan to
-  sending of the result. A rejected plan (``PlanError`` / ``ValueError``) is
-  answered with ``error`` set and nothing run; the stream stays up.
+  answered with the runner's timings; ``total_ns`` spans taking the plan up to
+  its result being ready, ``idle_ns`` the runner's wait for this plan since its
+  previous step ended (a scheduler that plans ahead keeps it near zero). Plans
+  are decoded as they arrive and run in order, back to back. A rejected plan
+  (``PlanError`` / ``ValueError``) is answered with ``error`` set and nothing
+  run; the stream stays up.
 * ``Release``: drop per-request state outside a step (a scheduler reconnecting
   sends ``all=true``).
 
@@ -113,27 +116,74 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     # ------------------------------------------------------------------ the step stream
     async def Step(self, request_iterator: AsyncIterator[executor_pb2.StepRequest],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.StepResponse]:
-        async for msg in request_iterator:
-            t0 = time.perf_counter_ns()
-            try:
-                plan = codec.plan_from_pb(msg)
-                self._check_blocks(plan)
-                async with self._lock:
-                    result = await asyncio.to_thread(self.runner.execute, plan)
-            except ValueError as exc:  # PlanError is a ValueError: nothing was run
-                self.state.num_rejected += 1
-                log.warning("step %d rejected: %s", msg.step_id, exc)
-                yield executor_pb2.StepResponse(step_id=msg.step_id, error=f"plan rejected: {exc}")
-                continue
-            self._track(plan)
-            self.state.num_steps += 1
-            out = codec.result_to_pb(result)
-            out.total_ns = time.perf_counter_ns() - t0
-            yield out
-            if not plan.is_empty:
-                if self.metrics is not None:
-                    self.metrics.record_step(out, plan.num_seqs)
-                telemetry.executor_step_span(msg.traceparent, out, executor=self.name, num_seqs=plan.num_seqs)
+        # NOTE: three stages, so the runner never waits on gRPC: a reader takes plans off the
+        # stream and decodes them as they arrive (a plan sent ahead is ready when the step
+        # before it ends), a worker runs them back to back, and this generator writes results.
+        plans: asyncio.Queue = asyncio.Queue()
+        results: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read_plans(request_iterator, plans))
+        worker = asyncio.ensure_future(self._run_plans(plans, results))
+        try:
+            while True:
+                item = await results.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                msg, plan, out = item
+                yield out
+                if plan is not None and not plan.is_empty:
+                    if self.metrics is not None:
+                        self.metrics.record_step(out, plan.num_seqs)
+                    telemetry.executor_step_span(msg.traceparent, out, executor=self.name, num_seqs=plan.num_seqs)
+        finally:
+            reader.cancel()
+            worker.cancel()
+
+    async def _read_plans(self, request_iterator, plans: asyncio.Queue) -> None:
+        """Stage 1: decode each StepRequest as it arrives; a plan that does not decode is kept as its error."""
+        try:
+            async for msg in request_iterator:
+                try:
+                    plan = codec.plan_from_pb(msg)
+                    self._check_blocks(plan)
+                except ValueError as exc:
+                    plans.put_nowait((msg, exc))
+                    continue
+                plans.put_nowait((msg, plan))
+        finally:
+            plans.put_nowait(None)
+
+    async def _run_plans(self, plans: asyncio.Queue, results: asyncio.Queue) -> None:
+        """Stage 2: run plans in order. ``idle_ns`` is the runner's wait since its last step ended;
+        ``total_ns`` runs from taking the plan up to its result being ready."""
+        free_since = 0  # perf_counter_ns when the runner finished its last step
+        try:
+            while (item := await plans.get()) is not None:
+                msg, plan = item
+                t0 = time.perf_counter_ns()
+                idle_ns = t0 - free_since if free_since else 0
+                try:
+                    if isinstance(plan, ValueError):
+                        raise plan
+                    async with self._lock:
+                        result = await asyncio.to_thread(self.runner.execute, plan)
+                except ValueError as exc:  # PlanError is a ValueError: nothing was run
+                    self.state.num_rejected += 1
+                    log.warning("step %d rejected: %s", msg.step_id, exc)
+                    results.put_nowait((msg, None, executor_pb2.StepResponse(
+                        step_id=msg.step_id, error=f"plan rejected: {exc}")))
+                    continue
+                self._track(plan)
+                self.state.num_steps += 1
+                out = codec.result_to_pb(result)
+                out.idle_ns = idle_ns
+                free_since = time.perf_counter_ns()
+                out.total_ns = free_since - t0
+                results.put_nowait((msg, plan, out))
+            results.put_nowait(None)
+        except Exception as exc:  # noqa: BLE001 - a runner crash ends the stream with that error
+            results.put_nowait(exc)
 
     def _check_blocks(self, plan: BatchPlan) -> None:
         """The scheduler may only place KV below the warm-up cap."""

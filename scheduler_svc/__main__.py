@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--free-tbt-s", type=float, default=d.free_tbt_s)
     p.add_argument("--step-timeout-s", type=float, default=d.step_timeout_s)
     p.add_argument("--kv-blocks-cap", type=int, default=0, help="cap each executor's KV blocks (paper: 14733)")
+    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                   help="plan each step only after the previous result (lockstep); default: plan ahead")
+    p.add_argument("--pipeline-lead-ms", type=float, default=1e3 * d.pipeline_lead_s,
+                   help="plan ahead this long before the running step's predicted end")
     p.add_argument("--grace-s", type=float, default=5.0)
     p.add_argument("--log-level", default="INFO")
 
@@ -47,7 +51,8 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         policy=args.policy, executors=tuple(a.strip() for a in args.executors.split(",") if a.strip()),
         routing=args.routing, overrides=tuple(args.overrides), max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens, paying_tbt_s=args.paying_tbt_s, free_tbt_s=args.free_tbt_s,
-        step_timeout_s=args.step_timeout_s, kv_blocks_cap=args.kv_blocks_cap)
+        step_timeout_s=args.step_timeout_s, kv_blocks_cap=args.kv_blocks_cap, pipeline=args.pipeline,
+        pipeline_lead_s=args.pipeline_lead_ms / 1e3)
 
 
 async def _main(args: argparse.Namespace) -> int:

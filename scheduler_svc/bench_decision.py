@@ -15,11 +15,11 @@ Three measurements (not a test: numbers depend on the machine):
    ``--streams`` open Submit streams: what gRPC costs per request on top of (2).
 5. **e2e**: three processes (FakeRunner executor sleeping the paper cost model's
    step time, the scheduler, a client consuming 128 Submit streams): the
-   scheduler's own Stats (decision, RPC overhead, executor wait vs step time).
+   scheduler's own Stats (decision, RPC overhead, the executor's reported wait
+   for each plan vs step time), in lockstep (``--no-pipeline``) and planning ahead.
 4. **rpc**: the real driver + executor client against a FakeRunner executor in
    a *separate process* (no sleep, so the step is pure overhead), 128 running
-   decodes: per step, scheduler-seen round trip minus executor ``total_ns``,
-   and the full iteration (schedule + encode + RPC + update + fan-out).
+   decodes, lockstep: per step, scheduler-seen round trip minus executor ``total_ns``.
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ async def _bench_rpc(address: str, num_running: int, steps: int) -> dict:
     from scheduler_svc.config import ServiceConfig
     from scheduler_svc.dispatcher import Dispatcher
 
-    cfg = ServiceConfig(executors=(address,), overrides=(f"max_num_seqs={num_running}",
-                                                         f"max_decodes={num_running}"))
+    cfg = ServiceConfig(executors=(address,), pipeline=False,  # lockstep: a step here is pure round trip
+                        overrides=(f"max_num_seqs={num_running}", f"max_decodes={num_running}"))
     d = Dispatcher(cfg)
     d.start()
     await d.wait_ready(30)
@@ -170,10 +170,11 @@ async def _bench_rpc(address: str, num_running: int, steps: int) -> dict:
     st = driver.stats
     decision, overhead = list(st.decision_ring), list(st.overhead_ring)
     out = {"running": driver.core.num_running, "steps": st.num_steps,
-           "step_us_mean": round(1e6 * st.sum_iteration_s / st.num_steps, 1),
+           "step_us_mean": round(1e6 * st.sum_rpc_s / st.num_steps, 1),
            "decision": _summary_us(decision), "rpc_overhead": _summary_us(overhead),
            "executor_total_us_mean": round(1e6 * st.sum_executor_total_s / st.num_steps, 1),
-           "executor_wait_us_mean": round(1e6 * st.mean_executor_wait_s, 1)}
+           "executor_wait_us_mean": round(1e6 * st.mean_executor_wait_s, 1),
+           "steps_planned_ahead": st.num_planned_ahead}
     for s in streams:
         d.abort(s.req_id)
     await asyncio.gather(*consumers)
@@ -298,10 +299,11 @@ async def _e2e_client(address: str, num: int, seconds: float, pids: dict[str, in
             "mean_decision_us": round(1e6 * e.mean_decision_s, 1),
             "mean_rpc_overhead_us": round(1e6 * e.mean_rpc_overhead_s, 1),
             "mean_executor_wait_us": round(1e6 * e.mean_executor_wait_s, 1),
-            "executor_wait_pct_of_step": round(100 * e.mean_executor_wait_s / e.mean_batch_s, 2), **cpu}
+            "executor_wait_pct_of_step": round(100 * e.mean_executor_wait_s / e.mean_batch_s, 2),
+            "steps_planned_ahead_pct": round(100 * e.num_steps_planned_ahead / max(1, steps), 1), **cpu}
 
 
-def bench_e2e(num: int = 128, seconds: float = 15.0, cost: str = "paper") -> dict:
+def bench_e2e(num: int = 128, seconds: float = 15.0, cost: str = "paper", pipeline: bool = True) -> dict:
     """Three processes: FakeRunner executor sleeping the cost model's step time, the scheduler, and a
     client holding ``num`` Submit streams that consume every token (control-plane overhead under load)."""
     tmp = tempfile.mkdtemp(prefix="slai-bench-")
@@ -310,10 +312,12 @@ def bench_e2e(num: int = 128, seconds: float = 15.0, cost: str = "paper") -> dic
                            "--fake-cost", cost, "--log-level", "WARNING", "--uds", ex_sock], cwd=ROOT, env=_ENV)
     sch = subprocess.Popen([sys.executable, "-m", "bench.cli", "scheduler", "--executors", f"unix:{ex_sock}",
                             "--uds", sch_sock, "--set", f"max_num_seqs={num}", "--set", f"max_decodes={num}",
-                            "--log-level", "WARNING"], cwd=ROOT, env=_ENV)
+                            *([] if pipeline else ["--no-pipeline"]), "--log-level", "WARNING"], cwd=ROOT, env=_ENV)
     try:
         time.sleep(3.0)
-        return asyncio.run(_e2e_client(f"unix:{sch_sock}", num, seconds, {"scheduler": sch.pid, "executor": ex.pid}))
+        out = asyncio.run(_e2e_client(f"unix:{sch_sock}", num, seconds, {"scheduler": sch.pid, "executor": ex.pid}))
+        out["pipeline"] = pipeline
+        return out
     finally:
         for p in (sch, ex):
             p.terminate()
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "streams"):
         report["streams"] = bench_streams(args.streams)
     if args.only in (None, "e2e"):
-        report["e2e"] = bench_e2e(128)
+        report["e2e"] = [bench_e2e(128, pipeline=p) for p in (False, True)]
     print(json.dumps(report, indent=2))
     return 0
 

@@ -33,12 +33,18 @@ class ServiceConfig:
     reconnect_initial_s: float = field(default=0.1, metadata={"help": "first reconnect backoff"})
     reconnect_max_s: float = field(default=5.0, metadata={"help": "largest reconnect backoff"})
     routing_seed: int = field(default=0, metadata={"help": "seed of power-of-two sampling"})
+    pipeline: bool = field(default=True, metadata={
+        "help": "plan step N+1 while step N runs, so the executor never waits for a plan"})
+    pipeline_lead_s: float = field(default=0.003, metadata={
+        "help": "plan ahead this long before the running step's predicted end"})
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if self.pipeline_lead_s < 0:
+            raise ValueError("pipeline_lead_s must be >= 0")
         for name in ("max_queued_requests", "max_queued_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

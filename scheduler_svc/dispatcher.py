@@ -270,5 +270,5 @@ class Dispatcher:
                 last_num_noncritical_decodes=last.num_noncritical_decodes,
                 last_num_prefill_tokens=last.num_prefill_tokens, last_offset=last.offset,
                 mean_decision_s=st.mean_decision_s, mean_executor_wait_s=st.mean_executor_wait_s,
-                mean_rpc_overhead_s=max(0.0, st.mean_rpc_overhead_s)))
+                mean_rpc_overhead_s=max(0.0, st.mean_rpc_overhead_s), num_steps_planned_ahead=st.num_planned_ahead))
         return out

@@ -1,14 +1,16 @@
 """One executor as the scheduler sees it: a channel, Info/Warmup, and one bidi Step stream.
 
 ``step(plan)`` writes one ``StepRequest`` and reads its ``StepResponse`` (ping-pong
-on a persistent stream: ~0.3 ms on loopback, ecosystem.md section 11). Any stream
-error, a timeout or a rejected plan raises ``ExecutorLost`` so the driver can
-take its requests back.
+on a persistent stream: ~0.3 ms on loopback, ecosystem.md section 11); ``send`` and
+``receive`` split it so a second plan can be queued while the first runs. Any
+stream error, a timeout or a rejected plan raises ``ExecutorLost`` so the driver
+can take its requests back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -59,21 +61,27 @@ class ExecutorClient:
 
     async def step(self, plan: BatchPlan, traceparent: str = "") -> StepResult:
         """Send one plan and wait for its result."""
+        await self.send(plan, traceparent)
+        return await self.receive(plan)
+
+    async def send(self, plan: BatchPlan, traceparent: str = "") -> None:
+        """Queue ``plan`` on the stream; results come back in the order plans were sent."""
         call = self._call
         if call is None:
             raise ExecutorLost(f"executor {self.address}: no step stream")
         msg = codec.plan_to_pb(plan, traceparent)
-        try:
+        with self._lost_on_error(plan):
             async with asyncio.timeout(self.step_timeout_s):
                 await call.write(msg)
+
+    async def receive(self, plan: BatchPlan) -> StepResult:
+        """Wait for the result of ``plan``, the oldest plan sent and not yet answered."""
+        call = self._call
+        if call is None:
+            raise ExecutorLost(f"executor {self.address}: no step stream")
+        with self._lost_on_error(plan):
+            async with asyncio.timeout(self.step_timeout_s):
                 resp = await call.read()
-        except TimeoutError:
-            raise ExecutorLost(f"executor {self.address}: step {plan.step_id} timed out after "
-                               f"{self.step_timeout_s:.1f} s") from None
-        except grpc.aio.AioRpcError as exc:
-            raise ExecutorLost(f"executor {self.address}: {exc.code().name}: {exc.details()}") from None
-        except (grpc.aio.UsageError, grpc.aio.InternalError, RuntimeError) as exc:  # stream already closed
-            raise ExecutorLost(f"executor {self.address}: {type(exc).__name__}: {exc}") from None
         if resp is grpc.aio.EOF:
             raise ExecutorLost(f"executor {self.address}: step stream closed")
         if resp.error:
@@ -81,6 +89,19 @@ class ExecutorClient:
         if resp.step_id != plan.step_id:
             raise ExecutorLost(f"executor {self.address}: answer for step {resp.step_id}, expected {plan.step_id}")
         return codec.result_from_pb(resp)
+
+    @contextlib.contextmanager
+    def _lost_on_error(self, plan: BatchPlan):
+        """Every way a stream can fail becomes ``ExecutorLost``."""
+        try:
+            yield
+        except TimeoutError:
+            raise ExecutorLost(f"executor {self.address}: step {plan.step_id} timed out after "
+                               f"{self.step_timeout_s:.1f} s") from None
+        except grpc.aio.AioRpcError as exc:
+            raise ExecutorLost(f"executor {self.address}: {exc.code().name}: {exc.details()}") from None
+        except (grpc.aio.UsageError, grpc.aio.InternalError, RuntimeError) as exc:  # stream already closed
+            raise ExecutorLost(f"executor {self.address}: {type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
         call, channel = self._call, self._channel

@@ -9,9 +9,18 @@ an executor and keeps the books:
 
 * the clock is injected (``time.monotonic`` by default; a virtual clock makes the
   service loop step-for-step comparable with the simulator);
-* closed loop (paper.md 3.3): ``update``'s now minus ``schedule``'s now is the
-  full iteration as the scheduler sees it, and feeds the core's batch-time
-  estimator; the executor's ``forward_ns`` / ``total_ns`` are kept alongside;
+* closed loop (paper.md 3.3): the core times each step from the moment it could
+  start (plan sent, or the previous result back) to its result, and feeds its
+  batch-time estimator; the executor's ``forward_ns`` / ``total_ns`` are kept alongside;
+* planning ahead (``ServiceConfig.pipeline``, on by default): while step N runs,
+  the driver waits for its result only until ``pipeline_lead_s`` before N's
+  predicted end (a per-token fit of the executor's ``total_ns``), then decides
+  step N+1 with ``core.schedule`` (which advances N optimistically, see the core)
+  and queues it on the stream. The executor then starts N+1 as soon as N is
+  done instead of idling through update, fan-out, decision and two RPC hops;
+  arrivals in the last ``pipeline_lead_s`` of a step wait one step more. The
+  executor reports how long it waited for each plan (``idle_ns``): that is the
+  overlap measurement in Stats;
 * an idle core sleeps on an ``asyncio.Event`` woken by ``submit`` / ``abort``;
   a plan that only releases ids (finished / preempted) is still sent;
 * a failed or timed-out step marks the executor lost: the sink takes the
@@ -23,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Protocol
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 from common import telemetry
 from scheduler_svc.config import ServiceConfig
@@ -47,6 +58,55 @@ class DriverSink(Protocol):
     def on_lost(self, driver: ExecutorDriver, requests: list[Request], reason: str) -> None: ...
 
     def on_ready(self, driver: ExecutorDriver) -> None: ...
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A plan on the stream, waiting for its result."""
+
+    plan: BatchPlan
+    span: Any  # telemetry.StepSpan (a shared no-op when tracing is off)
+    decision_s: float  # time in core.schedule
+    sent_at: float  # perf_counter after the write
+    busy: bool  # decided without the core having been idle (the executor's wait is overhead)
+    ahead: bool  # decided while the previous step ran
+
+
+class StepTimePredictor:
+    """When will the running step end? The executor's recent ``total_ns`` for steps of a
+    similar size (buckets by powers of two of the token count), with a margin of twice
+    the recent prediction error, so planning ahead starts early enough but not much earlier.
+
+    A linear fit would not do: step time is flat below the compute knee (decode-only
+    steps) and linear above it, and a fit across both mispredicts the common case.
+    """
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.by_bucket: dict[int, float] = {}
+        self.error_s = 0.0  # EWMA of |actual - predicted|
+
+    def observe(self, num_tokens: int, total_s: float) -> None:
+        if num_tokens <= 0:
+            return  # release-only plans
+        a, b = self.alpha, num_tokens.bit_length()
+        old = self.by_bucket.get(b)
+        if old is None:
+            self.by_bucket[b] = total_s
+            return
+        self.error_s += a * (abs(total_s - old) - self.error_s)
+        self.by_bucket[b] = old + a * (total_s - old)
+
+    def predict(self, num_tokens: int) -> float:
+        """Expected duration minus the margin (0 when nothing is known yet)."""
+        buckets = self.by_bucket
+        if not buckets:
+            return 0.0
+        b = num_tokens.bit_length()
+        est = buckets.get(b)
+        if est is None:
+            est = buckets[min(buckets, key=lambda k: abs(k - b))]
+        return max(0.0, est - 2 * self.error_s)
 
 
 def work_of(req: Request) -> int:
@@ -77,6 +137,8 @@ class ExecutorDriver:
         self.recorded_plans: list[BatchPlan] | None = None  # tests: set to [] to record
         self.metrics = metrics  # common.metrics.SchedulerMetrics or None
         self.spans = spans  # common.telemetry.RequestSpans or None (tracing on)
+        self._last_result_perf = 0.0  # perf_counter when the last step result arrived
+        self._advanced_ids: tuple[str, ...] = ()  # the in-flight step's requests, when planning ahead
 
     # ------------------------------------------------------------------ inputs (synchronous, from the dispatcher)
     def submit(self, req: Request) -> TokenEvent | None:
@@ -177,43 +239,97 @@ class ExecutorDriver:
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
-        core, client, clock, stats = self.core, self.client, self.clock, self.stats
-        wake = self._wake
-        metrics, spans, name = self.metrics, self.spans, self.address
-        perf = time.perf_counter
-        while True:
-            if not core.has_work:
-                wake.clear()
-                await wake.wait()
-                continue
-            p0 = perf()
-            start = clock()
-            plan = core.schedule(start)
-            p1 = perf()
-            if plan.is_empty and not plan.finished_ids and not plan.preempted_ids:
-                core.update(plan, StepResult(step_id=plan.step_id), start)
-                wake.clear()  # nothing runnable until a submit or an abort
-                await wake.wait()
-                continue
-            if self.recorded_plans is not None:
-                self.recorded_plans.append(plan)
-            with telemetry.step_span(plan, spans if spans is not None else (), executor=name) as span:
-                result = await client.step(plan, span.traceparent)
-                span.end(result)
-            p2 = perf()
-            events = core.update(plan, result, clock())
-            self._update_work(plan)
-            if spans is not None:
-                spans.on_step(core.drain_events(), events)
-            if events:
-                self.sink.on_events(self, events)
-            if metrics is not None:
-                metrics.record_step(name, plan.stats, step_s=p2 - p1 if not plan.is_empty else None,
-                                    forward_ns=result.forward_ns, mean_batch_s=core.mean_batch_s)
-            stats.observe(plan, result, decision_s=p1 - p0, rpc_s=p2 - p1, iteration_s=perf() - p0)
+        inflight: deque[_Sent] = deque()
+        predictor = StepTimePredictor()
+        busy = True
+        try:
+            while True:
+                if not inflight:
+                    sent = await self._plan_and_send(busy, ahead=False) if self.core.has_work else None
+                    if sent is None:  # nothing runnable until a submit or an abort
+                        self._wake.clear()
+                        await self._wake.wait()
+                        busy = False
+                        continue
+                    inflight.append(sent)
+                head = inflight[0]
+                result = await self._result_of(head, inflight, predictor)
+                inflight.popleft()
+                self._apply(head, result)
+                predictor.observe(head.plan.num_tokens, result.total_ns * 1e-9)
+                busy = True
+        finally:
+            for sent in inflight:
+                sent.span.end(error="executor lost")
 
-    def _update_work(self, plan: BatchPlan) -> None:
-        """Re-measure the work of requests this step touched (O(batch), not O(queue))."""
+    async def _plan_and_send(self, busy: bool, ahead: bool) -> _Sent | None:
+        """``core.schedule`` and write the plan; None (and nothing sent) if it carries nothing."""
+        core = self.core
+        perf = time.perf_counter
+        p0 = perf()
+        plan = core.schedule(self.clock())
+        decision_s = perf() - p0
+        if plan.is_empty and not plan.finished_ids and not plan.preempted_ids:
+            core.update(plan, StepResult(step_id=plan.step_id), self.clock())
+            return None
+        if ahead:  # the step in flight was advanced, and this plan may have preempted
+            self._update_work(self._advanced_ids + plan.preempted_ids)
+        if self.recorded_plans is not None:
+            self.recorded_plans.append(plan)
+        span = telemetry.step_span(plan, self.spans if self.spans is not None else (), executor=self.address)
+        try:
+            await self.client.send(plan, span.traceparent)
+        except BaseException as exc:
+            span.end(error=exc)
+            raise
+        return _Sent(plan, span, decision_s, perf(), busy, ahead)
+
+    async def _result_of(self, head: _Sent, inflight: deque[_Sent], predictor: StepTimePredictor) -> StepResult:
+        """Wait for ``head``'s result; when pipelining, plan the next step shortly before it is due."""
+        client, core = self.client, self.core
+        if not self.config.pipeline or len(inflight) > 1 or not core.has_work:
+            return await client.receive(head.plan)
+        task = asyncio.ensure_future(client.receive(head.plan))
+        try:
+            started = max(head.sent_at, self._last_result_perf)  # a queued plan starts when the one before ends
+            due = started + predictor.predict(head.plan.num_tokens) - self.config.pipeline_lead_s
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.wait({task}, timeout=delay)
+            if not task.done() and core.has_work:
+                self._advanced_ids = head.plan.scheduled_ids()
+                sent = await self._plan_and_send(busy=True, ahead=True)
+                if sent is not None:
+                    inflight.append(sent)
+            return await task
+        except BaseException:
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the error that matters is the one propagating
+            raise
+
+    def _apply(self, sent: _Sent, result: StepResult) -> None:
+        """``core.update`` and the books: work, spans, fan-out, metrics, stats."""
+        core, plan = self.core, sent.plan
+        now_perf = time.perf_counter()
+        sent.span.end(result)
+        events = core.update(plan, result, self.clock())
+        self._update_work(plan.scheduled_ids() + plan.preempted_ids)
+        if self.spans is not None:
+            self.spans.on_step(core.drain_events(), events)
+        if events:
+            self.sink.on_events(self, events)
+        # the step could start when it was sent, or when the step before it came back
+        started = max(sent.sent_at, self._last_result_perf)
+        self._last_result_perf = now_perf
+        step_s = now_perf - started
+        if self.metrics is not None:
+            self.metrics.record_step(self.address, plan.stats, step_s=step_s if not plan.is_empty else None,
+                                     forward_ns=result.forward_ns, mean_batch_s=core.mean_batch_s)
+        self.stats.observe(plan, result, decision_s=sent.decision_s, rpc_s=step_s, busy=sent.busy, ahead=sent.ahead)
+
+    def _update_work(self, ids) -> None:
+        """Re-measure the work of these requests, touched by a step (O(batch), not O(queue))."""
         reqs = self.core.requests
         if not reqs:
             self.work = 0
@@ -221,7 +337,7 @@ class ExecutorDriver:
             return
         table = self._work_of
         delta = 0
-        for rid in plan.scheduled_ids() + plan.preempted_ids:
+        for rid in ids:
             req = reqs.get(rid)
             old = table.get(rid, 0)
             if req is None:

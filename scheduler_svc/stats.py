@@ -19,14 +19,17 @@ RING = 4096  # recent samples kept for percentiles
 class DriverStats:
     num_steps: int = 0  # steps sent to the executor (including release-only plans)
     num_failures: int = 0  # times the executor was lost
+    num_planned_ahead: int = 0  # steps decided while the step before them ran (pipelining)
     sum_decision_s: float = 0.0  # inside core.schedule
-    sum_rpc_s: float = 0.0  # send plan -> result back, as the scheduler sees it
+    sum_rpc_s: float = 0.0  # step start (plan sent, or previous result back) -> result back
     sum_executor_total_s: float = 0.0  # executor-reported total_ns
     sum_executor_forward_s: float = 0.0  # executor-reported forward_ns
-    sum_iteration_s: float = 0.0  # schedule start -> events fanned out
+    sum_executor_idle_s: float = 0.0  # executor-reported idle_ns, busy periods only
+    num_idle_samples: int = 0
     last: PlanStats = field(default_factory=PlanStats)
     decision_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
     overhead_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
+    idle_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
 
     def reset(self) -> None:
         failures = self.num_failures
@@ -36,14 +39,21 @@ class DriverStats:
         self.num_failures = failures
 
     def observe(self, plan: BatchPlan, result: StepResult, decision_s: float, rpc_s: float,
-                iteration_s: float) -> None:
+                busy: bool, ahead: bool) -> None:
+        """One step. ``busy``: the scheduler had work when the executor became free, so the
+        executor's idle_ns is scheduling overhead (not an empty system); ``ahead``: planned ahead."""
         self.num_steps += 1
         total_s = result.total_ns * 1e-9
         self.sum_decision_s += decision_s
         self.sum_rpc_s += rpc_s
         self.sum_executor_total_s += total_s
         self.sum_executor_forward_s += result.forward_ns * 1e-9
-        self.sum_iteration_s += iteration_s
+        self.num_planned_ahead += ahead
+        if busy:
+            idle_s = result.idle_ns * 1e-9
+            self.sum_executor_idle_s += idle_s
+            self.num_idle_samples += 1
+            self.idle_ring.append(idle_s)
         self.decision_ring.append(decision_s)
         self.overhead_ring.append(rpc_s - total_s)
         if not plan.is_empty:
@@ -58,13 +68,20 @@ class DriverStats:
 
     @property
     def mean_rpc_overhead_s(self) -> float:
-        """Step time seen by the scheduler (send -> receive) minus the executor's total_ns."""
+        """Step time seen by the scheduler (step start -> result) minus the executor's total_ns."""
         return self._mean(self.sum_rpc_s - self.sum_executor_total_s)
 
     @property
     def mean_executor_wait_s(self) -> float:
-        """Executor idle per iteration: decision + encode + RPC + update + fan-out."""
-        return self._mean(self.sum_iteration_s - self.sum_executor_total_s)
+        """How long the executor waited for each plan while there was work (its own idle_ns):
+        decision + encode + RPC, minus whatever planning ahead hid."""
+        return self.sum_executor_idle_s / self.num_idle_samples if self.num_idle_samples else 0.0
+
+    @property
+    def executor_wait_fraction(self) -> float:
+        """Executor wait as a share of its busy time (wait + total) over busy periods."""
+        busy = self.sum_executor_idle_s + self.sum_executor_total_s
+        return self.sum_executor_idle_s / busy if busy > 0 else 0.0
 
     @property
     def mean_forward_s(self) -> float:
@@ -91,4 +108,5 @@ class ExecutorStatsView:
     mean_decision_s: float = 0.0
     mean_executor_wait_s: float = 0.0
     mean_rpc_overhead_s: float = 0.0
+    num_steps_planned_ahead: int = 0
 

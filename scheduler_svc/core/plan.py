@@ -109,6 +109,7 @@ class StepResult:
     forward_ns: int = 0  # the model forward pass
     sample_ns: int = 0  # sampling
     total_ns: int = 0  # receipt of the plan to sending of the result
+    idle_ns: int = 0  # the executor's wait for this plan since its previous result (0 if unknown)
 
     @classmethod
     def make_empty(cls, step_id: int = 0) -> StepResult:

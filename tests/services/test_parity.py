@@ -65,7 +65,7 @@ def simulate(policy: str, items, num_blocks: int, overrides):
 async def serve_virtual(policy: str, items, num_blocks: int, overrides):
     clock = VirtualClock()
     runner = VirtualTimeRunner(clock, wire_cost, num_blocks=num_blocks)
-    st = await start_stack([runner], clock=clock, policy=policy, overrides=tuple(overrides))
+    st = await start_stack([runner], clock=clock, policy=policy, overrides=tuple(overrides), pipeline=False)
     try:
         d = st.dispatcher
         driver = d.drivers[0]
@@ -109,7 +109,7 @@ async def test_slai_decodes_paying_requests_every_step():
     """Under prefill pressure, paying (0.1 s TBT) decodes are critical in every step; free ones wait."""
     clock = VirtualClock()
     runner = VirtualTimeRunner(clock, lambda plan: 0.025, num_blocks=4096)
-    st = await start_stack([runner], clock=clock, policy="slai", overrides=("token_budget=256",))
+    st = await start_stack([runner], clock=clock, policy="slai", overrides=("token_budget=256",), pipeline=False)
     try:
         d = st.dispatcher
         d.drivers[0].recorded_plans = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from dataclasses import dataclass
 
 import pytest
@@ -57,13 +58,22 @@ class LocalClient:
 
     def __init__(self, runner: FakeRunner) -> None:
         self.runner = runner
+        self.queued = collections.deque()
 
     async def connect(self, cap, max_batch_tokens):
         info = self.runner.info()
         return codec.ExecutorInfo(block_size=info.block_size, num_blocks=info.num_blocks, ready=True)
 
     async def step(self, plan, traceparent=""):
+        await self.send(plan)
+        return await self.receive(plan)
+
+    async def send(self, plan, traceparent=""):
+        self.queued.append(plan)
+
+    async def receive(self, plan):
         await asyncio.sleep(0)
+        assert self.queued.popleft() is plan
         return self.runner.execute(plan)
 
     async def close(self):
@@ -105,7 +115,7 @@ async def test_incremental_work_matches_core_outstanding_tokens():
         await asyncio.sleep(0)
     assert driver.abort("r11") is not None  # (mid-step: the count is exact again after the step)
     for _ in range(10_000):
-        if not driver.core.requests:
+        if not driver.core.requests and not driver.core.num_in_flight:
             break
         await asyncio.sleep(0)
     assert not driver.core.requests and driver.work == 0

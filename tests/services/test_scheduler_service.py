@@ -199,3 +199,33 @@ async def test_abort_of_a_queued_request(stack):
     assert st.dispatcher.queued() == (0, 0)
     assert "queued" not in {s.req_id for p in runner.plans for s in p.new}  # never reached the executor
     blocker.cancel()
+
+
+async def test_planning_ahead_hides_the_gap_and_changes_no_token(stack):
+    """With 4 ms steps, each plan is decided while the step before it runs: the executor
+    finds it queued. Every stream, including those that end on a stop token found only
+    after their next decode was planned, gets exactly the tokens of a lockstep run."""
+    specs = {f"p{i}": (6 + 5 * i, 12 + i, 3 + 2 * i if i % 2 else None) for i in range(6)}  # prompt, max, stop at
+
+    def msg(rid):
+        p, m, stop = specs[rid]
+        out = submit_msg(rid, p, m, ignore_eos=False)
+        if stop is not None:
+            out.sampling.stop_token_ids.append(fake_token(rid, p + stop, 32000))
+        return out
+
+    seen, ahead, steps = {}, {}, {}
+    for pipeline in (False, True):
+        st = await stack([RecordingRunner(cost=lambda plan: 0.004)], pipeline=pipeline)
+        results = await asyncio.gather(*[collect(st.stub, msg(rid)) for rid in specs])
+        seen[pipeline] = {rid: (tokens_of(evs), evs[-1].finish_reason) for rid, evs in zip(specs, results)}
+        s = stats(st.dispatcher)["executors"][0]
+        ahead[pipeline], steps[pipeline] = s["num_steps_planned_ahead"], s["num_steps"]
+        assert s["num_running"] == 0 and s["kv_used_fraction"] == 0.0
+    assert seen[True] == seen[False]
+    for rid, (p, m, stop) in specs.items():
+        toks, reason = seen[True][rid]
+        assert len(toks) == (m if stop is None else stop + 1)
+        assert reason == (common_pb2.FINISH_REASON_LENGTH if stop is None else common_pb2.FINISH_REASON_STOP)
+    assert ahead[False] == 0
+    assert ahead[True] > steps[True] // 2

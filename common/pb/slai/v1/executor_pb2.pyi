@@ -94,7 +94,7 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., new: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., finished_ids: _Optional[_Iterable[str]] = ..., preempted_ids: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "request_ids", "token_ids", "prepare_ns", "forward_ns", "sample_ns", "total_ns", "error")
+    __slots__ = ("step_id", "request_ids", "token_ids", "prepare_ns", "forward_ns", "sample_ns", "total_ns", "error", "idle_ns")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class StepResponse(_message.Message):
     SAMPLE_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    IDLE_NS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -111,7 +112,8 @@ class StepResponse(_message.Message):
     sample_ns: int
     total_ns: int
     error: str
-    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prepare_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., sample_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    idle_ns: int
+    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prepare_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., sample_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., error: _Optional[str] = ..., idle_ns: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids", "all")
