@@ -67,7 +67,7 @@ class _Sent:
     plan: BatchPlan
     span: Any  # telemetry.StepSpan (a shared no-op when tracing is off)
     decision_s: float  # time in core.schedule
-    sent_at: float  # perf_counter after the write
+    sent_at: float  # perf_counter when the write began
     busy: bool  # decided without the core having been idle (the executor's wait is overhead)
     ahead: bool  # decided while the previous step ran
 
@@ -277,12 +277,13 @@ class ExecutorDriver:
         if self.recorded_plans is not None:
             self.recorded_plans.append(plan)
         span = telemetry.step_span(plan, self.spans if self.spans is not None else (), executor=self.address)
+        sent_at = perf()
         try:
             await self.client.send(plan, span.traceparent)
         except BaseException as exc:
             span.end(error=exc)
             raise
-        return _Sent(plan, span, decision_s, perf(), busy, ahead)
+        return _Sent(plan, span, decision_s, sent_at, busy, ahead)
 
     async def _result_of(self, head: _Sent, inflight: deque[_Sent], predictor: StepTimePredictor) -> StepResult:
         """Wait for ``head``'s result; when pipelining, plan the next step shortly before it is due."""
