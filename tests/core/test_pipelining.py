@@ -148,11 +148,17 @@ def test_stop_token_found_late_costs_one_wasted_decode_and_nothing_else():
     assert ex.wasted == 1  # the decode planned before the stop token was seen
 
 
+def core_with(policy: str, *reqs):
+    """A core with ``reqs`` added at t=0, and a protocol executor to run its plans."""
+    core = make_core(policy, num_blocks=100)
+    for r in reqs:
+        core.add(r, 0.0)
+    return core, ProtocolExecutor({})
+
+
 def test_length_finish_is_released_in_the_plan_built_ahead():
-    core = make_core("sarathi-fcfs", num_blocks=100)
     r = make_request(16, 2, token_ids=True)
-    core.add(r, 0.0)
-    ex = ProtocolExecutor({})
+    core, ex = core_with("sarathi-fcfs", r)
     p1 = core.schedule(0.0)  # prefill: samples output 1
     p2 = core.schedule(0.0)  # ahead: decode for output 2 (the last)
     assert [c.req_id for c in p2.cached] == [r.req_id]
@@ -193,11 +199,8 @@ def test_a_plan_scheduled_ahead_with_nothing_in_it_is_withdrawn():
 
 
 def test_executor_lost_with_a_plan_advanced_returns_only_confirmed_outputs():
-    core = make_core("sarathi-fcfs", num_blocks=100)
     a, b = make_request(16, 5, token_ids=True), make_request(16, 1, token_ids=True)
-    core.add(a, 0.0)
-    core.add(b, 0.0)
-    ex = ProtocolExecutor({})
+    core, ex = core_with("sarathi-fcfs", a, b)
     p1 = core.schedule(0.0)
     core.update(p1, ex.run(p1), 0.05)  # a has 1 output; b is finished
     p2 = core.schedule(0.05)
@@ -210,10 +213,8 @@ def test_executor_lost_with_a_plan_advanced_returns_only_confirmed_outputs():
 
 
 def test_executor_lost_returns_a_request_finished_ahead_of_its_last_token():
-    core = make_core("sarathi-fcfs", num_blocks=100)
     a = make_request(16, 2, token_ids=True)
-    core.add(a, 0.0)
-    ex = ProtocolExecutor({})
+    core, ex = core_with("sarathi-fcfs", a)
     p1 = core.schedule(0.0)
     core.update(p1, ex.run(p1), 0.05)
     core.schedule(0.05)
@@ -224,10 +225,8 @@ def test_executor_lost_returns_a_request_finished_ahead_of_its_last_token():
 
 
 def test_abort_while_a_token_is_pending_drops_the_token():
-    core = make_core("slai", num_blocks=100)
     a = make_request(16, 5, token_ids=True)
-    core.add(a, 0.0)
-    ex = ProtocolExecutor({})
+    core, ex = core_with("slai", a)
     p1 = core.schedule(0.0)
     core.schedule(0.0)  # advances p1
     ev = core.abort(a.req_id, 0.01)
