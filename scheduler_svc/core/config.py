@@ -28,7 +28,8 @@ class SchedulerConfig:
     fixed_offset: bool = field(default=False, metadata={"help": "SLAI: always use below_memory_limit_offset"})
     below_memory_limit_offset: float = field(default=5.0, metadata={"help": "SLAI delta below memory_limit"})
     above_memory_limit_offset: float = field(default=10.0, metadata={"help": "SLAI delta at/above memory_limit"})
-    memory_limit: float = field(default=0.96, metadata={"help": "KV used fraction that switches SLAI's offset"})
+    memory_limit: float = field(default=0.96, metadata={
+        "help": "KV used fraction that switches SLAI's offset (slai-adaptive: from it on, no decode is deferred)"})
     mean_estimator: str = field(default="cumulative", metadata={"help": "batch-time estimator: cumulative | ewma(a)"})
     # --- vLLM-style baseline ---
     max_num_batched_tokens: int = field(default=8192, metadata={"help": "vllm: max prompt tokens in one prefill batch"})
@@ -41,17 +42,25 @@ class SchedulerConfig:
         "help": "slai-adaptive: a step may take this share of the tightest decode slack"})
     aging_tokens_per_s: float = field(default=100.0, metadata={
         "help": "slai-adaptive: SPF aging, prompt tokens forgiven per second of waiting"})
+    kv_step_low: float = field(default=0.5, metadata={
+        "help": "slai-adaptive: KV used fraction above which the step budget shrinks from max_token_budget"})
+    kv_step_high: float = field(default=0.95, metadata={
+        "help": "slai-adaptive: KV used fraction at which the step budget reaches kv_min_token_budget"})
+    kv_min_token_budget: int = field(default=384, metadata={
+        "help": "slai-adaptive: step budget at kv_step_high KV use (>= max_token_budget: no KV cap)"})
     # --- RAD ---
     tile_size: int = field(default=16, metadata={"help": "rad: budget and chunks are multiples of this"})
 
     def __post_init__(self) -> None:
         positive = ("token_budget", "max_num_seqs", "max_decodes", "max_model_len", "block_size",
-                    "max_num_batched_tokens", "tile_size")
+                    "max_num_batched_tokens", "tile_size", "kv_min_token_budget")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.memory_limit <= 1:
             raise ValueError(f"memory_limit must be in (0, 1], got {self.memory_limit}")
+        if not 0 <= self.kv_step_low < self.kv_step_high <= 1:
+            raise ValueError(f"need 0 <= kv_step_low < kv_step_high <= 1, got {self.kv_step_low}, {self.kv_step_high}")
         if self.default_tbt_s <= 0 or self.default_ttft_s <= 0:
             raise ValueError("default_tbt_s and default_ttft_s must be > 0")
         if self.edf_prefill_order not in ("spf", "fcfs", "laxity"):

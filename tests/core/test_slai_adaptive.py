@@ -1,14 +1,22 @@
-"""slai-adaptive: slack-sized steps and shortest-remaining-prefill-first with aging."""
+"""slai-adaptive: slack-sized steps capped by KV use, no deferral when KV is tight, aging SRPT prefills."""
 
 from __future__ import annotations
 
 from scheduler_svc.core import SchedulerConfig, Tier, make_core
 from scheduler_svc.core.step_model import OnlineStepModel
-from tests.conftest import make_request, prefill_chunks, step
+from tests.conftest import decode_ids, fake_step_result, make_request, prefill_chunks, step
 
 
 def paper_step_s(tokens: int) -> float:
     return max(0.0234, 0.00695 + 0.0000912 * tokens)
+
+
+def _paper_step(core, now):
+    """One step timed by the paper's cost model (keeps the policy's step-time fit honest)."""
+    plan = core.schedule(now)
+    now += paper_step_s(plan.num_tokens)
+    core.update(plan, fake_step_result(plan), now)
+    return plan, now
 
 
 def _warm(core, now=0.0):
@@ -16,10 +24,7 @@ def _warm(core, now=0.0):
     for i in range(40):
         core.add(make_request(300 + 37 * (i % 11), 1, arrival_s=now), now)
     while not core.policy.step_model.ready:
-        plan = core.schedule(now)
-        from tests.conftest import fake_step_result
-        now += paper_step_s(plan.num_tokens)
-        core.update(plan, fake_step_result(plan), now)
+        _, now = _paper_step(core, now)
     while core.requests:
         _, _, now = step(core, now, dt=0.03)
     return now
@@ -70,3 +75,73 @@ def test_aging_bounds_how_long_a_long_prompt_can_be_overtaken():
         core.add(long, 0.0)
         core.add(short, 5.0)
         assert core.policy.waiting.peek() is {"long": long, "short": short}[first]
+
+
+def _budgets_as_kv_fills(overrides=()):
+    """(KV used when a step is scheduled, its budget) while long-output requests fill a 1,000-block pool."""
+    core = make_core("slai-adaptive", num_blocks=1000, overrides=overrides)
+    now = _warm(core)
+    seen = []
+    for _ in range(9):  # each: 1,584-token prompt = 99 blocks, then decodes (free tier: no tight deadline)
+        hog = make_request(1584, 2000, arrival_s=now)
+        core.add(hog, now)
+        while hog.is_prefill:
+            _, now = _paper_step(core, now)
+        kv = core.kv_used_fraction()
+        _, now = _paper_step(core, now)
+        seen.append((kv, core.policy.last_budget))
+    return seen
+
+
+def test_step_budget_shrinks_as_kv_use_rises():
+    seen = _budgets_as_kv_fills()
+    kvs = [kv for kv, _ in seen]
+    assert kvs == sorted(kvs) and kvs[0] < 0.5 < 0.85 < kvs[-1] < 0.95, kvs
+    budgets = [b for _, b in seen]
+    assert budgets == sorted(budgets, reverse=True), seen  # never grows while KV grows
+    assert all(b == 2048 for kv, b in seen if kv <= 0.5), seen  # plenty of memory: the largest step
+    kv, b = seen[-1]
+    expected = 2048 - (2048 - 384) * (kv - 0.5) / (0.95 - 0.5)  # linear from kv_step_low to kv_step_high
+    assert abs(b - expected) <= 1 and b < 700, seen
+    # the cap is the policy's choice: disabled, the same pool keeps the largest step
+    assert all(b == 2048 for _, b in _budgets_as_kv_fills(["kv_min_token_budget=2048"]))
+
+
+def test_kv_cap_reaches_its_floor_and_stays_there():
+    policy = make_core("slai-adaptive", num_blocks=100).policy
+    caps = [policy.kv_budget_cap(kv / 100) for kv in range(101)]
+    assert caps[:51] == [2048] * 51 and caps[95:] == [384] * 6
+    assert caps == sorted(caps, reverse=True)
+
+
+def _free_decode_steps(overrides):
+    """Steps (of 20 prefill-heavy ones) in which a free-tier decode ran."""
+    core = make_core("slai-adaptive", num_blocks=4000, overrides=overrides)
+    free = make_request(16, 40)
+    core.add(free, 0.0)
+    _, _, now = step(core, 0.0)
+    for _ in range(20):  # enough queued prompt tokens to fill every budget
+        core.add(make_request(2048, 1, arrival_s=now), now)
+    ran = []
+    for i in range(20):
+        plan, _, now = step(core, now, dt=0.03)
+        assert plan.num_tokens == plan.stats.num_decodes + plan.stats.num_prefill_tokens == 512
+        if free.req_id in decode_ids(plan):
+            ran.append(i)
+    return ran
+
+
+def test_no_decode_is_deferred_at_or_above_the_memory_limit():
+    # below memory_limit (0.8): SLAI's deferral, LST = end + 0.5 - 5 x 0.03 s: about every 12th step
+    below = _free_decode_steps([])
+    assert 1 <= len(below) <= 3, below
+    # at or above it (here: any KV in use), every decode runs every step
+    assert _free_decode_steps(["memory_limit=0.0001"]) == list(range(20))
+
+
+def test_kv_step_settings_are_validated():
+    import pytest
+    for bad in ({"kv_step_low": 0.9, "kv_step_high": 0.9}, {"kv_step_high": 1.2}, {"kv_step_low": -0.1},
+                {"kv_min_token_budget": 0}):
+        with pytest.raises(ValueError):
+            SchedulerConfig(**bad)

@@ -32,7 +32,8 @@ POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
     "edf": (EdfPolicy, {"fcfs": False, "user_priority": True}, "earliest TBT deadline first + SPF prefill"),
     "slai-adaptive": (SlaiAdaptivePolicy, {"fcfs": False, "user_priority": True, "fixed_offset": False,
                                            "memory_limit": 0.8},
-                      "SLAI + slack-sized steps (online step-time fit) + aging SPF (this project's refinement)"),
+                      "SLAI + slack-sized steps capped by KV use + no decode deferral above 80% KV + aging SRPT"
+                      " (this project's refinement)"),
     "rad": (RadPolicy, {"fcfs": True, "user_priority": False},
             "Resource-Aware Dynamic: tiled budget + MaxWeight prefill/decode split"),
 }

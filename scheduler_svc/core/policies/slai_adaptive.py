@@ -1,19 +1,39 @@
-"""slai-adaptive: SLAI with slack-sized steps and aging shortest-prompt-first.
+"""slai-adaptive: SLAI with KV-aware, slack-sized steps and aging shortest-prompt-first.
 
-Two changes to SLAI, both closed-loop:
+Why it works. In the paper's cost model (step time depends only on its token
+count) capacity is set by two resources, and near capacity the binding one is
+the **KV pool**, not the step budget. A decoding request holds ``P + k`` tokens
+of KV and produces one token per step it is served, so by Little's law the KV
+in use is about ``lambda x E[(P + D/2) D] x T_token`` (1.18e6 token-tokens on
+the paper's trace), where ``T_token`` is the time between a request's tokens.
+With the 235,728-token pool that caps ``T_token`` at ~61 ms at 3.07 QPS.
+Throughput wants bigger steps, KV wants shorter time between tokens; the two
+meet at ~550-token steps, so the stability bound with KV counted is ~3.3 QPS,
+barely above the 512-token bound. Without a KV-aware step the pool ran full
+(KV > 95% in 95-98% of steps at 3.0 QPS), the queue head stopped fitting and
+steps fell to decodes only; with it, capacity on the paper's trace rose from
+2.888 to 3.231 QPS at 16,384 requests per trial (docs/results.md). Every
+mechanism below serves that balance.
 
-1. **Slack-sized steps.** SLAI's 512-token budget is a worst-case choice: it
-   keeps a step short enough for the paying tier's 0.1 s TBT even when no
-   paying decode is waiting. Step time is ``a + b * tokens`` above the knee, so
-   the fixed cost ``a`` is amortised better by bigger steps (on the paper's fit,
-   tokens/s at 2048 is 11% above 512). Each step this policy looks at the
-   tightest deadline among decode-ready requests (previous token time + TBT) and
-   takes the largest budget whose *predicted* time fits ``tile_slack_fraction``
-   of that slack, between ``token_budget`` and ``max_token_budget``. The
-   prediction comes from an online least-squares fit of measured step times
-   (``step_model.py``), so it tracks the real machine like SLAI's mean does.
-   Until the fit has data, the configured budget is used.
-2. **Shortest remaining prefill first, with aging.** SLAI always continues the
+1. **Slack-sized steps, capped by KV use.** Each step takes the largest budget
+   whose *predicted* time fits ``tile_slack_fraction`` of the tightest decode
+   slack (previous token time + TBT - now), between ``token_budget`` and
+   ``max_token_budget``; the prediction is an online least-squares fit of
+   measured step times (``step_model.py``). Big steps amortise the fixed
+   per-step cost and prefill faster while memory is plentiful. The budget is
+   then capped by KV use: ``max_token_budget`` up to ``kv_step_low`` of the
+   pool, falling linearly to ``kv_min_token_budget`` at ``kv_step_high``.
+   Shorter steps shorten every request's time between tokens, which is what
+   frees KV, so the pool settles below full instead of stalling admissions
+   (a full pool leaves steps with only decodes: 4 tokens/ms instead of 9.5).
+2. **No decode deferral when memory is tight.** At or above ``memory_limit``
+   KV use (0.8 for this variant) every decode is critical: all run every
+   step, as in Sarathi. A deferred decode keeps its KV for more wall time
+   without producing anything, and in this cost model a decode token costs
+   what a prefill token costs, so deferral buys no throughput there. Below the
+   limit SLAI's last-schedulable-time deferral is kept (it gives prefills the
+   room and lowers TTFT a little at moderate load).
+3. **Shortest remaining prefill first, with aging.** SLAI always continues the
    paused prefill before admitting anyone, so a 7,000-token prompt that got its
    first chunk holds up every short prompt for ~14 steps. Here the paused
    prefills and the head of the waiting queue compete on one key, remaining
@@ -23,14 +43,7 @@ Two changes to SLAI, both closed-loop:
    prompt is overtaken only by requests arriving within
    ``length / aging_tokens_per_s`` seconds after it: its TTFT stays bounded,
    where plain SPF can starve it near capacity. Several partial prefills can
-   now exist; the victim on KV shortage is still the most recently paused one.
-
-3. **An earlier memory switch.** The variant switches SLAI's offset from 5 to
-   10 batch times at 80% KV use instead of 96%. Deferred free-tier decodes hold
-   their KV for ~5x longer than decodes served every step; near capacity that
-   fills the pool and stalls admissions, and in a step-time model where a decode
-   token costs what a prefill token costs, deferring buys no throughput. In the
-   simulator on the paper's trace (2,048-request runs) this alone moved capacity from 3.31 to ~3.45 QPS.
+   exist; the victim on KV shortage is still the most recently paused one.
 
 Everything else (LST heap, critical / non-critical decodes, victim order) is SLAI's.
 """
@@ -52,11 +65,21 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         self.waiting = AgingSpfQueue(self.config.user_priority, self.config.aging_tokens_per_s)
         self.step_model = OnlineStepModel()
         self.last_budget = self.config.token_budget
+        self.kv_used = 0.0  # KV use when the current step was scheduled
+        self.serve_all_decodes = False  # KV at or above memory_limit: no decode is deferred
 
     def on_step_end(self, served: list[Request], now: float) -> None:
         core = self.core
         self.step_model.observe(core.last_step_tokens, core.last_step_s)
         super().on_step_end(served, now)
+
+    def schedule(self, b: BatchBuilder, now: float) -> None:
+        self.kv_used = self.core.allocator.used_fraction()
+        self.serve_all_decodes = self.kv_used >= self.config.memory_limit
+        super().schedule(b, now)
+
+    def is_critical(self, key: float, now: float) -> bool:
+        return self.serve_all_decodes or now >= key
 
     def tightest_slack(self, now: float) -> float | None:
         """Seconds until the earliest deadline of a decode-ready request, or None."""
@@ -88,6 +111,16 @@ class SlaiAdaptivePolicy(SlaiPolicy):
             else:
                 return
 
+    def kv_budget_cap(self, kv_used: float) -> int:
+        """The largest step KV use allows: ``max_token_budget`` up to ``kv_step_low``,
+        falling linearly to ``kv_min_token_budget`` at ``kv_step_high`` and above."""
+        c = self.config
+        hi = max(c.token_budget, c.max_token_budget)
+        lo = min(c.kv_min_token_budget, hi)
+        frac = (kv_used - c.kv_step_low) / (c.kv_step_high - c.kv_step_low)
+        frac = min(1.0, max(0.0, frac))
+        return int(round(hi - (hi - lo) * frac))
+
     def step_budget(self, now: float) -> int:
         c = self.config
         lo, hi = c.token_budget, max(c.token_budget, c.max_token_budget)
@@ -97,5 +130,6 @@ class SlaiAdaptivePolicy(SlaiPolicy):
             slack = self.tightest_slack(now)
             budget = hi if slack is None else self.step_model.max_tokens_within(c.tile_slack_fraction * slack)
             budget = min(hi, max(lo, budget))
+        budget = min(budget, self.kv_budget_cap(self.kv_used))
         self.last_budget = budget
         return budget
