@@ -93,11 +93,36 @@ class BatchBuilder:
         returns ``None`` (or ``req`` itself) the decode preempts itself and this
         returns ``False``. No token-budget check: callers decide that.
         """
+        return self.add_decodes((req,), victim) == 1
+
+    def add_decodes(self, reqs, victim: VictimFn) -> int:
+        """``add_decode`` for each of ``reqs`` in order; returns how many were scheduled
+        (the others preempted themselves)."""
         # NOTE: the hot path of every policy (once per decode per step): keep it flat.
-        rid = req.req_id
-        computed = req.num_computed_tokens
-        if not req.is_decode or rid in self.scheduled:
-            raise ValueError(f"{rid!r} is not an unscheduled decode")
+        scheduled, cached = self.scheduled, self.cached
+        alloc = self.core.allocator
+        free, tables, block_size = alloc._free, alloc._tables, alloc.block_size
+        n = 0
+        for req in reqs:
+            rid = req.req_id
+            computed = req.num_computed_tokens
+            if not req.is_decode or rid in scheduled:
+                raise ValueError(f"{rid!r} is not an unscheduled decode")
+            if not free and not self._make_room(req, victim):
+                continue
+            if computed < len(tables[rid]) * block_size:
+                added = ()  # the common case: the last block has room for the new token
+            else:
+                added = alloc.append(rid, computed + 1)
+            cached.append(CachedRequestSlice(rid, added, computed, 1, True, True))
+            scheduled[rid] = req
+            n += 1
+        self.num_tokens += n
+        self.num_decodes += n
+        return n
+
+    def _make_room(self, req: Request, victim: VictimFn) -> bool:
+        """Preempt ``victim``s until a block is free; False if ``req`` had to preempt itself."""
         alloc = self.core.allocator
         while not alloc._free:
             v = victim(req)
@@ -107,11 +132,6 @@ class BatchBuilder:
             if v.req_id in self.scheduled:
                 raise RuntimeError(f"policy chose {v.req_id!r}, already scheduled this step, as a victim")
             self.preempt(v)
-        added = alloc.append(rid, computed + 1)
-        self.cached.append(CachedRequestSlice(rid, added, computed, 1, True, True))
-        self.scheduled[rid] = req
-        self.num_tokens += 1
-        self.num_decodes += 1
         return True
 
     def preempt(self, req: Request) -> None:

@@ -45,18 +45,28 @@ class DeadlineHeap:
         del self._live[req.req_id]
         return req
 
-    def pop_live(self) -> Request | None:
-        """Pop and return the live request with the smallest key, or None (one pass)."""
-        h, live = self._heap, self._live
+    def push_all(self, reqs, key_of) -> None:
+        """``push(req, key_of(req))`` for each of ``reqs`` (one call per step, not per decode)."""
+        heap, live, ticket, push = self._heap, self._live, self._ticket, heapq.heappush
+        for req in reqs:
+            t = next(ticket)
+            live[req.req_id] = t
+            push(heap, (key_of(req), req.arrival_s, t, req))
         self._top_valid = False
-        while h:
-            _, _, t, req = heapq.heappop(h)
+
+    def pop_live_n(self, n: int) -> list[Request]:
+        """Pop up to ``n`` live requests in key order."""
+        h, live, pop = self._heap, self._live, heapq.heappop
+        self._top_valid = False
+        out: list[Request] = []
+        while h and len(out) < n:
+            _, _, t, req = pop(h)
             rid = req.req_id
             if live.get(rid) == t:
                 del live[rid]
                 if req.status == RequestStatus.RUNNING:
-                    return req
-        return None
+                    out.append(req)
+        return out
 
     def discard(self, req: Request) -> None:
         self._live.pop(req.req_id, None)

@@ -21,16 +21,19 @@ class PausedPrefillPolicy(Policy):
         super().__init__(config)
         self.paused: deque[Request] = deque()
 
-    def track_served(self, req: Request) -> bool:
-        """Step 0 for one served request: True if it now decodes, else it is (kept) paused."""
+    def track_served(self, served: list[Request]) -> list[Request]:
+        """Step 0 for the requests a step served: those that now decode are returned (and leave
+        ``paused``); the others are (kept) paused."""
         paused = self.paused
-        if not req.is_decode:
-            if req not in paused:
+        ready = []
+        for req in served:
+            if req.is_decode:
+                if paused and req in paused:
+                    paused.remove(req)
+                ready.append(req)
+            elif req not in paused:
                 paused.append(req)
-            return False
-        if paused and req in paused:
-            paused.remove(req)
-        return True
+        return ready
 
     def on_preempt(self, req: Request, now: float) -> None:
         self._forget(req)

@@ -64,8 +64,7 @@ class RadPolicy(PausedPrefillPolicy):
         super().on_arrival(req, now)
 
     def on_step_end(self, served: list[Request], now: float) -> None:
-        for req in served:
-            self.track_served(req)
+        self.track_served(served)
 
     def weights(self) -> tuple[float, float]:
         """(w_d, w_p) in requests, as in the module docstring."""

@@ -49,10 +49,9 @@ class SlaiPolicy(PausedPrefillPolicy):
         mean = core.estimator.mean_s
         # delta depends only on KV use, which does not change during step 0: compute it once
         self.current_offset = self.offset()
-        push, key, track = self.decode_heap.push, self.decode_key, self.track_served
-        for req in served:
-            if track(req):  # at most one partial prefill exists (paper.md 3.7)
-                push(req, key(req, end, mean))
+        key = self.decode_key
+        # at most one partial prefill exists (paper.md 3.7); the rest decode
+        self.decode_heap.push_all(self.track_served(served), lambda req: key(req, end, mean))
 
     def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
         """The heap key: SLAI's last schedulable time, with delta frozen at push time."""
@@ -98,10 +97,10 @@ class SlaiPolicy(PausedPrefillPolicy):
         """Step 5: the other decodes in LST order, with what is left of budget and cap."""
         noncrit = 0
         beta = self.config.max_decodes - b.num_critical
-        pop, victim = self.decode_heap.pop_live, self._victim
+        pop_n, victim = self.decode_heap.pop_live_n, self._victim
         while b.num_tokens < b.token_budget and noncrit < beta:
-            req = pop()
-            if req is None:
+            # as many as budget and cap allow; a decode that preempts itself makes room for another
+            batch = pop_n(min(beta - noncrit, b.token_budget - b.num_tokens))
+            if not batch:
                 break
-            if b.add_decode(req, victim):
-                noncrit += 1
+            noncrit += b.add_decodes(batch, victim)
