@@ -160,9 +160,12 @@ class SchedulerMetrics:
 
 
 class ExecutorMetrics:
-    """The executor's own view of each step, split by phase (TGI's tgi_batch_inference_duration)."""
+    """The executor's own view of each step, split by phase (TGI's tgi_batch_inference_duration).
 
-    PHASES = ("prepare", "forward", "sample", "total")
+    ``idle`` is the wait for the plan since the previous step ended: under load, the scheduling gap that
+    planning ahead hides (when the system is empty it also holds the empty time)."""
+
+    PHASES = ("prepare", "forward", "sample", "total", "idle")
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
@@ -173,7 +176,7 @@ class ExecutorMetrics:
         self._phases = [(f"{p}_ns", self.inference.labels(p)) for p in self.PHASES]
 
     def record_step(self, result: Any, num_seqs: int | None = None) -> None:
-        """``result``: a StepResponse or core StepResult (prepare/forward/sample/total ns)."""
+        """``result``: a StepResponse or core StepResult (prepare/forward/sample/total/idle ns)."""
         for field, child in self._phases:
             child.observe(getattr(result, field) * 1e-9)
         if num_seqs is not None:

@@ -70,6 +70,7 @@ SLAI_STEP_PREPARE_NS = "slai.step.prepare_ns"
 SLAI_STEP_FORWARD_NS = "slai.step.forward_ns"
 SLAI_STEP_SAMPLE_NS = "slai.step.sample_ns"
 SLAI_STEP_TOTAL_NS = "slai.step.total_ns"
+SLAI_STEP_IDLE_NS = "slai.step.idle_ns"  # the executor's wait for this plan since its previous step ended
 SLAI_STEP_NUM_SAMPLED = "slai.step.num_sampled"
 
 # PlanStats field -> step attribute (the order PlanStats declares them)
@@ -90,6 +91,7 @@ STEP_RESULT_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("forward_ns", SLAI_STEP_FORWARD_NS),
     ("sample_ns", SLAI_STEP_SAMPLE_NS),
     ("total_ns", SLAI_STEP_TOTAL_NS),
+    ("idle_ns", SLAI_STEP_IDLE_NS),
 )
 
 # NOTE: 128 is the SDK's default OTEL_SPAN_LINK_COUNT_LIMIT; more links would be dropped silently.

@@ -92,10 +92,11 @@ def test_slo_window_forgets_old_samples():
 
 def test_executor_and_gateway_metrics():
     ex = ExecutorMetrics()
-    ex.record_step(StepResult(prepare_ns=1_000_000, forward_ns=20_000_000, sample_ns=500_000, total_ns=22_000_000),
-                   num_seqs=12)
+    ex.record_step(StepResult(prepare_ns=1_000_000, forward_ns=20_000_000, sample_ns=500_000, total_ns=22_000_000,
+                              idle_ns=300_000), num_seqs=12)
     v = ex.registry.get_sample_value
     assert v("slai_batch_inference_duration_seconds_sum", {"phase": "forward"}) == pytest.approx(0.02)
+    assert v("slai_batch_inference_duration_seconds_sum", {"phase": "idle"}) == pytest.approx(0.0003)
     assert v("slai_batch_inference_duration_seconds_count", {"phase": "total"}) == 1
     assert v("slai_executor_batch_size_sum") == 12
     gw = GatewayMetrics()

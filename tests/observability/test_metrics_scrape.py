@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 PER_TIER = 2
 MAX_TOKENS = 8
 STEP_FLOOR_S = 0.0234  # the paper cost model's smallest step
-PHASES = ("prepare", "forward", "sample", "total")  # executor step phases
+PHASES = ("prepare", "forward", "sample", "total", "idle")  # executor step phases (+ its wait for the plan)
 
 
 class Scrape:
