@@ -29,7 +29,7 @@ from bench.cli_args import RunSpec, add_workload_arguments, clean_json, stabilit
 from bench.metrics import SloCriterion
 from scheduler_svc.core.policies.registry import PAPER_POLICIES, POLICIES
 
-DEFAULT_POLICIES = list(PAPER_POLICIES) + ["rad", "edf"]
+DEFAULT_POLICIES = list(PAPER_POLICIES) + ["rad", "edf", "slai-adaptive"]
 DEFAULT_GRID = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0"
 
 
