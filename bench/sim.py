@@ -136,37 +136,40 @@ class Simulator:
                 if not busy:
                     busy = True
                     self._push(t, SCHEDULE)
-            elif kind == SCHEDULE:
-                plan = core.schedule(t)
-                if plan.is_empty:
-                    core.update(plan, StepResult(step_id=plan.step_id), t)
-                    busy = False  # idle until the next arrival
-                    if next_arrival >= len(items) and core.requests:
-                        stalled = True  # nothing will ever change
-                    continue
-                dt = cost.step_time_s(plan)
-                busy_time += dt
-                if log is not None:
-                    st = plan.stats
-                    log["t"].append(t)
-                    log["dt"].append(dt)
-                    log["prefill_tokens"].append(st.num_prefill_tokens)
-                    log["decodes"].append(st.num_decodes)
-                    log["critical_decodes"].append(st.num_critical_decodes)
-                    log["kv_used"].append(st.kv_used_fraction)
-                    log["num_waiting"].append(st.num_waiting)
-                    log["num_running"].append(st.num_running)
-                    log["num_preempted"].append(st.num_preempted)
-                if plan.stats.kv_used_fraction > kv_max:
-                    kv_max = plan.stats.kv_used_fraction
-                self._push(t + dt, STEP_END, plan)
-            else:  # STEP_END
+                continue
+            if kind == STEP_END:
                 plan = payload
                 ids = plan.sampling_ids()
                 result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(0,) * len(ids))
                 for ev in core.update(plan, result, t):
                     on_token(ev.req_id, t, 1, ev.finish_reason)
-                self._push(t, SCHEDULE)
+                if heap and heap[0][0] <= t:  # an arrival at this very instant is queued first
+                    self._push(t, SCHEDULE)
+                    continue
+            # SCHEDULE, or straight on after a step end (saves an event: the loop's hot path)
+            plan = core.schedule(t)
+            if plan.is_empty:
+                core.update(plan, StepResult(step_id=plan.step_id), t)
+                busy = False  # idle until the next arrival
+                if next_arrival >= len(items) and core.requests:
+                    stalled = True  # nothing will ever change
+                continue
+            dt = cost.step_time_s(plan)
+            busy_time += dt
+            if log is not None:
+                st = plan.stats
+                log["t"].append(t)
+                log["dt"].append(dt)
+                log["prefill_tokens"].append(st.num_prefill_tokens)
+                log["decodes"].append(st.num_decodes)
+                log["critical_decodes"].append(st.num_critical_decodes)
+                log["kv_used"].append(st.kv_used_fraction)
+                log["num_waiting"].append(st.num_waiting)
+                log["num_running"].append(st.num_running)
+                log["num_preempted"].append(st.num_preempted)
+            if plan.stats.kv_used_fraction > kv_max:
+                kv_max = plan.stats.kv_used_fraction
+            self._push(t + dt, STEP_END, plan)
         wall = time.perf_counter() - wall0
         metrics.num_preemptions = core.num_preemptions
         return SimResult(policy=self.policy, metrics=metrics, steps=self.steps, sim_time_s=self.now,

@@ -7,11 +7,11 @@ executor can drop its per-request state without an extra RPC.
 
 Every field has a default so adding one does not break callers.
 
-NOTE: the two values made per decode per step (``CachedRequestSlice`` and
-``TokenEvent``) are ``NamedTuple``s, not frozen dataclasses: they are just as
-immutable, and building one costs 0.3 us instead of 1 us, which is most of a
-decode's cost in the simulator and the live scheduler's decision time.
-Positional construction order is part of their contract.
+NOTE: the values made per decode per step (``CachedRequestSlice`` and
+``TokenEvent``), and ``PlanStats`` made every step, are ``NamedTuple``s, not
+frozen dataclasses: they are just as immutable, and building one costs 0.3 us
+instead of 1 us, which is most of a decode's cost in the simulator and the live
+scheduler's decision time. Positional construction order is part of their contract.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ class CachedRequestSlice(NamedTuple):
     sample: bool = False  # this chunk completes the sequence (always True for a decode)
 
 
-@dataclass(frozen=True, slots=True)
-class PlanStats:
-    """What the policy decided, for telemetry and tests. Not needed to execute."""
+class PlanStats(NamedTuple):
+    """What the policy decided, for telemetry and tests. Not needed to execute.
+
+    A ``NamedTuple`` for the same reason as the slices: one is built every step.
+    """
 
     num_prefill_tokens: int = 0  # tokens in prefill chunks
     num_decodes: int = 0  # decode tokens (critical + non-critical)

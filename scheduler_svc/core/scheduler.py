@@ -219,7 +219,8 @@ class SchedulerCore:
             # the step started when it was scheduled, or when the plan before it ended
             last = self._last_result_s
             self.last_step_s = now - (sent if last is None or last < sent else last)
-            self.last_step_tokens = plan.num_tokens
+            st = plan.stats
+            self.last_step_tokens = st.num_prefill_tokens + st.num_decodes  # = plan.num_tokens, without the sum
             self.estimator.observe(self.last_step_s)
             self.num_steps += 1
         self._last_result_s = now
