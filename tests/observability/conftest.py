@@ -65,9 +65,11 @@ class TracedStack:
             time.sleep(0.05)
 
 
-# Per-tier TBT SLOs the stack runs with: the paying one is below the paper cost model's 23.4 ms step floor, so
-# every paying TBT sample misses its deadline (deterministic SLO metrics); the free one is never missed.
-PAYING_TBT_S, FREE_TBT_S = 0.02, 0.5
+# Per-tier TBT SLOs the stack runs with: the paying one is far below the paper cost model's 23.4 ms step floor, so
+# every paying TBT sample misses its deadline (deterministic SLO metrics); the free one is never missed. "Far":
+# tokens are stamped when the scheduler handles a result, and with planning ahead (the default) a result
+# handled a few ms late is followed by the next one sooner than a full step.
+PAYING_TBT_S, FREE_TBT_S = 0.005, 0.5
 STACK_KEYS = {"paying": "k-pay", "free": "k-free"}
 
 

@@ -115,7 +115,7 @@ def test_metrics_of_all_three_services_after_requests(traced_stack):
     paying_samples = sched.get(N.M_INTER_TOKEN_LATENCY + "_count", tier="paying")
     free_samples = sched.get(N.M_INTER_TOKEN_LATENCY + "_count", tier="free")
     assert PAYING_TBT_S < STEP_FLOOR_S < FREE_TBT_S
-    assert sched.get(N.M_TBT_DEADLINE_MISSES + "_total", tier="paying") == paying_samples  # every gap > 20 ms
+    assert sched.get(N.M_TBT_DEADLINE_MISSES + "_total", tier="paying") == paying_samples  # every gap > 5 ms
     free_misses = sched.get(N.M_TBT_DEADLINE_MISSES + "_total", tier="free")
     assert free_misses <= 0.1 * free_samples  # a 0.5 s gap takes a badly stalled machine
     assert sched.get(N.M_TBT_SLO_ATTAINMENT_CUMULATIVE, tier="paying") == 0.0
@@ -128,7 +128,7 @@ def test_metrics_of_all_three_services_after_requests(traced_stack):
     critical = sched.get(N.M_CRITICAL_DECODES + "_total", executor=executor)
     noncritical = sched.get(N.M_NONCRITICAL_DECODES + "_total", executor=executor)
     assert critical + noncritical == itl_n  # one decode per TBT sample (no preemption, no abort)
-    assert critical > 0  # paying decodes cannot meet a 20 ms TBT: SLAI marks them critical
+    assert critical > 0  # paying decodes cannot meet a 5 ms TBT: SLAI marks them critical
     assert sched.get(N.M_STEP_NUM_DECODES + "_sum", executor=executor, kind="critical") == critical
     assert sched.get(N.M_STEP_NUM_DECODES + "_count", executor=executor, kind="noncritical") == steps
     assert sched.get(N.M_PREFILL_TOKENS_SCHEDULED + "_total", executor=executor) == \
