@@ -56,7 +56,7 @@ class SchedulerCore:
         self._events: list[LifecycleEvent] = []
         self._seq = itertools.count()
         self._step_ids = itertools.count(1)
-        self._in_flight: deque[tuple[BatchPlan, float]] = deque()  # (plan, time scheduled), oldest first
+        self._in_flight: deque[tuple[BatchPlan, float, float]] = deque()  # (plan, scheduled at, expected end)
         self._advanced: tuple[BatchPlan, list[Request]] | None = None  # applied ahead; its sampling requests
         self._expected_end = 0.0  # when the newest in-flight plan should finish
         self._last_result_s: float | None = None  # when the last result was applied
@@ -194,8 +194,8 @@ class SchedulerCore:
         )
         self._release_finished = []
         self._release_preempted = []
-        inflight.append((plan, sent))
         self._expected_end = now + self.estimator.mean_s
+        inflight.append((plan, sent, self._expected_end))
         return plan
 
     def update(self, plan: BatchPlan, result: StepResult, now: float) -> list[TokenEvent]:
@@ -209,12 +209,13 @@ class SchedulerCore:
         if len(inflight) == 2 and plan is inflight[1][0] and plan.is_empty and not (
                 plan.finished_ids or plan.preempted_ids):
             inflight.pop()
+            self._expected_end = inflight[0][2]  # as if it had never been scheduled
             return []
         if not inflight or plan is not inflight[0][0]:
             raise RuntimeError("update() for a plan that is not the oldest in flight")
         if result.step_id != plan.step_id:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
-        _, sent = inflight.popleft()
+        _, sent, _ = inflight.popleft()
         if not plan.is_empty:
             # the step started when it was scheduled, or when the plan before it ended
             last = self._last_result_s
