@@ -1,9 +1,11 @@
 """Discrete-event simulator that drives the real scheduling core (design habit 9).
 
-One executor (one ``SchedulerCore``) per run, a virtual clock and a heap of
-events keyed ``(time, kind, seq)``; at equal times arrivals sort before
-step-ends, which sort before schedule events. The loop feeds the core exactly
-as the live service does::
+One event loop (:func:`run_events`) over K executors (one ``SchedulerCore``
+each), a virtual clock and a heap of events keyed ``(time, kind, seq)``; at
+equal times arrivals sort before step-ends, which sort before schedule events.
+:class:`Simulator` is the one-executor case; ``bench.sim_cluster`` routes
+arrivals across several. The loop feeds each core exactly as the live service
+does::
 
     plan   = core.schedule(now)
     dt     = cost_model.step_time_s(plan)            # incl. fixed per-step overhead
@@ -84,97 +86,135 @@ class SimResult:
         return s
 
 
+class SimExecutor:
+    """One simulated executor: a core plus the state the loop needs (``Routable`` for the service's router)."""
+
+    __slots__ = ("index", "core", "steps", "busy", "busy_time_s", "num_assigned", "tokens_assigned", "kv_used_max")
+
+    def __init__(self, index: int, core: SchedulerCore, steps: StepLog | None = None) -> None:
+        self.index = index
+        self.core = core
+        self.steps = steps  # per-step statistics, when recorded
+        self.busy = False  # a step is in flight, or a schedule event is queued
+        self.busy_time_s = 0.0
+        self.num_assigned = 0
+        self.tokens_assigned = 0  # prompt + output tokens routed here
+        self.kv_used_max = 0.0
+
+    @property
+    def work(self) -> int:  # the router's load signal: outstanding tokens
+        return self.core.outstanding_tokens()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.core.requests)
+
+
+def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: CostModel, metrics: MetricsCollector,
+               route, max_sim_time_s: float | None = None) -> tuple[float, float, bool]:
+    """Drive ``executors`` through ``items`` (sorted by arrival); ``route(item)`` picks each one's executor.
+
+    Returns (simulated end time, wall seconds, stalled: stopped with requests that could never be scheduled).
+    """
+    on_token = metrics.on_token
+    for it in items:
+        metrics.register(it.req_id, it.arrival_s, it.tier, it.tbt_slo_s, it.prompt_len, it.output_len)
+    heap: list[tuple[float, int, int, Any]] = []
+    seq = 0
+    push, pop = heapq.heappush, heapq.heappop
+    if items:
+        push(heap, (items[0].arrival_s, ARRIVAL, 0, 0))
+    next_arrival = 0
+    stalled = False
+    now = 0.0
+    wall0 = time.perf_counter()
+    while heap:
+        t, kind, _, payload = pop(heap)
+        now = t
+        if max_sim_time_s is not None and t > max_sim_time_s:
+            break
+        if kind == ARRIVAL:
+            it = items[payload]
+            ex = route(it)
+            ex.num_assigned += 1
+            ex.tokens_assigned += it.prompt_len + it.output_len
+            ev = ex.core.add(it.to_request(), t)
+            if ev is not None:
+                on_token(ev.req_id, t, 0, ev.finish_reason)
+            next_arrival = payload + 1
+            seq += 1
+            if next_arrival < len(items):
+                push(heap, (items[next_arrival].arrival_s, ARRIVAL, seq, next_arrival))
+            if not ex.busy:
+                ex.busy = True
+                seq += 1
+                push(heap, (t, SCHEDULE, seq, ex))
+            continue
+        if kind == STEP_END:
+            ex, plan = payload
+            core = ex.core
+            ids = plan.sampling_ids()
+            result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(0,) * len(ids))
+            for ev in core.update(plan, result, t):
+                on_token(ev.req_id, t, 1, ev.finish_reason)
+            if heap and heap[0][0] <= t:  # another event at this very instant goes first
+                seq += 1
+                push(heap, (t, SCHEDULE, seq, ex))
+                continue
+        else:
+            ex = payload
+            core = ex.core
+        # SCHEDULE, or straight on after a step end (saves an event: the loop's hot path)
+        plan = core.schedule(t)
+        if plan.is_empty:
+            core.update(plan, StepResult(step_id=plan.step_id), t)
+            ex.busy = False  # idle until its next arrival
+            if next_arrival >= len(items) and core.requests:
+                stalled = True  # nothing will ever change
+            continue
+        dt = cost.step_time_s(plan)
+        ex.busy_time_s += dt
+        st = plan.stats
+        if ex.steps is not None:
+            log = ex.steps.cols
+            log["t"].append(t)
+            log["dt"].append(dt)
+            log["prefill_tokens"].append(st.num_prefill_tokens)
+            log["decodes"].append(st.num_decodes)
+            log["critical_decodes"].append(st.num_critical_decodes)
+            log["kv_used"].append(st.kv_used_fraction)
+            log["num_waiting"].append(st.num_waiting)
+            log["num_running"].append(st.num_running)
+            log["num_preempted"].append(st.num_preempted)
+        if st.kv_used_fraction > ex.kv_used_max:
+            ex.kv_used_max = st.kv_used_fraction
+        seq += 1
+        push(heap, (t + dt, STEP_END, seq, (ex, plan)))
+    metrics.num_preemptions = sum(e.core.num_preemptions for e in executors)
+    return now, time.perf_counter() - wall0, stalled
+
+
 class Simulator:
-    """Heap-driven event loop around one ``SchedulerCore``."""
+    """The event loop around one ``SchedulerCore``."""
 
     def __init__(self, core: SchedulerCore, cost_model: CostModel = PAPER_MODEL, policy: str = "",
                  record_steps: bool = True, max_sim_time_s: float | None = None) -> None:
         self.core = core
         self.cost = cost_model
         self.policy = policy or core.policy.name
-        self.record_steps = record_steps
         self.max_sim_time_s = max_sim_time_s
         self.now = 0.0  # the virtual clock
-        self._heap: list[tuple[float, int, int, Any]] = []
-        self._seq = 0
         self.metrics = MetricsCollector()
         self.steps = StepLog()
-
-    def _push(self, t: float, kind: int, payload: Any = None) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, kind, self._seq, payload))
+        self.executor = SimExecutor(0, core, self.steps if record_steps else None)
 
     def run(self, items: list[WorkloadItem]) -> SimResult:
-        core, cost, metrics = self.core, self.cost, self.metrics
-        on_token = metrics.on_token
-        log = self.steps.cols if self.record_steps else None
+        ex, core = self.executor, self.core
         items = sorted(items, key=lambda it: it.arrival_s)
-        for it in items:
-            metrics.register(it.req_id, it.arrival_s, it.tier, it.tbt_slo_s, it.prompt_len, it.output_len)
-        heap = self._heap
-        next_arrival = 0
-        if items:
-            self._push(items[0].arrival_s, ARRIVAL, 0)
-        busy = False  # a step is in flight, or a schedule event is queued
-        busy_time = 0.0
-        kv_max = 0.0
-        stalled = False
-        wall0 = time.perf_counter()
-        while heap:
-            t, kind, _, payload = heapq.heappop(heap)
-            self.now = t
-            if self.max_sim_time_s is not None and t > self.max_sim_time_s:
-                break
-            if kind == ARRIVAL:
-                it = items[payload]
-                ev = core.add(it.to_request(), t)
-                if ev is not None:
-                    on_token(ev.req_id, t, 0, ev.finish_reason)
-                next_arrival = payload + 1
-                if next_arrival < len(items):
-                    self._push(items[next_arrival].arrival_s, ARRIVAL, next_arrival)
-                if not busy:
-                    busy = True
-                    self._push(t, SCHEDULE)
-                continue
-            if kind == STEP_END:
-                plan = payload
-                ids = plan.sampling_ids()
-                result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(0,) * len(ids))
-                for ev in core.update(plan, result, t):
-                    on_token(ev.req_id, t, 1, ev.finish_reason)
-                if heap and heap[0][0] <= t:  # an arrival at this very instant is queued first
-                    self._push(t, SCHEDULE)
-                    continue
-            # SCHEDULE, or straight on after a step end (saves an event: the loop's hot path)
-            plan = core.schedule(t)
-            if plan.is_empty:
-                core.update(plan, StepResult(step_id=plan.step_id), t)
-                busy = False  # idle until the next arrival
-                if next_arrival >= len(items) and core.requests:
-                    stalled = True  # nothing will ever change
-                continue
-            dt = cost.step_time_s(plan)
-            busy_time += dt
-            if log is not None:
-                st = plan.stats
-                log["t"].append(t)
-                log["dt"].append(dt)
-                log["prefill_tokens"].append(st.num_prefill_tokens)
-                log["decodes"].append(st.num_decodes)
-                log["critical_decodes"].append(st.num_critical_decodes)
-                log["kv_used"].append(st.kv_used_fraction)
-                log["num_waiting"].append(st.num_waiting)
-                log["num_running"].append(st.num_running)
-                log["num_preempted"].append(st.num_preempted)
-            if plan.stats.kv_used_fraction > kv_max:
-                kv_max = plan.stats.kv_used_fraction
-            self._push(t + dt, STEP_END, plan)
-        wall = time.perf_counter() - wall0
-        metrics.num_preemptions = core.num_preemptions
-        return SimResult(policy=self.policy, metrics=metrics, steps=self.steps, sim_time_s=self.now,
+        self.now, wall, stalled = run_events([ex], items, self.cost, self.metrics, lambda it: ex, self.max_sim_time_s)
+        return SimResult(policy=self.policy, metrics=self.metrics, steps=self.steps, sim_time_s=self.now,
                          wall_time_s=wall, num_steps=core.num_steps, num_preemptions=core.num_preemptions,
-                         busy_time_s=busy_time, kv_used_max=kv_max, stalled=stalled)
+                         busy_time_s=ex.busy_time_s, kv_used_max=ex.kv_used_max, stalled=stalled)
 
 
 def simulate(policy: str, items: list[WorkloadItem], cost_model: CostModel = PAPER_MODEL,

@@ -1,12 +1,10 @@
 """K executors behind one router, in one virtual clock (RAD's join-shortest-work across executors).
 
 Each executor owns a ``SchedulerCore`` (same policy, same cost model, its own KV
-pool) and is driven exactly as :class:`bench.sim.Simulator` drives its one core:
+pool). All of them run in the simulator's one event loop (:func:`bench.sim.run_events`:
 ``schedule(now)`` -> cost model -> ``update(plan, result, now + dt)`` at the
-step-end event. All executors share ONE event heap keyed ``(time, kind, seq)``
-(arrivals before step-ends before schedule events at equal times, as in
-``bench.sim``), so with ``K = 1`` the run is event-for-event the single-executor
-simulator.
+step-end event, one heap keyed ``(time, kind, seq)``); this module adds only the
+routing, so with ``K = 1`` the run is the single-executor simulator.
 
 Each arrival is routed once, at admission, by the live service's router
 (:class:`scheduler_svc.router.Router`, pure stdlib, reused unchanged):
@@ -28,44 +26,19 @@ No grpc or torch here.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from bench.cost_models import PAPER_MODEL, CostModel
 from bench.metrics import MetricsCollector, SloCriterion
-from bench.sim import ARRIVAL, SCHEDULE, STEP_END, build_core
+from bench.sim import SimExecutor, build_core, run_events
 from bench.workloads import WorkloadItem, effective_qps
-from scheduler_svc.core import SchedulerCore, StepResult
+from scheduler_svc.core import SchedulerCore
 from scheduler_svc.router import Router
 
 ROUTINGS = ("round-robin", "least-work", "power-of-two")
-
-
-class SimExecutor:
-    """One simulated executor: a core plus the state the loop needs (``Routable`` for the router)."""
-
-    __slots__ = ("index", "core", "busy", "busy_time_s", "num_assigned", "tokens_assigned", "kv_used_max")
-
-    def __init__(self, index: int, core: SchedulerCore) -> None:
-        self.index = index
-        self.core = core
-        self.busy = False  # a step is in flight, or a schedule event is queued
-        self.busy_time_s = 0.0
-        self.num_assigned = 0
-        self.tokens_assigned = 0  # prompt + output tokens routed here
-        self.kv_used_max = 0.0
-
-    @property
-    def work(self) -> int:  # the router's load signal: outstanding tokens
-        return self.core.outstanding_tokens()
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.core.requests)
 
 
 @dataclass(slots=True)
@@ -127,75 +100,23 @@ class ClusterSimulator:
         self.max_sim_time_s = max_sim_time_s
         self.record_decisions = record_decisions
         self.now = 0.0
-        self._heap: list[tuple[float, int, int, Any]] = []
-        self._seq = 0
         self.metrics = MetricsCollector()
 
-    def _push(self, t: float, kind: int, payload: Any = None) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, kind, self._seq, payload))
-
     def run(self, items: list[WorkloadItem]) -> ClusterResult:
-        cost, metrics, execs, router = self.cost, self.metrics, self.executors, self.router
-        on_token = metrics.on_token
-        items = sorted(items, key=lambda it: it.arrival_s)
-        for it in items:
-            metrics.register(it.req_id, it.arrival_s, it.tier, it.tbt_slo_s, it.prompt_len, it.output_len)
+        execs, router = self.executors, self.router
         decisions: list[tuple[int, tuple[int, ...]]] = []
-        heap = self._heap
-        next_arrival = 0
-        if items:
-            self._push(items[0].arrival_s, ARRIVAL, 0)
-        stalled = False
-        wall0 = time.perf_counter()
-        while heap:
-            t, kind, _, payload = heapq.heappop(heap)
-            self.now = t
-            if self.max_sim_time_s is not None and t > self.max_sim_time_s:
-                break
-            if kind == ARRIVAL:
-                it = items[payload]
-                if self.record_decisions:
-                    works = tuple(e.work for e in execs)
-                ex = router.pick(execs)
-                if self.record_decisions:
-                    decisions.append((ex.index, works))
-                ex.num_assigned += 1
-                ex.tokens_assigned += it.prompt_len + it.output_len
-                ev = ex.core.add(it.to_request(), t)
-                if ev is not None:
-                    on_token(ev.req_id, t, 0, ev.finish_reason)
-                next_arrival = payload + 1
-                if next_arrival < len(items):
-                    self._push(items[next_arrival].arrival_s, ARRIVAL, next_arrival)
-                if not ex.busy:
-                    ex.busy = True
-                    self._push(t, SCHEDULE, (ex, None))
-            elif kind == SCHEDULE:
-                ex = payload[0]
-                core = ex.core
-                plan = core.schedule(t)
-                if plan.is_empty:
-                    core.update(plan, StepResult(step_id=plan.step_id), t)
-                    ex.busy = False  # idle until its next arrival
-                    if next_arrival >= len(items) and core.requests:
-                        stalled = True
-                    continue
-                dt = cost.step_time_s(plan)
-                ex.busy_time_s += dt
-                if plan.stats.kv_used_fraction > ex.kv_used_max:
-                    ex.kv_used_max = plan.stats.kv_used_fraction
-                self._push(t + dt, STEP_END, (ex, plan))
-            else:  # STEP_END
-                ex, plan = payload
-                ids = plan.sampling_ids()
-                result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(0,) * len(ids))
-                for ev in ex.core.update(plan, result, t):
-                    on_token(ev.req_id, t, 1, ev.finish_reason)
-                self._push(t, SCHEDULE, (ex, None))
-        wall = time.perf_counter() - wall0
-        metrics.num_preemptions = sum(e.core.num_preemptions for e in execs)
-        return ClusterResult(policy=self.policy, routing=self.routing, metrics=metrics, executors=execs,
+
+        def route(it: WorkloadItem) -> SimExecutor:
+            if not self.record_decisions:
+                return router.pick(execs)
+            works = tuple(e.work for e in execs)
+            ex = router.pick(execs)
+            decisions.append((ex.index, works))
+            return ex
+
+        items = sorted(items, key=lambda it: it.arrival_s)
+        self.now, wall, stalled = run_events(execs, items, self.cost, self.metrics, route, self.max_sim_time_s)
+        return ClusterResult(policy=self.policy, routing=self.routing, metrics=self.metrics, executors=execs,
                              sim_time_s=self.now, wall_time_s=wall, stalled=stalled, decisions=decisions)
 
 
