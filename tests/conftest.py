@@ -32,6 +32,14 @@ def make_requests(n: int, prompt_len: int = 32, max_tokens: int = 4, **kw) -> li
     return [make_request(prompt_len, max_tokens, **kw) for _ in range(n)]
 
 
+def core_with(policy: str, *reqs: Request, num_blocks: int = 4000, now: float = 0.0) -> SchedulerCore:
+    """A core running ``policy`` with ``reqs`` added at ``now``."""
+    core = make_core(policy, num_blocks=num_blocks)
+    for r in reqs:
+        core.add(r, now)
+    return core
+
+
 def fake_step_result(plan: BatchPlan, token: int = 7) -> StepResult:
     """What a runner would return: one token for every slice that samples."""
     ids = plan.sampling_ids()

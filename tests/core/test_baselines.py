@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from scheduler_svc.core import SchedulerConfig, Tier, make_core
-from tests.conftest import decode_ids, make_request, prefill_chunks, run_to_completion, step
+from tests.conftest import core_with, decode_ids, make_request, prefill_chunks, run_to_completion, step
 
 
 def test_sarathi_decodes_every_running_request_every_step():
-    core = make_core("sarathi-fcfs", num_blocks=4000)
     reqs = [make_request(16, 30) for _ in range(5)]
-    for r in reqs:
-        core.add(r, 0.0)
+    core = core_with("sarathi-fcfs", *reqs)
     _, _, now = step(core, 0.0)
     for _ in range(20):
         core.add(make_request(2048, 1, arrival_s=now), now)  # prefill pressure does not delay decodes
@@ -87,10 +85,8 @@ def test_edf_laxity_orders_prefills_by_ttft_slack():
 
 
 def test_rad_splits_by_maxweight():
-    core = make_core("rad", num_blocks=20000)
     decoders = [make_request(16, 50) for _ in range(3)]
-    for r in decoders:
-        core.add(r, 0.0)
+    core = core_with("rad", *decoders, num_blocks=20000)
     _, _, now = step(core, 0.0)
     # 3 decode-ready requests vs a prefill backlog worth far more than 3 mean prompts: prefill first
     for _ in range(10):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from scheduler_svc.core import POLICIES, BatchPlan, SchedulerConfig, SchedulerCore, StepResult, make_core
 from scheduler_svc.core.policies.sarathi import SarathiPolicy
 from scheduler_svc.core.request import RequestStatus, SamplingParams
-from tests.conftest import make_request
+from tests.conftest import core_with, make_request
 
 TOKEN, STOP = 7, 0
 
@@ -148,17 +148,9 @@ def test_stop_token_found_late_costs_one_wasted_decode_and_nothing_else():
     assert ex.wasted == 1  # the decode planned before the stop token was seen
 
 
-def core_with(policy: str, *reqs):
-    """A core with ``reqs`` added at t=0, and a protocol executor to run its plans."""
-    core = make_core(policy, num_blocks=100)
-    for r in reqs:
-        core.add(r, 0.0)
-    return core, ProtocolExecutor({})
-
-
 def test_length_finish_is_released_in_the_plan_built_ahead():
     r = make_request(16, 2, token_ids=True)
-    core, ex = core_with("sarathi-fcfs", r)
+    core, ex = core_with("sarathi-fcfs", r, num_blocks=100), ProtocolExecutor({})
     p1 = core.schedule(0.0)  # prefill: samples output 1
     p2 = core.schedule(0.0)  # ahead: decode for output 2 (the last)
     assert [c.req_id for c in p2.cached] == [r.req_id]
@@ -200,7 +192,7 @@ def test_a_plan_scheduled_ahead_with_nothing_in_it_is_withdrawn():
 
 def test_executor_lost_with_a_plan_advanced_returns_only_confirmed_outputs():
     a, b = make_request(16, 5, token_ids=True), make_request(16, 1, token_ids=True)
-    core, ex = core_with("sarathi-fcfs", a, b)
+    core, ex = core_with("sarathi-fcfs", a, b, num_blocks=100), ProtocolExecutor({})
     p1 = core.schedule(0.0)
     core.update(p1, ex.run(p1), 0.05)  # a has 1 output; b is finished
     p2 = core.schedule(0.05)
@@ -214,7 +206,7 @@ def test_executor_lost_with_a_plan_advanced_returns_only_confirmed_outputs():
 
 def test_executor_lost_returns_a_request_finished_ahead_of_its_last_token():
     a = make_request(16, 2, token_ids=True)
-    core, ex = core_with("sarathi-fcfs", a)
+    core, ex = core_with("sarathi-fcfs", a, num_blocks=100), ProtocolExecutor({})
     p1 = core.schedule(0.0)
     core.update(p1, ex.run(p1), 0.05)
     core.schedule(0.05)
@@ -226,7 +218,7 @@ def test_executor_lost_returns_a_request_finished_ahead_of_its_last_token():
 
 def test_abort_while_a_token_is_pending_drops_the_token():
     a = make_request(16, 5, token_ids=True)
-    core, ex = core_with("slai", a)
+    core, ex = core_with("slai", a, num_blocks=100), ProtocolExecutor({})
     p1 = core.schedule(0.0)
     core.schedule(0.0)  # advances p1
     ev = core.abort(a.req_id, 0.01)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler_svc.core import RequestStatus, SchedulerConfig, Tier, make_core
-from tests.conftest import decode_ids, make_request, prefill_chunks, run_to_completion, step
+from tests.conftest import core_with, decode_ids, make_request, prefill_chunks, run_to_completion, step
 
 
 def _long_prompts(core, n, now, length=2048):
@@ -49,22 +49,18 @@ def test_non_critical_decodes_use_leftover_budget():
 
 
 def test_spf_with_paying_users_first():
-    core = make_core("slai", num_blocks=4000)
     a, b, c = make_request(300), make_request(100), make_request(200)
     p = make_request(400, tier=Tier.PAYING)
-    for r in (a, b, c, p):
-        core.add(r, 0.0)
+    core = core_with("slai", a, b, c, p)
     plan = core.schedule(0.0)
     assert [s.req_id for s in plan.new] == [p.req_id, b.req_id, c.req_id]
     assert prefill_chunks(plan) == {p.req_id: 400, b.req_id: 100, c.req_id: 12}
 
 
 def test_spf_without_priority_orders_by_length_only():
-    core = make_core("slai-spf-dynamic", num_blocks=4000)
     a, b, c = make_request(300), make_request(100), make_request(200)
     p = make_request(400, tier=Tier.PAYING)
-    for r in (a, b, c, p):
-        core.add(r, 0.0)
+    core = core_with("slai-spf-dynamic", a, b, c, p)
     plan = core.schedule(0.0)
     assert [s.req_id for s in plan.new] == [b.req_id, c.req_id, a.req_id]
     assert prefill_chunks(plan)[a.req_id] == 212
