@@ -138,7 +138,6 @@ class ExecutorDriver:
         self.metrics = metrics  # common.metrics.SchedulerMetrics or None
         self.spans = spans  # common.telemetry.RequestSpans or None (tracing on)
         self._last_result_perf = 0.0  # perf_counter when the last step result arrived
-        self._advanced_ids: tuple[str, ...] = ()  # the in-flight step's requests, when planning ahead
 
     # ------------------------------------------------------------------ inputs (synchronous, from the dispatcher)
     def submit(self, req: Request) -> TokenEvent | None:
@@ -245,7 +244,7 @@ class ExecutorDriver:
         try:
             while True:
                 if not inflight:
-                    sent = await self._plan_and_send(busy, ahead=False) if self.core.has_work else None
+                    sent = await self._plan_and_send(busy) if self.core.has_work else None
                     if sent is None:  # nothing runnable until a submit or an abort
                         self._wake.clear()
                         await self._wake.wait()
@@ -262,8 +261,9 @@ class ExecutorDriver:
             for sent in inflight:
                 sent.span.end(error="executor lost")
 
-    async def _plan_and_send(self, busy: bool, ahead: bool) -> _Sent | None:
-        """``core.schedule`` and write the plan; None (and nothing sent) if it carries nothing."""
+    async def _plan_and_send(self, busy: bool, running: BatchPlan | None = None) -> _Sent | None:
+        """``core.schedule`` and write the plan; None (and nothing sent) if it carries nothing.
+        ``running``: the plan in flight, when planning ahead of it."""
         core = self.core
         perf = time.perf_counter
         p0 = perf()
@@ -272,8 +272,8 @@ class ExecutorDriver:
         if plan.is_empty and not plan.finished_ids and not plan.preempted_ids:
             core.update(plan, StepResult(step_id=plan.step_id), self.clock())
             return None
-        if ahead:  # the step in flight was advanced, and this plan may have preempted
-            self._update_work(self._advanced_ids + plan.preempted_ids)
+        if running is not None:  # the step in flight was advanced, and this plan may have preempted
+            self._update_work(running.scheduled_ids() + plan.preempted_ids)
         if self.recorded_plans is not None:
             self.recorded_plans.append(plan)
         span = telemetry.step_span(plan, self.spans if self.spans is not None else (), executor=self.address)
@@ -283,7 +283,7 @@ class ExecutorDriver:
         except BaseException as exc:
             span.end(error=exc)
             raise
-        return _Sent(plan, span, decision_s, sent_at, busy, ahead)
+        return _Sent(plan, span, decision_s, sent_at, busy, running is not None)
 
     async def _result_of(self, head: _Sent, inflight: deque[_Sent], predictor: StepTimePredictor) -> StepResult:
         """Wait for ``head``'s result; when pipelining, plan the next step shortly before it is due."""
@@ -298,8 +298,7 @@ class ExecutorDriver:
             if delay > 0:
                 await asyncio.wait({task}, timeout=delay)
             if not task.done() and core.has_work:
-                self._advanced_ids = head.plan.scheduled_ids()
-                sent = await self._plan_and_send(busy=True, ahead=True)
+                sent = await self._plan_and_send(busy=True, running=head.plan)
                 if sent is not None:
                     inflight.append(sent)
             return await task
