@@ -14,7 +14,8 @@ an executor and keeps the books:
   batch-time estimator; the executor's ``forward_ns`` / ``total_ns`` are kept alongside;
 * planning ahead (``ServiceConfig.pipeline``, on by default): while step N runs,
   the driver waits for its result only until ``pipeline_lead_s`` before N's
-  predicted end (a per-token fit of the executor's ``total_ns``), then decides
+  predicted end (``StepTimePredictor``: the executor's recent ``total_ns`` for
+  steps of a similar token count), then decides
   step N+1 with ``core.schedule`` (which advances N optimistically, see the core)
   and queues it on the stream. The executor then starts N+1 as soon as N is
   done instead of idling through update, fan-out, decision and two RPC hops;

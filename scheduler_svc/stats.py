@@ -29,7 +29,6 @@ class DriverStats:
     last: PlanStats = field(default_factory=PlanStats)
     decision_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
     overhead_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
-    idle_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
 
     def reset(self) -> None:
         failures = self.num_failures
@@ -50,10 +49,8 @@ class DriverStats:
         self.sum_executor_forward_s += result.forward_ns * 1e-9
         self.num_planned_ahead += ahead
         if busy:
-            idle_s = result.idle_ns * 1e-9
-            self.sum_executor_idle_s += idle_s
+            self.sum_executor_idle_s += result.idle_ns * 1e-9
             self.num_idle_samples += 1
-            self.idle_ring.append(idle_s)
         self.decision_ring.append(decision_s)
         self.overhead_ring.append(rpc_s - total_s)
         if not plan.is_empty:
@@ -76,12 +73,6 @@ class DriverStats:
         """How long the executor waited for each plan while there was work (its own idle_ns):
         decision + encode + RPC, minus whatever planning ahead hid."""
         return self.sum_executor_idle_s / self.num_idle_samples if self.num_idle_samples else 0.0
-
-    @property
-    def executor_wait_fraction(self) -> float:
-        """Executor wait as a share of its busy time (wait + total) over busy periods."""
-        busy = self.sum_executor_idle_s + self.sum_executor_total_s
-        return self.sum_executor_idle_s / busy if busy > 0 else 0.0
 
     @property
     def mean_forward_s(self) -> float:
