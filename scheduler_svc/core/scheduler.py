@@ -58,7 +58,6 @@ class SchedulerCore:
         self._step_ids = itertools.count(1)
         self._in_flight: deque[tuple[BatchPlan, float, float]] = deque()  # (plan, scheduled at, expected end)
         self._advanced: tuple[BatchPlan, list[Request]] | None = None  # applied ahead; its sampling requests
-        self._expected_end = 0.0  # when the newest in-flight plan should finish
         self._last_result_s: float | None = None  # when the last result was applied
         self._known_to_runner: set[str] = set()  # sent as `new`, not yet released
         self._release_finished: list[str] = []
@@ -160,14 +159,14 @@ class SchedulerCore:
         expected start, the in-flight plan's expected end.
         """
         inflight = self._in_flight
+        sent = now  # measuring starts here (or at the previous result, if later)
         if inflight:
             if len(inflight) > 1:
                 raise RuntimeError("schedule() with two plans in flight: update() the oldest first")
+            running, _, expected_end = inflight[0]
             if self._advanced is None:
-                self._advance(inflight[0][0])
-        sent = now  # measuring starts here (or at the previous result, if later)
-        if inflight:
-            now = max(now, self._expected_end)
+                self._advance(running, expected_end)
+            now = max(now, expected_end)
         builder = BatchBuilder(self, now)
         self.policy.schedule(builder, now)
         new_ids = [s.req_id for s in builder.new]
@@ -194,8 +193,7 @@ class SchedulerCore:
         )
         self._release_finished = []
         self._release_preempted = []
-        self._expected_end = now + self.estimator.mean_s
-        inflight.append((plan, sent, self._expected_end))
+        inflight.append((plan, sent, now + self.estimator.mean_s))
         return plan
 
     def update(self, plan: BatchPlan, result: StepResult, now: float) -> list[TokenEvent]:
@@ -209,7 +207,6 @@ class SchedulerCore:
         if len(inflight) == 2 and plan is inflight[1][0] and plan.is_empty and not (
                 plan.finished_ids or plan.preempted_ids):
             inflight.pop()
-            self._expected_end = inflight[0][2]  # as if it had never been scheduled
             return []
         if not inflight or plan is not inflight[0][0]:
             raise RuntimeError("update() for a plan that is not the oldest in flight")
@@ -258,15 +255,14 @@ class SchedulerCore:
         """Plans scheduled and not yet updated (0, 1, or 2 when scheduling ahead)."""
         return len(self._in_flight)
 
-    def _advance(self, plan: BatchPlan) -> None:
+    def _advance(self, plan: BatchPlan, end: float) -> None:
         """Apply ``plan`` as if it ran as planned, before its result (scheduling ahead).
 
         Mirrors ``update`` without token ids: each sampling slice counts one pending
         output; a request that reaches ``max_tokens`` is finished now (its KV release
         rides in the plan being built; its last token and FINISHED event come with
-        the result).
+        the result). ``end``: when the plan is expected to finish.
         """
-        end = self._expected_end
         requests, running = self.requests, RequestStatus.RUNNING
         served: list[Request] = []
         sampling: list[Request] = []
