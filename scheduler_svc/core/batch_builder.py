@@ -101,7 +101,7 @@ class BatchBuilder:
         # NOTE: the hot path of every policy (once per decode per step): keep it flat.
         scheduled, cached = self.scheduled, self.cached
         alloc = self.core.allocator
-        free, tables, block_size = alloc._free, alloc._tables, alloc.block_size
+        free, append = alloc._free, alloc.append
         n = 0
         for req in reqs:
             rid = req.req_id
@@ -110,11 +110,7 @@ class BatchBuilder:
                 raise ValueError(f"{rid!r} is not an unscheduled decode")
             if not free and not self._make_room(req, victim):
                 continue
-            if computed < len(tables[rid]) * block_size:
-                added = ()  # the common case: the last block has room for the new token
-            else:
-                added = alloc.append(rid, computed + 1)
-            cached.append(CachedRequestSlice(rid, added, computed, 1, True, True))
+            cached.append(CachedRequestSlice(rid, append(rid, computed + 1), computed, 1, True, True))
             scheduled[rid] = req
             n += 1
         self.num_tokens += n
