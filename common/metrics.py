@@ -100,10 +100,6 @@ class SchedulerMetrics:
         label = self._labels.get(tier) or self._tier(tier)
         self.tokens.observe(label, ttft_s, tbt_s, tbt_slo_s)
 
-    def record_token(self, event: Any, tier: Any, tbt_slo_s: float) -> None:
-        """``record_token_event`` from a core ``TokenEvent`` (its ``ttft_s`` / ``tbt_s``)."""
-        self.record_token_event(tier, event.ttft_s, event.tbt_s, tbt_slo_s)
-
     def record_finish(self, tier: Any, e2e_s: float, queue_s: float | None, *, prompt_tokens: int = 0,
                       completion_tokens: int = 0, finish_reason: str = "length") -> None:
         """A finished request (where the final TokenEvent with usage and timings is built)."""

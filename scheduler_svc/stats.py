@@ -23,7 +23,6 @@ class DriverStats:
     sum_decision_s: float = 0.0  # inside core.schedule
     sum_rpc_s: float = 0.0  # step start (plan sent, or previous result back) -> result back
     sum_executor_total_s: float = 0.0  # executor-reported total_ns
-    sum_executor_forward_s: float = 0.0  # executor-reported forward_ns
     sum_executor_idle_s: float = 0.0  # executor-reported idle_ns, busy periods only
     num_idle_samples: int = 0
     last: PlanStats = field(default_factory=PlanStats)
@@ -46,7 +45,6 @@ class DriverStats:
         self.sum_decision_s += decision_s
         self.sum_rpc_s += rpc_s
         self.sum_executor_total_s += total_s
-        self.sum_executor_forward_s += result.forward_ns * 1e-9
         self.num_planned_ahead += ahead
         if busy:
             self.sum_executor_idle_s += result.idle_ns * 1e-9
@@ -73,10 +71,6 @@ class DriverStats:
         """How long the executor waited for each plan while there was work (its own idle_ns):
         decision + encode + RPC, minus whatever planning ahead hid."""
         return self.sum_executor_idle_s / self.num_idle_samples if self.num_idle_samples else 0.0
-
-    @property
-    def mean_forward_s(self) -> float:
-        return self._mean(self.sum_executor_forward_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,10 +75,6 @@ class BatchPlan:
     preempted_ids: tuple[str, ...] = ()  # release these too; they come back as `new` later
     stats: PlanStats = field(default_factory=PlanStats)
 
-    @classmethod
-    def make_empty(cls, step_id: int = 0) -> BatchPlan:
-        return cls(step_id=step_id)
-
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.new) + sum(s.num_new_tokens for s in self.cached)
@@ -110,12 +106,8 @@ class StepResult:
     prepare_ns: int = 0  # building inputs from the plan
     forward_ns: int = 0  # the model forward pass
     sample_ns: int = 0  # sampling
-    total_ns: int = 0  # receipt of the plan to sending of the result
-    idle_ns: int = 0  # the executor's wait for this plan since its previous result (0 if unknown)
-
-    @classmethod
-    def make_empty(cls, step_id: int = 0) -> StepResult:
-        return cls(step_id=step_id)
+    total_ns: int = 0  # the runner took the plan up -> its result was ready
+    idle_ns: int = 0  # the executor's wait for this plan since its previous step ended (0 if unknown)
 
 
 class TokenEvent(NamedTuple):

@@ -66,9 +66,6 @@ class SlaiPolicy(PausedPrefillPolicy):
         self.decode_heap.discard(req)
         super()._forget(req)
 
-    def num_decodes_queued(self) -> int:
-        return len(self.decode_heap)
-
     # ---- steps 1-5 ----
     def step_budget(self, now: float) -> int:
         """Token budget of this step (tau). SLAI uses the fixed configured value."""
