@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    if args.pipeline_lead_ms < 0:
+        raise ValueError(f"--pipeline-lead-ms must be >= 0, got {args.pipeline_lead_ms:g}")
     return ServiceConfig(
         policy=args.policy, executors=tuple(a.strip() for a in args.executors.split(",") if a.strip()),
         routing=args.routing, overrides=tuple(args.overrides), max_queued_requests=args.max_queued_requests,

@@ -66,3 +66,10 @@ async def test_executor_and_scheduler_processes(tmp_path):
                     p.kill()
                     out, _ = p.communicate()
                 assert p.returncode == 0, out
+
+
+def test_scheduler_rejects_a_negative_pipeline_lead_with_the_flag_name():
+    p = spawn("scheduler", "--executors", "127.0.0.1:1", "--port", "0", "--pipeline-lead-ms", "-1")
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert "--pipeline-lead-ms must be >= 0, got -1" in out
