@@ -75,6 +75,17 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
     aborted: set = field(default_factory=set)
     finished: set = field(default_factory=set)
     clock: float = 100.0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever cancelled/aborted grows
+
+    async def wait_until(self, predicate, timeout_s: float = 30.0) -> None:
+        """Wait until ``predicate()`` holds, re-checking on every cancel/abort (the timeout only guards a hang)."""
+
+        async def loop() -> None:
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(loop(), timeout_s)
 
     async def Submit(self, request, context):
         self.submits.append(request)
@@ -118,10 +129,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
                 yield ev
         except asyncio.CancelledError:
             self.cancelled.add(rid)
+            self.changed.set()
             raise
 
     async def Abort(self, request, context):
         self.aborted.add(request.request_id)
+        self.changed.set()
         return scheduler_pb2.AbortResponse(found=request.request_id not in self.finished)
 
     async def Stats(self, request, context):

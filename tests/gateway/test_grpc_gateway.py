@@ -69,11 +69,7 @@ async def test_stop_string_cuts_output_and_aborts_scheduler(stack, gw_channel):
     n = chunks[-1].usage.completion_tokens
     assert n == sum(len(c.token_ids) for c in chunks) < 200
     rid = chunks[-1].request_id
-    for _ in range(100):
-        if rid in stack.fake.cancelled and rid in stack.fake.aborted:
-            break
-        await asyncio.sleep(0.01)
-    assert rid in stack.fake.cancelled and rid in stack.fake.aborted
+    await stack.fake.wait_until(lambda: rid in stack.fake.cancelled and rid in stack.fake.aborted)
 
 
 async def test_chat_applies_template(stack, gw_channel):
@@ -96,11 +92,7 @@ async def test_client_cancel_aborts_in_scheduler(stack, gw_channel):
         if got == 3:
             break
     call.cancel()
-    for _ in range(200):
-        if "cancel-me" in stack.fake.cancelled:
-            break
-        await asyncio.sleep(0.01)
-    assert "cancel-me" in stack.fake.cancelled
+    await stack.fake.wait_until(lambda: "cancel-me" in stack.fake.cancelled)
     assert stack.running.service.num_in_flight == 0
 
 
@@ -258,9 +250,16 @@ async def test_drain_lets_in_flight_streams_finish(tiny_model_dir):
             call = stub.Generate(req(max_tokens=40, sampling=common_pb2.SamplingParams(ignore_eos=True)))
             await call.read()
             stopping = asyncio.ensure_future(st.running.stop(grace_s=5.0))
-            await asyncio.sleep(0.05)
-            with pytest.raises(grpc.aio.AioRpcError):  # no new calls while draining
-                await collect(ch, req(max_tokens=1))
+
+            async def refused() -> None:  # no new calls once draining has begun
+                while True:
+                    try:
+                        await collect(ch, req(max_tokens=1))
+                    except grpc.aio.AioRpcError:
+                        return
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(refused(), 30)
             rest = await _drain(call)
             assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
             assert rest[-1].usage.completion_tokens == 40

@@ -163,9 +163,6 @@ async def test_http_client_disconnect_aborts_upstream(stack):
                 n += line.startswith("data: ")
                 if n >= 3:
                     break
-    for _ in range(200):
-        if stack.fake.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await stack.fake.wait_until(lambda: bool(stack.fake.cancelled))
     assert len(stack.fake.cancelled) == 1
     assert EOS_ID not in stack.fake.submits[-1].prompt_token_ids

@@ -97,7 +97,8 @@ def tokens_of(events) -> list[int]:
     return [t for ev in events for t in ev.token_ids]
 
 
-async def wait_for(pred, timeout_s: float = 5.0, interval_s: float = 0.01) -> None:
+async def wait_for(pred, timeout_s: float = 30.0, interval_s: float = 0.01) -> None:
+    """Poll ``pred`` until it holds; the timeout only guards against a hang."""
     async def loop():
         while not pred():
             await asyncio.sleep(interval_s)

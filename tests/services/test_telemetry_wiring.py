@@ -52,7 +52,8 @@ async def test_request_and_step_spans(tracing):
         results = await asyncio.gather(collect(st.stub, submit_msg("t1", 8, 4)),
                                        collect(st.stub, submit_msg("t2", 8, 2)))
         assert [len(tokens_of(r)) for r in results] == [4, 2]
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: {s.attributes.get(N.GEN_AI_REQUEST_ID) for s in tracing.get_finished_spans()
+                                if s.name == N.SPAN_SCHEDULER_REQUEST} == {"t1", "t2"})
     finally:
         await st.close()
     spans = tracing.get_finished_spans()
