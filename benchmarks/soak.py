@@ -3,7 +3,7 @@
     python benchmarks/soak.py --fake --streams 256 --duration 600 --out out/soak-fake.json
     python benchmarks/soak.py --streams 16 --duration 1800 --max-tokens 16:64 --out out/soak-real.json
 
-Starts ``slai-serve up`` (as :class:`bench.launch.LocalStack`, free ports) and keeps
+Starts ``slai-serve up`` (as :class:`slai_serve.launch.LocalStack`, free ports) and keeps
 ``--streams`` requests in flight for ``--duration`` seconds, half over the gateway's gRPC
 API and half over OpenAI HTTP/SSE (``--api``). Every request asks for an exact number of
 tokens (``ignore_eos``) and is checked when it ends:
@@ -37,7 +37,7 @@ import grpc  # noqa: E402
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from bench.launch import LocalStack  # noqa: E402
+from slai_serve.launch import LocalStack  # noqa: E402
 from gateway.client import GatewayClient  # noqa: E402
 
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."

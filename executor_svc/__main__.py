@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import logging
 
-from common.grpc_server import wait_for_stop_signal
+from wire.grpc_server import wait_for_stop_signal
 
 log = logging.getLogger("executor_svc")
 
@@ -49,7 +49,7 @@ def build_runner(args: argparse.Namespace):
         from executor_svc.fake_runner import FakeRunner
         cost = None
         if args.fake_cost:
-            from bench.cost_models import resolve_cost_model
+            from contract.cost_models import resolve_cost_model
             cost = resolve_cost_model(args.fake_cost).step_time_s
         return FakeRunner(num_blocks=args.kv_blocks or 14733, cost=cost, check_blocks=True,
                           max_model_len=args.max_model_len or 0)
@@ -66,10 +66,11 @@ def build_runner(args: argparse.Namespace):
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from common import names, telemetry
-    from common.metrics import ExecutorMetrics, metrics_port, start_metrics_server
+    from telemetry import names
+    from telemetry import tracing
+    from telemetry.metrics import ExecutorMetrics, metrics_port, start_metrics_server
     from executor_svc.server import serve
-    telemetry.init_tracing(names.SERVICE_EXECUTOR)  # no-op unless OTEL_* is set
+    tracing.init_tracing(names.SERVICE_EXECUTOR)  # no-op unless OTEL_* is set
     metrics = ExecutorMetrics()
     start_metrics_server(metrics_port(names.EXECUTOR_METRICS_PORT), metrics.registry)  # SLAI_METRICS_PORT=-1: off
     runner = build_runner(args)
@@ -82,7 +83,7 @@ async def _main(args: argparse.Namespace) -> int:
     await wait_for_stop_signal()
     log.info("draining (%.1f s)", args.grace_s)
     await srv.stop(args.grace_s)
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
     return 0
 
 

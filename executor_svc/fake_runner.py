@@ -19,10 +19,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from scheduler_svc.core.plan import BatchPlan, StepResult
+from contract.plan import BatchPlan, StepResult
 
 from executor_svc.request_cache import RequestCache
-from executor_svc.runner_api import RunnerInfo
+from contract.executor_info import ExecutorInfo
 
 
 def fake_token(req_id: str, position: int, vocab_size: int) -> int:
@@ -67,13 +67,13 @@ class FakeRunner:
             block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len or None,
             require_token_ids=False, check_blocks=check_blocks,
         )
-        self._info = RunnerInfo(
+        self._info = ExecutorInfo(
             model="fake", device="cpu", dtype="none", attention_backend="fake", block_size=block_size,
             num_blocks=num_blocks or 0, max_model_len=max_model_len, vocab_size=vocab_size,
             eos_token_ids=eos_token_ids,
         )
 
-    def info(self) -> RunnerInfo:
+    def info(self) -> ExecutorInfo:
         return self._info
 
     def release(self, req_ids: Iterable[str]) -> None:

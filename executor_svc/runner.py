@@ -16,14 +16,14 @@ from collections.abc import Iterable
 
 import torch
 
-from scheduler_svc.core.plan import BatchPlan, StepResult
+from contract.plan import BatchPlan, StepResult
 
 from executor_svc import attention
 from executor_svc.attention import PagedStep, PrefillChunk
 from executor_svc.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, kv_shape_from_config, num_blocks_for_device
 from executor_svc.models import LoadedModel, load_model
 from executor_svc.request_cache import RequestCache, ScheduledChunk
-from executor_svc.runner_api import RunnerInfo
+from contract.executor_info import ExecutorInfo
 from executor_svc.sampler import Sampler
 
 
@@ -89,9 +89,9 @@ class ModelRunner:
         self._gather_v: torch.Tensor | None = None
 
     # ---- Runner protocol ------------------------------------------------------------
-    def info(self) -> RunnerInfo:
+    def info(self) -> ExecutorInfo:
         cfg = self.model.config
-        return RunnerInfo(
+        return ExecutorInfo(
             model=self.loaded.name, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             attention_backend=self.backend, block_size=self.kv.block_size, num_blocks=self.kv.num_blocks,
             max_model_len=self.max_model_len, vocab_size=cfg.vocab_size, eos_token_ids=self.loaded.eos_token_ids,

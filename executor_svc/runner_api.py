@@ -7,10 +7,10 @@ plan types only; ``ModelRunner`` (torch) is imported lazily where it is used.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from scheduler_svc.core.plan import BatchPlan, StepResult
+from contract.executor_info import ExecutorInfo
+from contract.plan import BatchPlan, StepResult
 
 
 class PlanError(ValueError):
@@ -19,23 +19,6 @@ class PlanError(ValueError):
     Raised before anything is written: KV memory and per-request state are
     exactly as they were before ``execute`` was called (maps to INVALID_ARGUMENT).
     """
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerInfo:
-    """What ``Info`` / ``Warmup`` report to the scheduler."""
-
-    model: str = ""  # preset name, model folder, or "fake"
-    device: str = "cpu"  # "cpu", "cuda:0", ...
-    dtype: str = "float32"
-    attention_backend: str = "sdpa"  # "flash-attn" | "sdpa" | "fake"
-    block_size: int = 16
-    num_blocks: int = 0
-    max_model_len: int = 0  # longest sequence (prompt + outputs) the runner accepts
-    vocab_size: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-    num_layers: int = 0
-    kv_bytes_per_block: int = 0
 
 
 @runtime_checkable
@@ -62,6 +45,6 @@ class Runner(Protocol):
         """Forget these requests (unknown ids are ignored)."""
         ...
 
-    def info(self) -> RunnerInfo:
+    def info(self) -> ExecutorInfo:
         """Static facts about the model and the KV memory."""
         ...

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from scheduler_svc.core.request import SamplingParams
+from contract.sampling import SamplingParams
 
 _MASK64 = (1 << 63) - 1
 

@@ -15,7 +15,7 @@
 * ``Release``: drop per-request state outside a step (a scheduler reconnecting
   sends ``all=true``).
 
-The servicer is thin: every protobuf conversion is in ``common.codec``.
+The servicer is thin: every protobuf conversion is in ``wire.codec``.
 Telemetry (optional): ``ExecutorMetrics`` per step, and an ``executor.step``
 span as the child of the scheduler's step span when the plan carries a
 ``traceparent`` (both no-ops when off).
@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import grpc
 
-from common import codec, telemetry
-from common.grpc_server import ServiceServer, start_server
-from common.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+from wire import executor_codec
 
-if TYPE_CHECKING:  # only common.codec imports both the wire types and the core
-    from scheduler_svc.core.plan import BatchPlan
+from telemetry import step_tracing
+from wire.grpc_server import ServiceServer, start_server
+from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+
+if TYPE_CHECKING:  # only wire.codec imports both the wire types and the core
+    from contract.plan import BatchPlan
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     def __init__(self, runner: Any, on_ready: Any = None, metrics: Any = None, name: str = "") -> None:
         self.runner = runner
-        self.metrics = metrics  # common.metrics.ExecutorMetrics or None
+        self.metrics = metrics  # telemetry.metrics.ExecutorMetrics or None
         self.name = name
         self.state = ExecutorState(num_blocks=runner.info().num_blocks)
         self._on_ready = on_ready  # async callback(bool): flips health
@@ -72,12 +74,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     async def Info(self, request, context):
         info = await asyncio.to_thread(self._info)  # touches the runner (and its device)
-        return codec.info_to_pb(info, ready=self.state.ready)
+        return executor_codec.info_to_pb(info, ready=self.state.ready)
 
     async def Warmup(self, request, context):
-        cap, max_batch_tokens = codec.warmup_from_pb(request)
+        cap, max_batch_tokens = executor_codec.warmup_from_pb(request)
         await self.warmup(cap, max_batch_tokens)
-        return codec.info_to_pb(self._info(), ready=True)
+        return executor_codec.info_to_pb(self._info(), ready=True)
 
     async def Release(self, request, context):
         ids = set(self._known) if request.all else set(request.request_ids)
@@ -105,7 +107,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         if info.max_model_len:
             limit = min(limit, info.max_model_len)
         n = max(1, min(max_batch_tokens, limit - 1))
-        plan = codec.plan_from_pb(executor_pb2.StepRequest(step_id=0, new=[executor_pb2.NewRequest(
+        plan = executor_codec.plan_from_pb(executor_pb2.StepRequest(step_id=0, new=[executor_pb2.NewRequest(
             request_id=WARMUP_REQ_ID, token_ids=[0] * n, block_ids=range(-(-n // info.block_size)),
             num_new_tokens=n, sample=True)]))
         t0 = time.perf_counter()
@@ -135,7 +137,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 if plan is not None and not plan.is_empty:
                     if self.metrics is not None:
                         self.metrics.record_step(out, plan.num_seqs)
-                    telemetry.executor_step_span(msg.traceparent, out, executor=self.name, num_seqs=plan.num_seqs)
+                    step_tracing.executor_step_span(msg.traceparent, out, executor=self.name, num_seqs=plan.num_seqs)
         finally:
             reader.cancel()
             worker.cancel()
@@ -145,7 +147,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         try:
             async for msg in request_iterator:
                 try:
-                    plan = codec.plan_from_pb(msg)
+                    plan = executor_codec.plan_from_pb(msg)
                     self._check_blocks(plan)
                 except ValueError as exc:
                     plans.put_nowait((msg, exc))
@@ -176,7 +178,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     continue
                 self._track(plan)
                 self.state.num_steps += 1
-                out = codec.result_to_pb(result)
+                out = executor_codec.result_to_pb(result)
                 out.idle_ns = idle_ns
                 free_since = time.perf_counter_ns()
                 out.total_ns = free_since - t0

@@ -17,9 +17,11 @@ import logging
 import os
 import sys
 
-from common.grpc_server import wait_for_stop_signal
+from wire.grpc_server import wait_for_stop_signal
 from gateway.auth import load_key_file, open_store
 from gateway.config import GatewayConfig, default_tier_policies
+from contract.model_files import default_model_dir, is_converted
+from contract.tiers import FREE_TBT_S, PAYING_TBT_S
 
 
 def _env(name: str, default):
@@ -40,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys", default=_env("API_KEYS", ""),
                         help="JSON/YAML key file (key -> tier); without it everyone gets --default-tier")
     parser.add_argument("--default-tier", default=_env("DEFAULT_TIER", "paying"), choices=("paying", "free"))
-    parser.add_argument("--paying-tbt", type=float, default=0.1, help="paying tier TBT objective, seconds")
-    parser.add_argument("--free-tbt", type=float, default=0.5, help="free tier TBT objective, seconds")
+    parser.add_argument("--paying-tbt", type=float, default=PAYING_TBT_S, help="paying tier TBT objective, seconds")
+    parser.add_argument("--free-tbt", type=float, default=FREE_TBT_S, help="free tier TBT objective, seconds")
     parser.add_argument("--paying-ttft", type=float, default=0.0, help="paying tier TTFT objective (0 = scheduler's)")
     parser.add_argument("--free-ttft", type=float, default=0.0, help="free tier TTFT objective (0 = scheduler's)")
     parser.add_argument("--default-max-tokens", type=int, default=256)
@@ -65,11 +67,14 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 def resolve_model_dir(model_dir: str) -> str:
-    if model_dir in ("", "default"):
-        from executor_svc.models import ensure_default_model  # converts once; needs the executor extra
-
-        return str(ensure_default_model())
-    return model_dir
+    """``default`` (or nothing): the embedded model's folder, which the executor converts once."""
+    if model_dir not in ("", "default"):
+        return model_dir
+    path = default_model_dir()
+    if not is_converted(path):
+        raise ValueError(f"--model-dir: the embedded model is not converted yet at {path}; start an executor "
+                         "once (`slai-serve executor`), run `make model`, or use `slai-serve up`, which converts it")
+    return str(path)
 
 
 async def serve(config: GatewayConfig, api_keys: str = "") -> None:
@@ -77,10 +82,11 @@ async def serve(config: GatewayConfig, api_keys: str = "") -> None:
     from gateway.service import GenerationService
     from gateway.tokenizer import ModelTokenizer
 
-    from common import names, telemetry
+    from telemetry import names
 
+    from telemetry import tracing
     log = logging.getLogger("gateway")
-    telemetry.init_tracing(names.SERVICE_GATEWAY)  # no-op unless OTEL_* is set
+    tracing.init_tracing(names.SERVICE_GATEWAY)  # no-op unless OTEL_* is set
     tokenizer = ModelTokenizer.from_dir(config.model_dir, name=config.model_name)
     keys = (load_key_file(api_keys, config.default_tier, config.tiers) if api_keys
             else open_store(config.default_tier, config.tiers))
@@ -92,7 +98,7 @@ async def serve(config: GatewayConfig, api_keys: str = "") -> None:
     await wait_for_stop_signal()
     log.info("draining (%.0f s)", config.drain_timeout_s)
     await running.stop(config.drain_timeout_s)
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
-from common import codec
-from common.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway import codec
+from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.types import Delta, GenerationInput, Timings
 
 Messages = Sequence[tuple[str, str]] | Sequence[dict]

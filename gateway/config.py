@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler_svc.core.request import Tier
+from contract.tiers import FREE_TBT_S, PAYING_TBT_S, Tier
 
 TIER_NAMES: dict[str, Tier] = {"paying": Tier.PAYING, "free": Tier.FREE}
 
@@ -19,7 +19,7 @@ class TierPolicy:
     """Objectives of one tier, in seconds (0 = the scheduler's default)."""
 
     tier: Tier = Tier.PAYING
-    tbt_slo_s: float = field(default=0.1, metadata={"help": "time-between-tokens objective"})
+    tbt_slo_s: float = field(default=PAYING_TBT_S, metadata={"help": "time-between-tokens objective"})
     ttft_slo_s: float = field(default=0.0, metadata={"help": "time-to-first-token objective; 0 = scheduler default"})
 
     def __post_init__(self) -> None:
@@ -29,7 +29,7 @@ class TierPolicy:
 
 def default_tier_policies() -> dict[str, TierPolicy]:
     """The paper's two tiers: paying 0.1 s TBT, free 0.5 s TBT."""
-    return {"paying": TierPolicy(Tier.PAYING, 0.1), "free": TierPolicy(Tier.FREE, 0.5)}
+    return {"paying": TierPolicy(Tier.PAYING, PAYING_TBT_S), "free": TierPolicy(Tier.FREE, FREE_TBT_S)}
 
 
 def parse_tier(name: str) -> str:

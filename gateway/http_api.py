@@ -21,8 +21,8 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from common.grpc_server import AdmissionRejected
-from common.metrics_http import add_metrics_route
+from wire.grpc_server import AdmissionRejected
+from telemetry.metrics_http import add_metrics_route
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import TierPolicy
 from gateway.service import GenerationService

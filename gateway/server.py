@@ -2,7 +2,7 @@
 
 The servicer is thin (design habit 12): authenticate, decode, call
 :class:`~gateway.service.GenerationService`, encode. Exceptions become statuses
-in ``common.grpc_server``'s interceptor; only UNAUTHENTICATED is raised here.
+in ``wire.grpc_server``'s interceptor; only UNAUTHENTICATED is raised here.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import AsyncIterator
 
 import grpc
 
-from common import codec
-from common.grpc_server import ServiceServer, start_server
-from common.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway import codec
+from wire.grpc_server import ServiceServer, start_server
+from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import GatewayConfig
 from gateway.service import GenerationService

@@ -2,7 +2,7 @@
 
 Both front ends call :meth:`GenerationService.generate`, an async iterator of
 :class:`~gateway.types.Delta`. Errors are plain exceptions that
-``common.grpc_server`` (gRPC) and ``gateway.http_api`` (HTTP) map to statuses:
+``wire.grpc_server`` (gRPC) and ``gateway.http_api`` (HTTP) map to statuses:
 ``ValueError`` -> INVALID_ARGUMENT / 400, ``AdmissionRejected`` ->
 RESOURCE_EXHAUSTED / 429, ``ConnectionError`` -> UNAVAILABLE / 503.
 
@@ -20,10 +20,13 @@ from typing import AsyncIterator
 
 import grpc
 
-from common import codec, telemetry
-from common.grpc_server import AdmissionRejected
-from common.metrics import GatewayMetrics
-from common.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from gateway import codec
+from wire import enums
+
+from telemetry import tracing
+from wire.grpc_server import AdmissionRejected
+from telemetry.metrics import GatewayMetrics
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig, TierPolicy
 from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput, Timings
@@ -178,7 +181,7 @@ class GenerationService:
             sampling.seed = inp.seed
         submit = scheduler_pb2.SubmitRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
-            tier=codec.TIER_TO_PB[tier.tier], tbt_slo_s=tier.tbt_slo_s, ttft_slo_s=tier.ttft_slo_s)
+            tier=enums.TIER_TO_PB[tier.tier], tbt_slo_s=tier.tbt_slo_s, ttft_slo_s=tier.ttft_slo_s)
         return _Prepared(request_id, prompt_ids, max_tokens, submit)
 
     # ------------------------------------------------------------ streaming
@@ -196,7 +199,7 @@ class GenerationService:
         rid = prep.request_id
         self._in_flight[rid] = None
         self.metrics.in_flight.inc()
-        span = telemetry.start_request_span(
+        span = tracing.start_request_span(
             rid, carrier=carrier, tier=tier.tier, max_tokens=prep.max_tokens, temperature=inp.temperature,
             top_p=inp.top_p, prompt_tokens=len(prep.prompt_ids), tbt_slo_s=tier.tbt_slo_s,
             ttft_slo_s=tier.ttft_slo_s, model=self.model_name)
@@ -224,7 +227,7 @@ class GenerationService:
             self.metrics.in_flight.dec()
             self.metrics.record_request(tier.tier, outcome)
             t = last.timings if last is not None and last.timings is not None else None
-            telemetry.end_request_span(
+            tracing.end_request_span(
                 span, finish_reason=last.finish_reason if last else None,
                 completion_tokens=last.completion_tokens if last and last.finish_reason else None,
                 ttft_s=t.ttft_s if t else None, e2e_s=t.e2e_s if t else None, queue_s=t.queue_s if t else None,
@@ -239,13 +242,13 @@ class GenerationService:
         first = True
         try:
             call = self._stub.Submit(prep.submit, timeout=self.config.request_timeout_s, wait_for_ready=False,
-                                     metadata=telemetry.grpc_metadata(span) or None)
+                                     metadata=tracing.grpc_metadata(span) or None)
             self._in_flight[rid] = call
             try:
                 async for ev in call:
                     if first:
                         first = False
-                        telemetry.mark_first_token(span)
+                        tracing.mark_first_token(span)
                     tracker.on_event(ev)
                     num_before = text.num_tokens
                     delta_text, stopped = text.add(ev.token_ids)
@@ -262,7 +265,7 @@ class GenerationService:
                         if timings.ttft_s == 0 and timings.e2e_s == 0:
                             timings = tracker.timings()
                         completion = ev.usage.completion_tokens if ev.HasField("usage") else text.num_tokens
-                        yield Delta(rid, delta_text, tuple(ev.token_ids), codec.FINISH_FROM_PB[ev.finish_reason],
+                        yield Delta(rid, delta_text, tuple(ev.token_ids), enums.FINISH_FROM_PB[ev.finish_reason],
                                     len(prep.prompt_ids), completion or text.num_tokens, timings)
                         return
                     if delta_text or ev.token_ids:

@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import logging
 
-from common.grpc_server import wait_for_stop_signal
+from wire.grpc_server import wait_for_stop_signal
 from scheduler_svc.config import ROUTINGS, ServiceConfig
 from scheduler_svc.core.policies.registry import POLICIES
 
@@ -58,13 +58,14 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from common import names, telemetry
-    from common.metrics import SchedulerMetrics, metrics_port, start_metrics_server
+    from telemetry import names
+    from telemetry import tracing
+    from telemetry.metrics import SchedulerMetrics, metrics_port, start_metrics_server
     from scheduler_svc.server import serve
     config = config_from_args(args)
     if not config.executors:
         raise SystemExit("--executors: give at least one address")
-    telemetry.init_tracing(names.SERVICE_SCHEDULER)  # no-op unless OTEL_* is set
+    tracing.init_tracing(names.SERVICE_SCHEDULER)  # no-op unless OTEL_* is set
     metrics = SchedulerMetrics()
     start_metrics_server(metrics_port(names.SCHEDULER_METRICS_PORT), metrics.registry)  # SLAI_METRICS_PORT=-1: off
     address = f"unix:{args.uds}" if args.uds else f"{args.host}:{args.port}"
@@ -75,7 +76,7 @@ async def _main(args: argparse.Namespace) -> int:
     log.info("draining (%.1f s)", args.grace_s)
     await srv.stop(args.grace_s)
     await dispatcher.close()
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
     return 0
 
 

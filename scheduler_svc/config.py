@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from contract.tiers import FREE_TBT_S, PAYING_TBT_S, Tier
+
 from scheduler_svc.core.config import SchedulerConfig
 from scheduler_svc.core.policies.registry import POLICIES, policy_config
-from scheduler_svc.core.request import Tier
 
 ROUTINGS = ("least-work", "round-robin", "power-of-two")
 
@@ -24,8 +25,8 @@ class ServiceConfig:
     overrides: tuple[str, ...] = field(default=(), metadata={"help": "name=value SchedulerConfig overrides"})
     max_queued_requests: int = field(default=10_000, metadata={"help": "admission: max requests not yet admitted"})
     max_queued_tokens: int = field(default=8_000_000, metadata={"help": "admission: max queued prompt tokens"})
-    paying_tbt_s: float = field(default=0.1, metadata={"help": "TBT SLO of paying requests that carry none"})
-    free_tbt_s: float = field(default=0.5, metadata={"help": "TBT SLO of free requests that carry none"})
+    paying_tbt_s: float = field(default=PAYING_TBT_S, metadata={"help": "TBT SLO of paying requests that carry none"})
+    free_tbt_s: float = field(default=FREE_TBT_S, metadata={"help": "TBT SLO of free requests that carry none"})
     step_timeout_s: float = field(default=30.0, metadata={"help": "a step slower than this marks the executor lost"})
     connect_timeout_s: float = field(default=10.0, metadata={"help": "Info/Warmup deadline on (re)connect"})
     warmup_timeout_s: float = field(default=300.0, metadata={"help": "Warmup deadline (model warm-up can be slow)"})

@@ -19,13 +19,13 @@ import logging
 import time
 from typing import Callable
 
-from common.grpc_server import AdmissionRejected
+from wire.grpc_server import AdmissionRejected
 from scheduler_svc.config import ServiceConfig
-from scheduler_svc.core.plan import TokenEvent
+from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.core.request import Request
 from scheduler_svc.executor_client import ExecutorClient
 from scheduler_svc.loop import Clock, ExecutorDriver
-from scheduler_svc.router import Router
+from scheduler_svc.core.router import Router
 from scheduler_svc.stats import ExecutorStatsView
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ class Dispatcher:
         self.router = Router(config.routing, config.routing_seed)
         factory = client_factory or (lambda addr: ExecutorClient(
             addr, config.step_timeout_s, config.connect_timeout_s, config.warmup_timeout_s))
-        self.metrics = metrics  # common.metrics.SchedulerMetrics or None
-        self.spans = spans  # common.telemetry.RequestSpans or None
+        self.metrics = metrics  # telemetry.metrics.SchedulerMetrics or None
+        self.spans = spans  # telemetry.tracing.RequestSpans or None
         self.drivers = [ExecutorDriver(i, factory(addr), config, self, clock, metrics=metrics, spans=spans)
                         for i, addr in enumerate(config.executors)]
         self.streams: dict[str, RequestStream] = {}

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from common import codec
-from common.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+from wire import executor_codec
+from contract.executor_info import ExecutorInfo
+from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
 
-if TYPE_CHECKING:  # only common.codec imports both the wire types and the core
-    from scheduler_svc.core.plan import BatchPlan, StepResult
+if TYPE_CHECKING:  # only wire.codec imports both the wire types and the core
+    from contract.plan import BatchPlan, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ExecutorClient:
         self._stub: executor_pb2_grpc.ExecutorServiceStub | None = None
         self._call = None  # the open Step stream
 
-    async def connect(self, max_num_blocks: int | None, max_batch_tokens: int) -> codec.ExecutorInfo:
+    async def connect(self, max_num_blocks: int | None, max_batch_tokens: int) -> ExecutorInfo:
         """Open a channel, check Info, drop stale state, warm up; returns the KV geometry."""
         await self.close()
         self._channel = grpc.aio.insecure_channel(self.address, options=[
@@ -51,8 +52,8 @@ class ExecutorClient:
             # NOTE: a reconnecting scheduler starts with empty cores, so whatever the
             # executor still holds from the previous stream is stale.
             await self._stub.Release(executor_pb2.ReleaseRequest(all=True), timeout=self.connect_timeout_s)
-            info = codec.info_from_pb(await self._stub.Warmup(
-                codec.warmup_to_pb(max_num_blocks, max_batch_tokens), timeout=self.warmup_timeout_s))
+            info = executor_codec.info_from_pb(await self._stub.Warmup(
+                executor_codec.warmup_to_pb(max_num_blocks, max_batch_tokens), timeout=self.warmup_timeout_s))
             self._call = self._stub.Step()
         except grpc.aio.AioRpcError as exc:
             await self.close()
@@ -69,7 +70,7 @@ class ExecutorClient:
         call = self._call
         if call is None:
             raise ExecutorLost(f"executor {self.address}: no step stream")
-        msg = codec.plan_to_pb(plan, traceparent)
+        msg = executor_codec.plan_to_pb(plan, traceparent)
         with self._lost_on_error(plan):
             async with asyncio.timeout(self.step_timeout_s):
                 await call.write(msg)
@@ -88,7 +89,7 @@ class ExecutorClient:
             raise ExecutorLost(f"executor {self.address} rejected step {plan.step_id}: {resp.error}")
         if resp.step_id != plan.step_id:
             raise ExecutorLost(f"executor {self.address}: answer for step {resp.step_id}, expected {plan.step_id}")
-        return codec.result_from_pb(resp)
+        return executor_codec.result_from_pb(resp)
 
     @contextlib.contextmanager
     def _lost_on_error(self, plan: BatchPlan):

@@ -37,9 +37,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from common import telemetry
+from telemetry import step_tracing
 from scheduler_svc.config import ServiceConfig
-from scheduler_svc.core.plan import BatchPlan, StepResult, TokenEvent
+from contract.plan import BatchPlan, StepResult
+from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.core.request import Request
 from scheduler_svc.core.scheduler import SchedulerCore
 from scheduler_svc.core.policies.registry import POLICIES
@@ -66,7 +67,7 @@ class _Sent:
     """A plan on the stream, waiting for its result."""
 
     plan: BatchPlan
-    span: Any  # telemetry.StepSpan (a shared no-op when tracing is off)
+    span: Any  # step_tracing.StepSpan (a shared no-op when tracing is off)
     decision_s: float  # time in core.schedule
     sent_at: float  # perf_counter when the write began
     busy: bool  # decided without the core having been idle (the executor's wait is overhead)
@@ -136,8 +137,8 @@ class ExecutorDriver:
         self._task: asyncio.Task | None = None
         self._closed = False
         self.recorded_plans: list[BatchPlan] | None = None  # tests: set to [] to record
-        self.metrics = metrics  # common.metrics.SchedulerMetrics or None
-        self.spans = spans  # common.telemetry.RequestSpans or None (tracing on)
+        self.metrics = metrics  # telemetry.metrics.SchedulerMetrics or None
+        self.spans = spans  # telemetry.tracing.RequestSpans or None (tracing on)
         self._last_result_perf = 0.0  # perf_counter when the last step result arrived
 
     # ------------------------------------------------------------------ inputs (synchronous, from the dispatcher)
@@ -277,7 +278,7 @@ class ExecutorDriver:
             self._update_work(running.scheduled_ids() + plan.preempted_ids)
         if self.recorded_plans is not None:
             self.recorded_plans.append(plan)
-        span = telemetry.step_span(plan, self.spans if self.spans is not None else (), executor=self.address)
+        span = step_tracing.step_span(plan, self.spans if self.spans is not None else (), executor=self.address)
         sent_at = perf()
         try:
             await self.client.send(plan, span.traceparent)

@@ -13,9 +13,11 @@ import asyncio
 import logging
 import time
 
-from common import codec, telemetry
-from common.grpc_server import ServiceServer, start_server
-from common.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc import submit_codec
+
+from telemetry import tracing, step_tracing
+from wire.grpc_server import ServiceServer, start_server
+from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import ServiceConfig
 from scheduler_svc.dispatcher import Dispatcher
 from scheduler_svc.loop import Clock
@@ -31,7 +33,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def Submit(self, request, context):
         d = self.dispatcher
-        stream = d.submit(codec.request_from_submit_pb(request, d.clock()))
+        stream = d.submit(submit_codec.request_from_submit_pb(request, d.clock()))
         req, metrics = stream.req, d.metrics
         if d.spans is not None:
             d.spans.start(req.req_id, carrier=context.invocation_metadata(), tier=req.tier,
@@ -48,7 +50,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     metrics.record_token_event(req.tier, ttft if is_first else None, None if is_first else tbt,
                                                req.tbt_slo_s)
                 if item.finish_reason is None:
-                    msg = codec.token_event_to_pb(item)
+                    msg = submit_codec.token_event_to_pb(item)
                     msg.ttft_s, msg.tbt_s = ttft, tbt  # the client's view, across failovers
                     yield msg
                     continue
@@ -58,7 +60,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                           prompt_tokens=final["prompt_tokens"],
                                           completion_tokens=final["completion_tokens"],
                                           finish_reason=item.finish_reason)
-                msg = codec.final_token_event_to_pb(item, **final)
+                msg = submit_codec.final_token_event_to_pb(item, **final)
                 msg.ttft_s, msg.tbt_s = ttft, tbt
                 yield msg
                 return
@@ -72,15 +74,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Stats(self, request, context):
         d = self.dispatcher
         num_queued, num_tokens = d.queued()
-        return codec.stats_to_pb(d.config.policy, d.executor_stats(), num_queued, num_tokens)
+        return submit_codec.stats_to_pb(d.config.policy, d.executor_stats(), num_queued, num_tokens)
 
 
 async def serve(config: ServiceConfig, address: str = "127.0.0.1:0", clock: Clock = time.monotonic,
                 client_factory=None, metrics=None) -> tuple[ServiceServer, Dispatcher]:
     """Start the scheduler; health turns SERVING when an executor is ready.
 
-    ``metrics``: a ``common.metrics.SchedulerMetrics`` to feed (None: no metrics). Request and step
-    spans are recorded when tracing is on (``common.telemetry.init_tracing`` ran with an exporter).
+    ``metrics``: a ``telemetry.metrics.SchedulerMetrics`` to feed (None: no metrics). Request and step
+    spans are recorded when tracing is on (``telemetry.tracing.init_tracing`` ran with an exporter).
     """
     holder: dict[str, ServiceServer] = {}
 
@@ -89,7 +91,7 @@ async def serve(config: ServiceConfig, address: str = "127.0.0.1:0", clock: Cloc
         if srv is not None:
             asyncio.get_running_loop().create_task(srv.set_serving(ok))
 
-    spans = telemetry.RequestSpans(clock) if telemetry.is_tracing_enabled() else None
+    spans = step_tracing.RequestSpans(clock) if tracing.is_tracing_enabled() else None
     dispatcher = Dispatcher(config, clock=clock, client_factory=client_factory, on_health=on_health,
                             metrics=metrics, spans=spans)
     servicer = SchedulerServicer(dispatcher)

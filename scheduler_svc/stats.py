@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from scheduler_svc.core.plan import BatchPlan, PlanStats, StepResult
+from contract.plan import BatchPlan, PlanStats, StepResult
 
 RING = 4096  # recent samples kept for percentiles
 

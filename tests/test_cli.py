@@ -1,6 +1,6 @@
 """The ``slai-serve`` entry point answers bad input with one clear line and exit code 2."""
 
-from bench.cli import main
+from slai_serve.cli import main
 
 
 def test_bad_values_and_paths_are_one_line_errors(capsys):

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.cli import SUBCOMMANDS
-from common import names
-
+from slai_serve.cli import SUBCOMMANDS
+from telemetry import names
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -89,9 +88,9 @@ def test_healthchecks_probe_the_serving_port():
         _, args = parse_command(svc)
         port = args.grpc_port if name == "gateway" else args.port
         test = svc["healthcheck"]["test"]
-        assert test[:4] == ["CMD", "python", "-m", "bench.launch"], name
+        assert test[:4] == ["CMD", "python", "-m", "slai_serve.launch"], name
         assert _port_of(test[4]) == port, name
-    from bench.launch import health_main
+    from slai_serve.launch import health_main
     assert callable(health_main)
 
 

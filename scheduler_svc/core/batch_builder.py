@@ -3,18 +3,17 @@
 Policies decide *order, chunk sizes and victims*; this class does the
 bookkeeping that every policy shares: token and sequence counting, KV block
 allocation, recompute preemption, and the slices that go into the plan. Policies
-never touch the allocator directly (design habit 4).
+never touch the allocator directly; both see the core only through
+``scheduler_svc.core.view.CoreView``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from scheduler_svc.core.plan import CachedRequestSlice, NewRequestSlice
+from contract.plan import CachedRequestSlice, NewRequestSlice
 from scheduler_svc.core.request import Request, RequestStatus
-
-if TYPE_CHECKING:
-    from scheduler_svc.core.scheduler import SchedulerCore
+from scheduler_svc.core.view import CoreView
 
 VictimFn = Callable[[Request], "Request | None"]
 
@@ -22,7 +21,7 @@ VictimFn = Callable[[Request], "Request | None"]
 class BatchBuilder:
     """Accumulates one step's work. Created by the core for each ``schedule`` call."""
 
-    def __init__(self, core: SchedulerCore, now: float) -> None:
+    def __init__(self, core: CoreView, now: float) -> None:
         self.core = core
         self.now = now
         self.config = core.config
@@ -101,14 +100,14 @@ class BatchBuilder:
         # NOTE: the hot path of every policy (once per decode per step): keep it flat.
         scheduled, cached = self.scheduled, self.cached
         alloc = self.core.allocator
-        free, append = alloc._free, alloc.append
+        has_free, append = alloc.can_append, alloc.append
         n = 0
         for req in reqs:
             rid = req.req_id
             computed = req.num_computed_tokens
             if not req.is_decode or rid in scheduled:
                 raise ValueError(f"{rid!r} is not an unscheduled decode")
-            if not free and not self._make_room(req, victim):
+            if not has_free() and not self._make_room(req, victim):
                 continue
             cached.append(CachedRequestSlice(rid, append(rid, computed + 1), computed, 1, True, True))
             scheduled[rid] = req
@@ -120,7 +119,7 @@ class BatchBuilder:
     def _make_room(self, req: Request, victim: VictimFn) -> bool:
         """Preempt ``victim``s until a block is free; False if ``req`` had to preempt itself."""
         alloc = self.core.allocator
-        while not alloc._free:
+        while not alloc.can_append():
             v = victim(req)
             if v is None or v is req:
                 self.preempt(req)

@@ -30,7 +30,8 @@ from scheduler_svc.core.batch_time import BatchTimeEstimator, make_estimator
 from scheduler_svc.core.config import SchedulerConfig
 from scheduler_svc.core.events import EventKind, LifecycleEvent
 from scheduler_svc.core.kv_blocks import BlockAllocator
-from scheduler_svc.core.plan import BatchPlan, PlanStats, StepResult, TokenEvent
+from contract.plan import BatchPlan, PlanStats, StepResult
+from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.core.policies.base import Policy
 from scheduler_svc.core.request import FINISH_REASONS, Request, RequestStatus
 

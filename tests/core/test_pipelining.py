@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from scheduler_svc.core import POLICIES, BatchPlan, SchedulerConfig, SchedulerCore, StepResult, make_core
 from scheduler_svc.core.policies.sarathi import SarathiPolicy
-from scheduler_svc.core.request import RequestStatus, SamplingParams
+from contract.sampling import SamplingParams
+from scheduler_svc.core.request import RequestStatus
 from tests.conftest import core_with, make_request
 
 TOKEN, STOP = 7, 0

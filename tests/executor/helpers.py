@@ -14,8 +14,8 @@ import contextlib
 import random
 from dataclasses import dataclass, field
 
-from scheduler_svc.core.plan import BatchPlan, CachedRequestSlice, NewRequestSlice, StepResult
-from scheduler_svc.core.request import SamplingParams
+from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice, StepResult
+from contract.sampling import SamplingParams
 
 PROMPT_LENGTHS = (5, 17, 40, 64)  # within one block, across blocks, several blocks
 MAX_NEW = 8

@@ -12,8 +12,7 @@ from tests.executor.helpers import MAX_NEW, Driver, hf_greedy, same_prefix
 
 
 def test_bench_executor_smoke(tmp_path):
-    from executor_svc import bench
-
+    from benchmarks import executor_sweep as bench
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--model", "tiny-mistral", "--prefill-tokens", "0,16", "--decodes", "0,2",

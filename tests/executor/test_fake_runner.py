@@ -11,7 +11,7 @@ import pytest
 
 from executor_svc.fake_runner import FakeRunner, fake_token
 from executor_svc.runner_api import PlanError, Runner
-from scheduler_svc.core.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
+from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 
 from tests.executor.helpers import Driver
 

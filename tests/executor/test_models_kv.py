@@ -37,11 +37,6 @@ def test_dummy_from_folder_and_local_folder(tmp_path):
         models.load_model(str(tmp_path / "missing"))
 
 
-def test_cache_dir_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("SLAI_MODEL_CACHE", str(tmp_path / "m"))
-    assert models.model_cache_dir() == tmp_path / "m"
-
-
 def test_kv_sizing():
     shape = KVShape(num_layers=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32)
     assert shape.bytes_per_block == 2 * 4 * 2 * 64 * 4 * 16

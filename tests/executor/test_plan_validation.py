@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from executor_svc.runner_api import PlanError
-from scheduler_svc.core.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
+from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 
 from tests.executor.helpers import MAX_NEW, Driver, same_prefix
 

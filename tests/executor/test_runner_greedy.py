@@ -117,7 +117,6 @@ def test_flash_attn_packing_with_reference_kernel(make_runner, prompts, referenc
     """The flash-attn path's inputs (cu_seqlens, gathered keys, layouts) are right:
     run it on CPU with a plain-torch stand-in for flash_attn_varlen_func."""
     from executor_svc import attention
-
     monkeypatch.setattr(attention, "flash_attn_varlen_func", _varlen_reference)
     runner = make_runner()
     runner.backend = "flash-attn"  # NOTE: bypasses select_backend, which needs CUDA

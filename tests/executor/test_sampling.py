@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from executor_svc.sampler import Sampler, mix_seed
-from scheduler_svc.core.request import SamplingParams
+from contract.sampling import SamplingParams
 
 from tests.executor.helpers import MAX_NEW, Driver, same_prefix
 

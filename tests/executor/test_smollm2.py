@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from executor_svc import models
-
 from tests.executor.helpers import Driver, hf_greedy, same_prefix
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.",

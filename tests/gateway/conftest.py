@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.grpc_server import AdmissionRejected, start_server
-from common.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from wire.grpc_server import AdmissionRejected, start_server
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -1,8 +1,8 @@
-"""Round trips of the gateway conversions in common.codec."""
+"""Round trips of the gateway conversions in wire.codec."""
 
 from __future__ import annotations
 
-from common import codec
+from gateway import codec
 from gateway.types import Delta, GenerationInput, Timings
 
 

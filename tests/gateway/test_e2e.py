@@ -14,7 +14,8 @@ import importlib.util
 
 import pytest
 
-from bench.launch import LocalStack, default_model_dir
+from slai_serve.launch import LocalStack
+from contract.model_files import default_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +91,8 @@ def test_32_concurrent_streams_exact_token_counts_fake_executor(fake_stack):
 def test_bench_serve_reports_sim_keys(fake_stack):
     import argparse
 
-    from bench import loadgen
-    from bench.metrics import MetricsCollector
+    from slai_serve import bench_serve as loadgen
+    from simulator.metrics import MetricsCollector
 
     parser = argparse.ArgumentParser()
     loadgen.add_arguments(parser)
@@ -123,7 +124,7 @@ def test_up_stops_cleanly_on_sigterm(tmp_path):
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "up", "--fake", "--grpc-port", "0", "--http-port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "slai_serve.cli", "up", "--fake", "--grpc-port", "0", "--http-port", "0",
                              "--scheduler-port", "0", "--executor-port", "0", "--metrics-port", "-1",
                              "--drain-timeout", "2", "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, text=True)
     lines = []

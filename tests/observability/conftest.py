@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from common import names as N
-from common import telemetry
+from telemetry import names as N
+from telemetry import tracing
 from tests.observability.otlp_receiver import OtlpReceiver
 
 OTEL_ENV = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -23,15 +23,15 @@ OTEL_ENV = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_END
 def clean_tracing(monkeypatch):
     for name in OTEL_ENV:
         monkeypatch.delenv(name, raising=False)
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
     yield
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
 
 
 @pytest.fixture
 def memory_exporter() -> InMemorySpanExporter:
     exporter = InMemorySpanExporter()
-    telemetry.init_tracing("slai-test", exporter=exporter)
+    tracing.init_tracing("slai-test", exporter=exporter)
     return exporter
 
 
@@ -44,7 +44,7 @@ def spans_named(exporter: InMemorySpanExporter, name: str) -> list:
 class TracedStack:
     """A running ``LocalStack`` (fake executor) whose three services export spans to ``receiver``."""
 
-    stack: Any  # bench.launch.LocalStack
+    stack: Any  # slai_serve.launch.LocalStack
     receiver: OtlpReceiver
     keys: dict[str, str]  # tier -> API key
 
@@ -79,7 +79,8 @@ def traced_stack(tmp_path_factory) -> Iterator[TracedStack]:
 
     Shared by the end-to-end trace and metrics-scrape tests (one start, ≈ 3 s).
     """
-    from bench.launch import LocalStack, default_model_dir
+    from slai_serve.launch import LocalStack
+    from contract.model_files import default_model_dir
 
     model_dir = default_model_dir()
     if not (model_dir / "tokenizer.json").is_file():

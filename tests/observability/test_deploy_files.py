@@ -1,4 +1,4 @@
-"""Static checks of deploy/ observability files against common/names.py (CI cannot run the containers)."""
+"""Static checks of deploy/ observability files against telemetry/names.py (CI cannot run the containers)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from common import names as N
-
+from telemetry import names as N
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC_NAMES = {getattr(N, k) for k in dir(N) if k.startswith("M_")}
 SUFFIXES = ("_bucket", "_count", "_sum", "_total")

@@ -21,8 +21,8 @@ import grpc
 import httpx
 import pytest
 
-from common import names as N
-from common.pb.slai.v1 import gateway_pb2_grpc
+from telemetry import names as N
+from wire.pb.slai.v1 import gateway_pb2_grpc
 from gateway.client import build_request
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import urllib.request
 
 import pytest
 
-from common import names as N
-from common.metrics import (ExecutorMetrics, GatewayMetrics, SchedulerMetrics, SloWindow, add_metrics_route,
+from telemetry import names as N
+from telemetry.metrics import (ExecutorMetrics, GatewayMetrics, SchedulerMetrics, SloWindow, add_metrics_route,
                             metrics_port, render, start_metrics_server)
 from scheduler_svc.core import PlanStats, StepResult, Tier
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import names as N
-from common.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
+from telemetry import names as N
+from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.observability.conftest import FREE_TBT_S, PAYING_TBT_S
 
 pytestmark = pytest.mark.slow

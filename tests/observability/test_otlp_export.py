@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common import names as N
-from common import telemetry
+from telemetry import names as N
+from telemetry import tracing, step_tracing
 from scheduler_svc.core import make_core
 from tests.conftest import make_requests
 from tests.observability.otlp_receiver import OtlpReceiver
@@ -12,15 +12,15 @@ from tests.observability.test_tracing import run_traced
 
 def test_otlp_exporter_delivers_step_and_request_spans():
     with OtlpReceiver() as rx:
-        provider = telemetry.init_tracing(N.SERVICE_SCHEDULER, endpoint=rx.endpoint)
+        provider = tracing.init_tracing(N.SERVICE_SCHEDULER, endpoint=rx.endpoint)
         assert provider is not None
         core = make_core(record_events=True)
-        spans = telemetry.RequestSpans()
+        spans = step_tracing.RequestSpans()
         for r in make_requests(3, max_tokens=4):
             spans.start(r.req_id, None, tier=r.tier, max_tokens=r.max_tokens)
             core.add(r, 0.0)
         run_traced(core, spans)
-        telemetry.shutdown_tracing()  # flushes the BatchSpanProcessor
+        tracing.shutdown_tracing()  # flushes the BatchSpanProcessor
         got = rx.spans()
     assert {service for service, _ in got} == {N.SERVICE_SCHEDULER}
     names = [s.name for _, s in got]
@@ -40,9 +40,9 @@ def test_env_endpoint_turns_tracing_on(monkeypatch):
     with OtlpReceiver() as rx:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{rx.endpoint}")
         monkeypatch.setenv("OTEL_SERVICE_NAME", "gw-env")
-        assert telemetry.init_tracing(N.SERVICE_GATEWAY, set_global=False) is not None
-        span = telemetry.start_request_span("r1", tier="paying")
-        telemetry.end_request_span(span, finish_reason="stop", completion_tokens=1)
-        telemetry.shutdown_tracing()
+        assert tracing.init_tracing(N.SERVICE_GATEWAY, set_global=False) is not None
+        span = tracing.start_request_span("r1", tier="paying")
+        tracing.end_request_span(span, finish_reason="stop", completion_tokens=1)
+        tracing.shutdown_tracing()
         ((service, span_pb),) = rx.spans()
     assert service == "gw-env" and span_pb.name == N.SPAN_GATEWAY_REQUEST

@@ -12,24 +12,24 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from common import names as N
-from common import telemetry
+from telemetry import names as N
+from telemetry import tracing, step_tracing
 from scheduler_svc.core import EventKind, LifecycleEvent, StepResult, Tier, make_core
 from tests.conftest import fake_step_result, make_requests
 from tests.observability.conftest import spans_named
 
 
-def run_traced(core, spans: telemetry.RequestSpans, dt: float = 0.05, forward_ns: int = 20_000_000,
+def run_traced(core, spans: step_tracing.RequestSpans, dt: float = 0.05, forward_ns: int = 20_000_000,
                links_from=None):
     """The scheduler driver loop with the hooks it should call; the executor hook runs inline."""
     now = 0.0
     while core.requests:
         plan = core.schedule(now)
-        with telemetry.step_span(plan, spans if links_from is None else links_from, executor="e0") as step:
+        with step_tracing.step_span(plan, spans if links_from is None else links_from, executor="e0") as step:
             r = fake_step_result(plan)
             result = StepResult(step_id=r.step_id, req_ids=r.req_ids, token_ids=r.token_ids, prepare_ns=1_000,
                                 forward_ns=forward_ns, sample_ns=2_000, total_ns=forward_ns + 3_000)
-            telemetry.executor_step_span(step.traceparent, result, num_seqs=plan.num_seqs)  # executor side
+            step_tracing.executor_step_span(step.traceparent, result, num_seqs=plan.num_seqs)  # executor side
             step.end(result)
         now += dt
         events = core.update(plan, result, now)
@@ -38,28 +38,28 @@ def run_traced(core, spans: telemetry.RequestSpans, dt: float = 0.05, forward_ns
 
 # ---------------------------------------------------------------- off
 def test_unconfigured_installs_nothing_and_helpers_are_cheap():
-    assert telemetry.init_tracing("slai-scheduler") is None
-    assert not telemetry.is_tracing_enabled()
+    assert tracing.init_tracing("slai-scheduler") is None
+    assert not tracing.is_tracing_enabled()
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
 
-    core = make_core(record_events=telemetry.is_tracing_enabled())
+    core = make_core(record_events=tracing.is_tracing_enabled())
     reqs = make_requests(4)
-    spans = telemetry.RequestSpans()
+    spans = step_tracing.RequestSpans()
     for r in reqs:
         spans.start(r.req_id, None, tier=r.tier)
         core.add(r, 0.0)
     plan = core.schedule(0.0)
     assert len(spans) == 0 and core.drain_events() == []
-    assert telemetry.start_request_span("x") is trace.INVALID_SPAN
-    assert telemetry.grpc_metadata() == () and telemetry.grpc_server_interceptors() == []
+    assert tracing.start_request_span("x") is trace.INVALID_SPAN
+    assert tracing.grpc_metadata() == () and tracing.grpc_server_interceptors() == []
 
     n = 20_000
     t0 = time.perf_counter()
     for _ in range(n):
-        with telemetry.step_span(plan, spans) as step:
+        with step_tracing.step_span(plan, spans) as step:
             step.end(None)
         spans.on_step((), ())
-        telemetry.executor_step_span(step.traceparent, None)
+        step_tracing.executor_step_span(step.traceparent, None)
     per_step_us = (time.perf_counter() - t0) / n * 1e6
     assert step.traceparent == ""
     assert per_step_us < 5.0, f"no-op step hooks cost {per_step_us:.2f} µs"  # ≈ 0.5 µs measured
@@ -68,37 +68,37 @@ def test_unconfigured_installs_nothing_and_helpers_are_cheap():
 def test_sdk_disabled_wins_over_endpoint(monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
-    assert telemetry.init_tracing("slai-gateway") is None
+    assert tracing.init_tracing("slai-gateway") is None
     monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
-    assert telemetry.init_tracing("slai-gateway") is None
+    assert tracing.init_tracing("slai-gateway") is None
 
 
 def test_env_names_the_service(monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=ci")
-    provider = telemetry.init_tracing("slai-gateway", set_global=False)
+    provider = tracing.init_tracing("slai-gateway", set_global=False)
     assert provider.resource.attributes["service.name"] == "slai-gateway"
     assert provider.resource.attributes["deployment.environment"] == "ci"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "gw-from-env")
-    provider = telemetry.init_tracing("slai-gateway", set_global=False)
+    provider = tracing.init_tracing("slai-gateway", set_global=False)
     assert provider.resource.attributes["service.name"] == "gw-from-env"
 
 
 # ---------------------------------------------------------------- W3C propagation
 def test_traceparent_round_trip_and_carriers(memory_exporter):
-    span = telemetry.start_request_span("r1", tier=Tier.PAYING, max_tokens=8, temperature=0.5, top_p=0.9)
-    tp = telemetry.traceparent_of(span)
+    span = tracing.start_request_span("r1", tier=Tier.PAYING, max_tokens=8, temperature=0.5, top_p=0.9)
+    tp = tracing.traceparent_of(span)
     sc = span.get_span_context()
     carrier: dict[str, str] = {}
     TraceContextTextMapPropagator().inject(carrier, trace.set_span_in_context(span))
     assert tp == carrier["traceparent"]  # same string as OTel's own W3C propagator
     assert tp.startswith(f"00-{sc.trace_id:032x}-{sc.span_id:016x}-")
-    for carrier in ({"traceparent": tp}, ((N.TRACEPARENT_HEADER, tp),), telemetry.grpc_metadata(span), tp):
-        parent = trace.get_current_span(telemetry.extract_context(carrier)).get_span_context()
+    for carrier in ({"traceparent": tp}, ((N.TRACEPARENT_HEADER, tp),), tracing.grpc_metadata(span), tp):
+        parent = trace.get_current_span(tracing.extract_context(carrier)).get_span_context()
         assert (parent.trace_id, parent.span_id, parent.is_remote) == (sc.trace_id, sc.span_id, True)
     for bad in ("", "00-zz-11-01", "00-" + "0" * 32 + "-" + "1" * 16 + "-01", "garbage"):
-        assert telemetry.context_from_traceparent(bad) is None
+        assert tracing.context_from_traceparent(bad) is None
     span.end()
     (finished,) = memory_exporter.get_finished_spans()
     assert finished.name == N.SPAN_GATEWAY_REQUEST
@@ -109,7 +109,7 @@ def test_traceparent_round_trip_and_carriers(memory_exporter):
 
 async def test_parent_crosses_a_real_grpc_call(memory_exporter):
     """Gateway -> scheduler: metadata from grpc_metadata(span) parents the scheduler's request span."""
-    spans = telemetry.RequestSpans()
+    spans = step_tracing.RequestSpans()
 
     def handle(request: bytes, context) -> bytes:
         spans.start("r1", context.invocation_metadata(), tier="free", prompt_tokens=3)
@@ -121,11 +121,11 @@ async def test_parent_crosses_a_real_grpc_call(memory_exporter):
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        gw = telemetry.start_request_span("r1", tier="free")
+        gw = tracing.start_request_span("r1", tier="free")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            assert await channel.unary_unary("/test.Svc/Call")(b"x", metadata=telemetry.grpc_metadata(gw)) == b"ok"
+            assert await channel.unary_unary("/test.Svc/Call")(b"x", metadata=tracing.grpc_metadata(gw)) == b"ok"
         spans.end("r1")
-        telemetry.end_request_span(gw, finish_reason="length", prompt_tokens=3, completion_tokens=2, ttft_s=0.1,
+        tracing.end_request_span(gw, finish_reason="length", prompt_tokens=3, completion_tokens=2, ttft_s=0.1,
                                    e2e_s=0.3, queue_s=0.01, num_preemptions=0, max_tbt_s=0.2)
     finally:
         await server.stop(None)
@@ -141,7 +141,7 @@ async def test_parent_crosses_a_real_grpc_call(memory_exporter):
 @pytest.mark.parametrize("by_mapping", [False, True])
 def test_step_span_links_requests_and_carries_plan_stats(memory_exporter, by_mapping):
     core = make_core(record_events=True)
-    spans = telemetry.RequestSpans()
+    spans = step_tracing.RequestSpans()
     reqs = make_requests(5, prompt_len=16, max_tokens=3)
     for r in reqs:
         spans.start(r.req_id, None, tier=r.tier, max_tokens=r.max_tokens, prompt_tokens=r.num_prompt_tokens,
@@ -184,7 +184,7 @@ def test_step_span_links_requests_and_carries_plan_stats(memory_exporter, by_map
 
 def test_executor_span_is_the_child_of_the_traceparent(memory_exporter):
     core = make_core(record_events=True)
-    spans = telemetry.RequestSpans()
+    spans = step_tracing.RequestSpans()
     for r in make_requests(2, max_tokens=2):
         spans.start(r.req_id, None)
         core.add(r, 0.0)
@@ -198,8 +198,8 @@ def test_executor_span_is_the_child_of_the_traceparent(memory_exporter):
         assert ex.attributes[N.SLAI_STEP_ID] == parent.attributes[N.SLAI_STEP_ID]
         assert ex.attributes[N.SLAI_STEP_FORWARD_NS] == 7_000_000
         assert ex.end_time - ex.start_time == 7_003_000  # the span covers total_ns
-    telemetry.executor_step_span("", StepResult())  # no traceparent: scheduler not tracing, nothing recorded
-    telemetry.executor_step_span("not-a-traceparent", StepResult())
+    step_tracing.executor_step_span("", StepResult())  # no traceparent: scheduler not tracing, nothing recorded
+    step_tracing.executor_step_span("not-a-traceparent", StepResult())
     assert len(spans_named(memory_exporter, N.SPAN_EXECUTOR_STEP)) == 2
 
 
@@ -209,7 +209,7 @@ def test_step_links_are_capped_at_128(memory_exporter):
         core.add(r, 0.0)
     plan = core.schedule(0.0)
     contexts = [SpanContext(i + 1, i + 1, is_remote=False, trace_flags=TraceFlags(1)) for i in range(200)]
-    step = telemetry.step_span(plan, contexts)
+    step = step_tracing.step_span(plan, contexts)
     assert step.traceparent.startswith("00-")
     step.end()
     step.end()  # idempotent
@@ -220,12 +220,12 @@ def test_step_links_are_capped_at_128(memory_exporter):
 
 def test_step_span_records_errors_and_skips_empty_plans(memory_exporter):
     core = make_core()
-    assert telemetry.step_span(core.schedule(0.0), {}).traceparent == ""  # empty plan: no span
+    assert step_tracing.step_span(core.schedule(0.0), {}).traceparent == ""  # empty plan: no span
     core = make_core()
     core.add(make_requests(1)[0], 0.0)
     plan = core.schedule(0.0)
     with pytest.raises(ConnectionError):
-        with telemetry.step_span(plan, {}):
+        with step_tracing.step_span(plan, {}):
             raise ConnectionError("executor lost")
     (span,) = spans_named(memory_exporter, N.SPAN_SCHEDULER_STEP)
     assert span.status.status_code == trace.StatusCode.ERROR
@@ -233,7 +233,7 @@ def test_step_span_records_errors_and_skips_empty_plans(memory_exporter):
 
 
 def test_preemptions_and_aborts_on_the_request_span(memory_exporter):
-    spans = telemetry.RequestSpans(clock=lambda: 0.0)
+    spans = step_tracing.RequestSpans(clock=lambda: 0.0)
     spans.start("a", None, tier="paying")
     spans.start("b", None, tier="free")
     spans.on_step([LifecycleEvent(EventKind.QUEUED, "a", 1.0), LifecycleEvent(EventKind.SCHEDULED, "a", 1.5),
@@ -251,10 +251,10 @@ def test_preemptions_and_aborts_on_the_request_span(memory_exporter):
 
 
 async def test_optional_grpc_instrumentation_with_the_shared_server(memory_exporter):
-    """grpc_*_interceptors plug OTel's aio instrumentation into common.grpc_server; health is not traced."""
+    """grpc_*_interceptors plug OTel's aio instrumentation into wire.grpc_server; health is not traced."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from common.grpc_server import start_server
+    from wire.grpc_server import start_server
 
     seen = []
 
@@ -264,10 +264,10 @@ async def test_optional_grpc_instrumentation_with_the_shared_server(memory_expor
 
     add = lambda s: s.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(  # noqa: E731
         "test.Svc", {"Call": grpc.unary_unary_rpc_method_handler(handle)}),))
-    srv = await start_server([add], ["test.Svc"], interceptors=telemetry.grpc_server_interceptors())
+    srv = await start_server([add], ["test.Svc"], interceptors=tracing.grpc_server_interceptors())
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}",
-                                             interceptors=telemetry.grpc_client_interceptors()) as channel:
+                                             interceptors=tracing.grpc_client_interceptors()) as channel:
             assert await channel.unary_unary("/test.Svc/Call")(b"x") == b"ok"
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     finally:
@@ -284,9 +284,9 @@ def test_step_tracing_can_be_thinned(monkeypatch):
     monkeypatch.setenv(N.TRACE_STEP_EVERY_ENV, "3")
     monkeypatch.setenv(N.TRACE_STEP_LINKS_ENV, "2")
     memory_exporter = InMemorySpanExporter()
-    telemetry.init_tracing("slai-test", exporter=memory_exporter)
+    tracing.init_tracing("slai-test", exporter=memory_exporter)
     core = make_core(record_events=True)
-    spans = telemetry.RequestSpans()
+    spans = step_tracing.RequestSpans()
     for r in make_requests(4, max_tokens=6):
         spans.start(r.req_id, None)
         core.add(r, 0.0)

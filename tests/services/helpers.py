@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common import codec
-from common.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc import submit_codec
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from executor_svc.fake_runner import FakeRunner
 from executor_svc.server import serve as serve_executor
 from scheduler_svc.config import ServiceConfig
-from scheduler_svc.core.plan import BatchPlan, StepResult
+from contract.plan import BatchPlan, StepResult
 from scheduler_svc.server import serve as serve_scheduler
 
 
@@ -106,7 +106,7 @@ async def wait_for(pred, timeout_s: float = 30.0, interval_s: float = 0.01) -> N
 
 
 def stats(dispatcher):
-    return codec.stats_from_pb(codec.stats_to_pb("x", dispatcher.executor_stats(), *dispatcher.queued()))
+    return submit_codec.stats_from_pb(submit_codec.stats_to_pb("x", dispatcher.executor_stats(), *dispatcher.queued()))
 
 
 class VirtualClock:

@@ -12,14 +12,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
+from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.services.helpers import submit_msg, tokens_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "slai_serve.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "SLAI_METRICS_PORT": "0"})
 
 

@@ -7,20 +7,26 @@ import sys
 
 import pytest
 
-from common import codec
-from common.pb.slai.v1 import common_pb2, scheduler_pb2
-from executor_svc.runner_api import RunnerInfo
-from scheduler_svc.core.plan import BatchPlan, NewRequestSlice, TokenEvent
-from scheduler_svc.core.request import Request, SamplingParams, Tier
+from gateway import codec
+from scheduler_svc import submit_codec
+from wire import executor_codec
+from scheduler_svc.core.token_ids import TokenIds
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2
+from contract.executor_info import ExecutorInfo
+from contract.plan import BatchPlan, NewRequestSlice
+from scheduler_svc.core.token_event import TokenEvent
+from contract.sampling import SamplingParams
+from contract.tiers import Tier
+from scheduler_svc.core.request import Request
 from scheduler_svc.stats import ExecutorStatsView
 
 
 def test_submit_round_trip():
     req = Request("r1", 3, 7, 0.0, tier=Tier.PAYING, tbt_slo_s=0.05, ttft_slo_s=1.5,
-                  prompt_token_ids=codec.TokenIds([5, 6, 70000]),
+                  prompt_token_ids=TokenIds([5, 6, 70000]),
                   sampling=SamplingParams(temperature=0.5, top_p=0.75, top_k=4, seed=9, stop_token_ids=(2,),
                                           ignore_eos=True))
-    back = codec.request_from_submit_pb(codec.submit_to_pb(req), now=12.5)
+    back = submit_codec.request_from_submit_pb(submit_codec.submit_to_pb(req), now=12.5)
     assert back.req_id == "r1" and back.arrival_s == 12.5 and back.tier == Tier.PAYING
     assert back.prompt_token_ids == (5, 6, 70000) and back.num_prompt_tokens == 3 and back.max_tokens == 7
     assert back.tbt_slo_s == pytest.approx(0.05) and back.ttft_slo_s == pytest.approx(1.5)
@@ -29,11 +35,11 @@ def test_submit_round_trip():
 
 def test_submit_defaults_and_tiers():
     msg = scheduler_pb2.SubmitRequest(request_id="a", prompt_token_ids=[1], max_tokens=1)
-    req = codec.request_from_submit_pb(msg, 0.0)
+    req = submit_codec.request_from_submit_pb(msg, 0.0)
     assert req.tier == Tier.FREE and req.tbt_slo_s is None and req.ttft_slo_s is None
     assert req.sampling == SamplingParams()
     msg.tier = common_pb2.TIER_PAYING
-    assert codec.request_from_submit_pb(msg, 0.0).tier == Tier.PAYING
+    assert submit_codec.request_from_submit_pb(msg, 0.0).tier == Tier.PAYING
 
 
 @pytest.mark.parametrize("mutate,field", [
@@ -50,11 +56,11 @@ def test_submit_errors_name_the_field(mutate, field):
     msg = scheduler_pb2.SubmitRequest(request_id="a", prompt_token_ids=[1, 2], max_tokens=3)
     mutate(msg)
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        codec.request_from_submit_pb(msg, 0.0)
+        submit_codec.request_from_submit_pb(msg, 0.0)
 
 
 def test_token_ids_are_compact_and_tuple_like():
-    ids = codec.TokenIds(range(1000, 3000))
+    ids = TokenIds(range(1000, 3000))
     as_tuple = tuple(range(1000, 3000))
     assert len(ids) == 2000 and ids == as_tuple and ids[5] == 1005 and list(ids[:2]) == [1000, 1001]
     assert sys.getsizeof(ids) < 0.2 * (sys.getsizeof(as_tuple) + 2000 * 28)
@@ -65,24 +71,24 @@ def test_token_ids_are_compact_and_tuple_like():
     plan = BatchPlan(step_id=3, new=(NewRequestSlice(req_id="r", token_ids=req.all_token_ids(), num_tokens=2002,
                                                      block_ids=tuple(range(126)), num_new_tokens=2002,
                                                      sample=True),))
-    back = codec.plan_from_pb(codec.plan_to_pb(plan))
+    back = executor_codec.plan_from_pb(executor_codec.plan_to_pb(plan))
     assert back.new[0].token_ids == as_tuple + (7, 8) and back.new[0].block_ids == tuple(range(126))
 
 
 def test_final_event_round_trip():
     ev = TokenEvent(req_id="r", token_ids=(4,), finish_reason="length", time_s=3.0, num_prompt_tokens=10,
                     num_output_tokens=2)
-    msg = codec.final_token_event_to_pb(ev, prompt_tokens=12, completion_tokens=5, ttft_s=0.5, e2e_s=2.5,
+    msg = submit_codec.final_token_event_to_pb(ev, prompt_tokens=12, completion_tokens=5, ttft_s=0.5, e2e_s=2.5,
                                         queue_s=0.25, max_tbt_s=0.75, num_preemptions=1)
-    back = codec.token_event_from_pb(msg)
+    back = submit_codec.token_event_from_pb(msg)
     assert back.finish_reason == "length" and back.token_ids == (4,) and back.time_s == 3.0
     assert (back.num_prompt_tokens, back.num_output_tokens) == (12, 5)
     assert dataclasses.asdict(codec.timings_from_pb(msg.timings)) == {
         "ttft_s": 0.5, "e2e_s": 2.5, "queue_s": 0.25, "max_tbt_s": 0.75, "num_preemptions": 1}
     with pytest.raises(ValueError):
-        codec.final_token_event_to_pb(TokenEvent(req_id="r"), prompt_tokens=1, completion_tokens=0, ttft_s=0,
+        submit_codec.final_token_event_to_pb(TokenEvent(req_id="r"), prompt_tokens=1, completion_tokens=0, ttft_s=0,
                                       e2e_s=0, queue_s=0, max_tbt_s=0, num_preemptions=0)
-    assert codec.token_event_from_pb(codec.error_event_to_pb("x")).finish_reason == "error"
+    assert submit_codec.token_event_from_pb(submit_codec.error_event_to_pb("x")).finish_reason == "error"
 
 
 def test_stats_round_trip():
@@ -92,7 +98,7 @@ def test_stats_round_trip():
                                last_num_prefill_tokens=300, last_offset=5.0, mean_decision_s=1e-4,
                                mean_executor_wait_s=5e-4, mean_rpc_overhead_s=3e-4),
              ExecutorStatsView(address="b:2")]
-    back = codec.stats_from_pb(codec.stats_to_pb("slai", views, 7, 700))
+    back = submit_codec.stats_from_pb(submit_codec.stats_to_pb("slai", views, 7, 700))
     assert back["policy"] == "slai" and back["num_queued_total"] == 7 and back["num_queued_prompt_tokens"] == 700
     for view, got in zip(views, back["executors"]):
         for k, v in got.items():
@@ -100,11 +106,11 @@ def test_stats_round_trip():
 
 
 def test_info_and_warmup_round_trip():
-    info = RunnerInfo(model="m", device="cuda:0", dtype="float16", attention_backend="flash-attn", block_size=16,
+    info = ExecutorInfo(model="m", device="cuda:0", dtype="float16", attention_backend="flash-attn", block_size=16,
                       num_blocks=14733, max_model_len=8192, vocab_size=32000, eos_token_ids=(2, 3))
-    back = codec.info_from_pb(codec.info_to_pb(info, ready=True))
-    assert back == codec.ExecutorInfo(model="m", device="cuda:0", dtype="float16", attention_backend="flash-attn",
+    back = executor_codec.info_from_pb(executor_codec.info_to_pb(info, ready=True))
+    assert back == ExecutorInfo(model="m", device="cuda:0", dtype="float16", attention_backend="flash-attn",
                                       block_size=16, num_blocks=14733, max_model_len=8192, vocab_size=32000,
                                       eos_token_ids=(2, 3), ready=True)
-    assert codec.warmup_from_pb(codec.warmup_to_pb(100, 512)) == (100, 512)
-    assert codec.warmup_from_pb(codec.warmup_to_pb(None, 256)) == (None, 256)
+    assert executor_codec.warmup_from_pb(executor_codec.warmup_to_pb(100, 512)) == (100, 512)
+    assert executor_codec.warmup_from_pb(executor_codec.warmup_to_pb(None, 256)) == (None, 256)

@@ -13,11 +13,11 @@ import asyncio
 
 import pytest
 
-from bench.cost_models import PAPER_MODEL, plan_features
-from bench.sim import Simulator, build_core
-from bench.workloads import WorkloadItem
-from common import codec
-from common.pb.slai.v1 import common_pb2
+from contract.cost_models import PAPER_MODEL, plan_features
+from simulator.sim import Simulator, build_core
+from simulator.workloads import WorkloadItem
+from scheduler_svc import submit_codec
+from wire.pb.slai.v1 import common_pb2
 from tests.services.helpers import VirtualClock, VirtualTimeRunner, start_stack, submit_msg
 
 
@@ -74,7 +74,7 @@ async def serve_virtual(policy: str, items, num_blocks: int, overrides):
         for it in items:  # one synchronous block: all arrive at t = 0 before the first step
             tier = common_pb2.TIER_PAYING if it.tier == "paying" else common_pb2.TIER_FREE
             msg = submit_msg(it.req_id, it.prompt_len, it.output_len, tier=tier, tbt_slo_s=it.tbt_slo_s)
-            streams.append(d.submit(codec.request_from_submit_pb(msg, clock())))
+            streams.append(d.submit(submit_codec.request_from_submit_pb(msg, clock())))
 
         async def drain(s):
             n = 0
@@ -115,10 +115,10 @@ async def test_slai_decodes_paying_requests_every_step():
         d.drivers[0].recorded_plans = []
         streams = []
         for i in range(12):
-            streams.append(d.submit(codec.request_from_submit_pb(submit_msg(f"free{i}", 300, 30), clock())))
+            streams.append(d.submit(submit_codec.request_from_submit_pb(submit_msg(f"free{i}", 300, 30), clock())))
         for i in range(3):
             msg = submit_msg(f"pay{i}", 16, 20, tier=common_pb2.TIER_PAYING)
-            streams.append(d.submit(codec.request_from_submit_pb(msg, clock())))
+            streams.append(d.submit(submit_codec.request_from_submit_pb(msg, clock())))
 
         async def drain(s):
             while (await s.get()).finish_reason is None:

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from common import codec
+from contract.executor_info import ExecutorInfo
 from executor_svc.fake_runner import FakeRunner
 from scheduler_svc.config import ServiceConfig
-from scheduler_svc.core.request import Request, SamplingParams
+from contract.sampling import SamplingParams
+from scheduler_svc.core.request import Request
 from scheduler_svc.loop import ExecutorDriver
-from scheduler_svc.router import Router
+from scheduler_svc.core.router import Router
 
 
 @dataclass
@@ -62,7 +63,7 @@ class LocalClient:
 
     async def connect(self, cap, max_batch_tokens):
         info = self.runner.info()
-        return codec.ExecutorInfo(block_size=info.block_size, num_blocks=info.num_blocks, ready=True)
+        return ExecutorInfo(block_size=info.block_size, num_blocks=info.num_blocks, ready=True)
 
     async def step(self, plan, traceparent=""):
         await self.send(plan)

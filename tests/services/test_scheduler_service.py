@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from common.pb.slai.v1 import common_pb2, scheduler_pb2
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 from executor_svc.fake_runner import fake_token
 from tests.services.helpers import (RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of,
                                     wait_for)

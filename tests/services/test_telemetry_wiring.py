@@ -7,23 +7,23 @@ import asyncio
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from common import names as N
-from common import telemetry
-from common.metrics import ExecutorMetrics, SchedulerMetrics
-from common.pb.slai.v1 import common_pb2
+from telemetry import names as N
+from telemetry import tracing
+from telemetry.metrics import ExecutorMetrics, SchedulerMetrics
+from wire.pb.slai.v1 import common_pb2
 from tests.services.helpers import RecordingRunner, collect, start_stack, submit_msg, tokens_of, wait_for
 
 
 @pytest.fixture
-def tracing(monkeypatch):
+def span_exporter(monkeypatch):
     for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER"):
         monkeypatch.delenv(name, raising=False)
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
     exporter = InMemorySpanExporter()
-    telemetry.init_tracing("slai-test", exporter=exporter)
+    tracing.init_tracing("slai-test", exporter=exporter)
     yield exporter
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
 
 
 async def test_metrics_are_fed():
@@ -46,17 +46,17 @@ async def test_metrics_are_fed():
     assert em.registry.get_sample_value(N.M_BATCH_INFERENCE_DURATION + "_count", {N.L_PHASE: "total"}) >= 5
 
 
-async def test_request_and_step_spans(tracing):
+async def test_request_and_step_spans(span_exporter):
     st = await start_stack([RecordingRunner()])
     try:
         results = await asyncio.gather(collect(st.stub, submit_msg("t1", 8, 4)),
                                        collect(st.stub, submit_msg("t2", 8, 2)))
         assert [len(tokens_of(r)) for r in results] == [4, 2]
-        await wait_for(lambda: {s.attributes.get(N.GEN_AI_REQUEST_ID) for s in tracing.get_finished_spans()
+        await wait_for(lambda: {s.attributes.get(N.GEN_AI_REQUEST_ID) for s in span_exporter.get_finished_spans()
                                 if s.name == N.SPAN_SCHEDULER_REQUEST} == {"t1", "t2"})
     finally:
         await st.close()
-    spans = tracing.get_finished_spans()
+    spans = span_exporter.get_finished_spans()
     reqs = {s.attributes[N.GEN_AI_REQUEST_ID]: s for s in spans if s.name == N.SPAN_SCHEDULER_REQUEST}
     assert set(reqs) == {"t1", "t2"}
     steps = [s for s in spans if s.name == N.SPAN_SCHEDULER_STEP]

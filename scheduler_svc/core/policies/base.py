@@ -11,7 +11,7 @@ from scheduler_svc.core.request import Request
 
 if TYPE_CHECKING:
     from scheduler_svc.core.batch_builder import BatchBuilder
-    from scheduler_svc.core.scheduler import SchedulerCore
+    from scheduler_svc.core.view import CoreView
 
 
 class Policy(ABC):
@@ -29,9 +29,9 @@ class Policy(ABC):
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         self.config = config or SchedulerConfig()
         self.waiting: WaitingQueue = make_waiting_queue(self.config.fcfs, self.config.user_priority)
-        self.core: SchedulerCore | None = None
+        self.core: CoreView | None = None
 
-    def bind(self, core: SchedulerCore) -> None:
+    def bind(self, core: CoreView) -> None:
         if self.core is not None and self.core is not core:
             raise RuntimeError(f"policy {self.name!r} is already bound to another core")
         self.core = core

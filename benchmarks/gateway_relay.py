@@ -1,0 +1,140 @@
+"""Gateway streaming capacity: how many token chunks/s one gateway process relays.
+
+    python -m benchmarks.gateway_relay --streams 128 --tokens 200 [--step-ms 25] [--model-dir DIR]
+
+Three processes on loopback: a paced fake scheduler (one TokenEvent per stream
+per step, like the real scheduler), the real ``slai-serve gateway``, and this
+client with ``--streams`` concurrent gRPC streams. Reports chunks/s delivered,
+client-side TBT percentiles, and the gateway's CPU time per chunk. With
+``--step-ms 0`` the fake scheduler emits as fast as it can (raw capacity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+async def _fake_scheduler(port: int, step_ms: float, vocab_ids: list[int]) -> None:
+    from wire.grpc_server import start_server
+    from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+    class Paced(scheduler_pb2_grpc.SchedulerServiceServicer):
+        async def Submit(self, request, context):
+            t0 = time.monotonic()
+            n = request.max_tokens
+            for i in range(n):
+                if step_ms:
+                    await asyncio.sleep(step_ms / 1e3)
+                ev = scheduler_pb2.TokenEvent(request_id=request.request_id, token_ids=[vocab_ids[i % len(vocab_ids)]],
+                                              time_s=time.monotonic(), ttft_s=time.monotonic() - t0 if i == 0 else 0)
+                if i == n - 1:
+                    ev.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                    ev.usage.prompt_tokens = len(request.prompt_token_ids)
+                    ev.usage.completion_tokens = n
+                yield ev
+
+        async def Abort(self, request, context):
+            return scheduler_pb2.AbortResponse(found=False)
+
+    srv = await start_server([lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(Paced(), s)],
+                             ["slai.v1.SchedulerService"], f"127.0.0.1:{port}")
+    await srv.server.wait_for_termination()
+
+
+async def _client(address: str, streams: int, tokens: int) -> dict:
+    import grpc
+
+    from wire.pb.slai.v1 import gateway_pb2_grpc
+    from gateway.client import build_request
+
+    gaps: list[float] = []
+    counts: list[int] = []
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+
+        async def one(i: int) -> None:
+            last = None
+            n = 0
+            async for chunk in stub.Generate(build_request(f"stream {i}", max_tokens=tokens, ignore_eos=True)):
+                now = time.monotonic()
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+                n += len(chunk.token_ids)
+            counts.append(n)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(streams)))
+        wall = time.monotonic() - t0
+    total = sum(counts)
+    g = np.array(gaps) if gaps else np.zeros(1)
+    return {"streams": streams, "tokens_per_stream": tokens, "total_tokens": total,
+            "exact_counts": all(c == tokens for c in counts), "wall_s": wall, "tokens_per_s": total / wall,
+            "client_tbt_p50_ms": float(np.percentile(g, 50) * 1e3), "client_tbt_p99_ms": float(np.percentile(g, 99) * 1e3)}
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gateway_relay", description=__doc__.splitlines()[0])
+    p.add_argument("--streams", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--step-ms", type=float, default=25.0, help="fake scheduler step; 0 = as fast as possible")
+    p.add_argument("--model-dir", default="")
+    p.add_argument("--fake-scheduler-port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.fake_scheduler_port:
+        from gateway.tokenizer import ModelTokenizer
+
+        tok = ModelTokenizer.from_dir(args.model_dir)
+        ids = tok.encode(" The quick brown fox jumps over the lazy dog. Ça va très bien, merci! 😀",
+                         add_special_tokens=False)
+        asyncio.run(_fake_scheduler(args.fake_scheduler_port, args.step_ms, ids))
+        return 0
+
+    from slai_serve.launch import free_port, wait_healthy
+    from contract.model_files import default_model_dir
+
+    model_dir = args.model_dir or str(default_model_dir())
+    sp, gp = free_port(), free_port()
+    py = sys.executable
+    sched = subprocess.Popen([py, "-m", "benchmarks.gateway_relay", "--fake-scheduler-port", str(sp), "--step-ms",
+                              str(args.step_ms), "--model-dir", model_dir])
+    gw = subprocess.Popen([py, "-m", "slai_serve.cli", "gateway", "--scheduler", f"127.0.0.1:{sp}", "--host", "127.0.0.1",
+                           "--grpc-port", str(gp), "--http-port", "-1", "--model-dir", model_dir,
+                           "--log-level", "WARNING"])
+    try:
+        wait_healthy(f"127.0.0.1:{sp}", timeout_s=30, proc=sched)
+        wait_healthy(f"127.0.0.1:{gp}", "slai.v1.GatewayService", timeout_s=30, proc=gw)
+        asyncio.run(_client(f"127.0.0.1:{gp}", 4, 8))  # warm up
+        cpu0 = _cpu_s(gw.pid)
+        res = asyncio.run(_client(f"127.0.0.1:{gp}", args.streams, args.tokens))
+        res["gateway_cpu_s"] = _cpu_s(gw.pid) - cpu0
+        res["gateway_cpu_us_per_token"] = res["gateway_cpu_s"] / max(res["total_tokens"], 1) * 1e6
+        res["step_ms"] = args.step_ms
+        print(json.dumps(res, sort_keys=True))
+    finally:
+        for proc in (gw, sched):
+            proc.terminate()
+        for proc in (gw, sched):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

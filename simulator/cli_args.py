@@ -1,0 +1,123 @@
+"""Command-line options shared by ``sim``, ``capacity`` and ``compare``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from contract.tiers import FREE_TBT_S, PAYING_TBT_S
+from contract.cost_models import CostModel, resolve_cost_model
+from simulator.workloads import (PAPER_TRACE, clip_workload, clipped_rate_factor, make_workload, mean_lengths,
+                             resolve_trace)
+
+
+def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-requests", type=int, default=num_requests, help="requests per run (default %(default)s)")
+    g.add_argument("--trace", default=None, metavar="PATH|paper",
+                   help=f"length trace CSV; 'paper' = {PAPER_TRACE}"
+                        f"{'' if PAPER_TRACE.is_file() else ' (not found here)'}; default: synthetic knots")
+    g.add_argument("--seed", type=int, default=42, help="seed for lengths, arrivals and tiers (default 42)")
+    g.add_argument("--clip-factor", type=float, default=3.0,
+                   help="clip each Poisson gap at this / QPS (paper: 3); 0 disables")
+    g.add_argument("--paying-prob", type=float, default=0.05, help="probability of the paying tier")
+    g.add_argument("--paying-tbt", type=float, default=PAYING_TBT_S, help="paying tier TBT SLO, seconds")
+    g.add_argument("--free-tbt", type=float, default=FREE_TBT_S, help="free tier TBT SLO, seconds")
+    g.add_argument("--max-prompt-len", type=int, default=0,
+                   help="clip prompt lengths to this (0 = no cap); same as bench-serve's option")
+    g.add_argument("--max-output-len", type=int, default=0,
+                   help="clip output lengths to this (0 = no cap); same as bench-serve's option")
+    g = p.add_argument_group("system")
+    g.add_argument("--cost-model", default="paper", metavar="FILE|paper",
+                   help="step-time model: 'paper' (built-in fit) or a JSON model file")
+    g.add_argument("--step-overhead-ms", type=float, default=None,
+                   help="fixed per-step overhead added to the cost model's time (default: the model's own)")
+    g.add_argument("--num-blocks", type=int, default=14733, help="KV blocks of 16 tokens (paper: 14733)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="SchedulerConfig override (repeatable), e.g. --set token_budget=1024")
+    g.add_argument("--max-sim-time", type=float, default=None,
+                   help="stop a run at this simulated time (requests still queued count as unfinished)")
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("executors (simulator/cluster.py)")
+    g.add_argument("--executors", type=int, default=1,
+                   help="simulated executors, each with its own core and KV pool; --qps is the total (default 1)")
+    g.add_argument("--routing", default=None, choices=("least-work", "round-robin", "power-of-two"),
+                   help="routing at admission (default least-work when --executors > 1)")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one simulation needs besides the policy and QPS (picklable for workers)."""
+
+    num_requests: int
+    trace: str | None
+    seed: int
+    clip_factor: float | None
+    paying_prob: float
+    paying_tbt: float
+    free_tbt: float
+    cost_model: CostModel
+    num_blocks: int
+    overrides: tuple[str, ...]
+    max_sim_time: float | None = None
+    max_prompt_len: int = 0  # 0 = no cap (bench-serve's --max-prompt-len)
+    max_output_len: int = 0
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> RunSpec:
+        if a.trace not in (None, "", "synthetic"):
+            resolve_trace(a.trace)  # fail fast on a missing file
+        return cls(num_requests=a.num_requests, trace=a.trace, seed=a.seed,
+                   clip_factor=a.clip_factor if a.clip_factor and a.clip_factor > 0 else None,
+                   paying_prob=a.paying_prob, paying_tbt=a.paying_tbt, free_tbt=a.free_tbt,
+                   cost_model=resolve_cost_model(a.cost_model, a.step_overhead_ms), num_blocks=a.num_blocks,
+                   overrides=tuple(a.overrides), max_sim_time=a.max_sim_time,
+                   max_prompt_len=getattr(a, "max_prompt_len", 0) or 0,
+                   max_output_len=getattr(a, "max_output_len", 0) or 0)
+
+    def workload(self, qps: float):
+        items = make_workload(self.num_requests, qps, seed=self.seed, trace=self.trace,
+                              clip_factor=self.clip_factor, paying_prob=self.paying_prob,
+                              paying_tbt_s=self.paying_tbt, free_tbt_s=self.free_tbt)
+        return clip_workload(items, self.max_prompt_len, self.max_output_len)
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_requests": self.num_requests, "trace": self.trace or "synthetic", "seed": self.seed,
+                "clip_factor": self.clip_factor, "paying_prob": self.paying_prob,
+                "cost_model": self.cost_model.to_dict(), "num_blocks": self.num_blocks,
+                "overrides": list(self.overrides), "max_prompt_len": self.max_prompt_len,
+                "max_output_len": self.max_output_len}
+
+
+def stability_bound(spec: RunSpec, policy: str = "slai") -> dict[str, float]:
+    """Li, Dai, Peng (arXiv 2504.07347): lambda * (mean P + mean D) < b / t_b.
+
+    b = the token budget, t_b = the cost model's time of one full b-token step.
+    Reported as an effective arrival rate and as the nominal QPS that produces it
+    under gap clipping.
+    """
+    from simulator.sim import build_core
+
+    b = build_core(policy, spec.num_blocks, spec.overrides).config.token_budget
+    t_b = spec.cost_model.full_step_s(b)
+    mp, md = mean_lengths(spec.trace, spec.seed, max_prompt=spec.max_prompt_len,
+                          max_output=spec.max_output_len)
+    lam = b / t_b / (mp + md)
+    return {"token_budget": b, "t_b_s": t_b, "tokens_per_s": b / t_b, "mean_prompt": mp, "mean_output": md,
+            "lambda_max_effective_qps": lam,
+            "lambda_max_nominal_qps": lam / clipped_rate_factor(spec.clip_factor)}
+
+
+def clean_json(obj: Any) -> Any:
+    """Replace NaN/inf by None so the output is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj

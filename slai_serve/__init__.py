@@ -1,0 +1,1 @@
+"""The ``slai-serve`` product command and the local launcher (``up``)."""

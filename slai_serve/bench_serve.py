@@ -1,0 +1,223 @@
+"""``slai-serve bench-serve``: replay a workload against a running gateway (the live twin of ``sim``).
+
+    slai-serve up --fake --api-keys keys.yaml &
+    slai-serve bench-serve --gateway 127.0.0.1:50051 --qps 20 --num-requests 512 \\
+        --api-keys keys.yaml --max-prompt-len 512 --max-output-len 128 --json
+
+The workload comes from :func:`simulator.workloads.make_workload` (same seed, same
+arrivals, lengths and tiers as the simulator). Each request is sent at its
+arrival time on its own gRPC stream with ``ignore_eos`` and ``max_tokens`` =
+its output length. The gateway takes text, so a prompt of exactly N tokens is a
+single-token word repeated (checked with the model's tokenizer). A request's
+tier comes from its API key: ``--api-keys`` (the gateway's key file; one key
+per tier is picked) or ``--paying-key`` / ``--free-key``.
+
+Metrics are computed by :mod:`simulator.metrics` from client-side timestamps (one
+clock: this process), so the JSON has the same keys and definitions as
+``slai-serve sim --json``; it adds rejected/error counts. ``--max-prompt-len``/``--max-output-len``
+clip lengths with :func:`simulator.workloads.clip_lengths`, as ``sim`` does with the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulator.workloads import clip_lengths  # shared with ``sim --max-prompt-len/--max-output-len``
+from contract.tiers import FREE_TBT_S, PAYING_TBT_S
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gateway", default="127.0.0.1:50051", help="gateway gRPC address")
+    p.add_argument("--qps", type=float, required=True, help="nominal Poisson arrival rate")
+    g = p.add_argument_group("workload (same meaning as in `slai-serve sim`)")
+    g.add_argument("--num-requests", type=int, default=256)
+    g.add_argument("--trace", default=None, metavar="PATH|paper", help="length trace CSV; default: synthetic knots")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--clip-factor", type=float, default=3.0, help="clip each Poisson gap at this / QPS; 0 disables")
+    g.add_argument("--paying-prob", type=float, default=0.05)
+    g.add_argument("--paying-tbt", type=float, default=PAYING_TBT_S, help="paying TBT SLO for attainment (match the gateway)")
+    g.add_argument("--free-tbt", type=float, default=FREE_TBT_S, help="free TBT SLO for attainment (match the gateway)")
+    g.add_argument("--max-prompt-len", type=int, default=0, help="clip prompt lengths (0 = model limit only)")
+    g.add_argument("--max-output-len", type=int, default=0, help="clip output lengths (0 = model limit only)")
+    a = p.add_argument_group("tiers")
+    a.add_argument("--api-keys", default="", help="the gateway's key file: one key per tier is used")
+    a.add_argument("--paying-key", default="", help="API key of the paying tier")
+    a.add_argument("--free-key", default="", help="API key of the free tier")
+    p.add_argument("--model-dir", default="", help="tokenizer folder used to build exact-length prompts "
+                                                   "(default: the converted SmolLM2)")
+    p.add_argument("--scheduler", default="", help="scheduler address: adds policy and preemption counts "
+                                                     "from its Stats RPC")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
+    p.add_argument("--records-out", default=None, metavar="FILE", help="write per-request JSON lines here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@dataclass(slots=True)
+class PromptBuilder:
+    word: str
+    num_special: int  # tokens the tokenizer adds around any prompt (BOS/EOS)
+    max_model_len: int
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str) -> PromptBuilder:
+        from gateway.tokenizer import ModelTokenizer
+
+        tok = ModelTokenizer.from_dir(model_dir)
+        word, _ = tok.repeatable_token()
+        num_special = len(tok.encode(word)) - 1
+        assert len(tok.encode(word * 10)) == 10 + num_special
+        return cls(word, num_special, tok.max_model_len)
+
+    def prompt(self, num_tokens: int) -> str:
+        return self.word * max(1, num_tokens - self.num_special)
+
+
+def tier_keys(args: argparse.Namespace) -> dict[str, str | None]:
+    keys: dict[str, str | None] = {"paying": args.paying_key or None, "free": args.free_key or None}
+    if args.api_keys:
+        from gateway.auth import load_key_file
+
+        store = load_key_file(args.api_keys)
+        for tier in keys:
+            keys[tier] = keys[tier] or store.key_for_tier(tier)
+    return keys
+
+
+async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[str, str | None],
+                 max_prompt: int = 0, max_output: int = 0, timeout_s: float = 600.0) -> tuple[Any, dict]:
+    """Send every item at its arrival time; return (MetricsCollector, extra counters)."""
+    import grpc
+
+    from simulator.metrics import MetricsCollector
+    from wire import enums
+    from wire.pb.slai.v1 import common_pb2, gateway_pb2_grpc
+    from gateway.client import build_request
+
+    collector = MetricsCollector()
+    errors: Counter = Counter()
+    records: list[dict] = []
+    channel = grpc.aio.insecure_channel(gateway, options=[("grpc.max_receive_message_length", 64 << 20)])
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    meta = {t: (("authorization", f"Bearer {k}"),) if k else None for t, k in keys.items()}
+    t0 = time.monotonic() + 0.2  # a little slack to build the first requests
+
+    async def one(item) -> None:
+        p_len, o_len = clip_lengths(item.prompt_len, item.output_len, max_prompt, max_output, builder.max_model_len)
+        req = build_request(builder.prompt(p_len), max_tokens=o_len, ignore_eos=True,
+                            request_id=f"bench-{item.req_id}-{int(t0 * 1e3) % 10**9}")
+        collector.register(item.req_id, item.arrival_s, item.tier, item.tbt_slo_s, p_len, o_len)
+        delay = t0 + item.arrival_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        finish = None
+        try:
+            call = stub.Generate(req, metadata=meta.get(item.tier), timeout=timeout_s)
+            async for chunk in call:
+                now = time.monotonic() - t0
+                done = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                if done:
+                    finish = enums.FINISH_FROM_PB[chunk.finish_reason]
+                collector.on_token(item.req_id, now, len(chunk.token_ids), finish)
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] += 1
+            finish = f"error:{exc.code().name}"
+        rec = collector.records[item.req_id]
+        records.append({"req_id": item.req_id, "tier": item.tier, "arrival_s": item.arrival_s, "prompt_len": p_len,
+                        "output_len": o_len, "num_tokens": rec.num_tokens, "first_token_s": rec.first_token_s,
+                        "last_token_s": rec.last_token_s, "finish_reason": finish})
+
+    wall0 = time.monotonic()
+    await asyncio.gather(*(one(it) for it in items))
+    wall = time.monotonic() - wall0
+    await channel.close()
+    extra = {"num_rejected": errors.get("RESOURCE_EXHAUSTED", 0), "num_errors": sum(errors.values()),
+             "errors_by_code": dict(errors), "wall_time_s": wall, "_records": records}
+    return collector, extra
+
+
+def scheduler_stats(address: str) -> dict[str, Any] | None:
+    """Policy and counters from the scheduler's Stats RPC (None when unreachable)."""
+    import grpc
+
+    from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            st = scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(scheduler_pb2.StatsRequest(), timeout=5.0)
+    except grpc.RpcError:
+        return None
+    return {"policy": st.policy, "num_preemptions": sum(e.num_preemptions for e in st.executors),
+            "num_steps": sum(e.num_steps for e in st.executors)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from contract.model_files import default_model_dir
+    from simulator.workloads import effective_qps, make_workload
+
+    model_dir = args.model_dir or str(default_model_dir())
+    if not Path(model_dir, "tokenizer.json").is_file():
+        print(f"bench-serve: no tokenizer.json in {model_dir} (give --model-dir)", file=sys.stderr)
+        return 2
+    builder = PromptBuilder.from_model_dir(model_dir)
+    items = make_workload(args.num_requests, args.qps, seed=args.seed, trace=args.trace,
+                          clip_factor=args.clip_factor if args.clip_factor > 0 else None,
+                          paying_prob=args.paying_prob, paying_tbt_s=args.paying_tbt, free_tbt_s=args.free_tbt,
+                          max_total=builder.max_model_len)
+    keys = tier_keys(args)
+    before = scheduler_stats(args.scheduler) if args.scheduler else None
+    collector, extra = asyncio.run(replay(args.gateway, items, builder, keys, args.max_prompt_len,
+                                          args.max_output_len, args.timeout))
+    records = extra.pop("_records")
+    if args.records_out:
+        with open(args.records_out, "w") as fh:
+            for r in sorted(records, key=lambda r: r["arrival_s"]):
+                fh.write(json.dumps(r) + "\n")
+    s = collector.summary()
+    s.update(extra)
+    s.update({"qps": args.qps, "effective_qps": effective_qps(items), "gateway": args.gateway,
+              "num_requests": args.num_requests, "trace": args.trace or "synthetic", "seed": args.seed,
+              "paying_prob": args.paying_prob, "max_prompt_len": args.max_prompt_len,
+              "max_output_len": args.max_output_len, "tiers_keyed": sorted(t for t, k in keys.items() if k)})
+    after = scheduler_stats(args.scheduler) if args.scheduler else None
+    if before and after:
+        s["policy"] = after["policy"]
+        s["num_preemptions"] = after["num_preemptions"] - before["num_preemptions"]
+        s["num_steps"] = after["num_steps"] - before["num_steps"]
+    from simulator.metrics import SloCriterion
+
+    crit = SloCriterion(tbt_p99_max_paying_s=args.paying_tbt, tbt_p99_max_free_s=args.free_tbt)
+    s["meets_slo"] = crit.passes(s)
+    s["slo_margin"] = crit.margin(s)
+    out = _clean(s)
+    if args.json:
+        json.dump(out, sys.stdout, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    for k in ("qps", "effective_qps", "num_requests", "num_finished", "num_rejected", "num_errors", "ttft_p50_s",
+              "ttft_p99_s", "ttft_p50_s_by_tier", "tbt_p99_s_by_tier", "slo_attainment_by_tier",
+              "throughput_tokens_per_s", "meets_slo", "wall_time_s"):
+        print(f"{k:28s} {out.get(k)}")
+    return 0
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

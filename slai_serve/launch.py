@@ -1,0 +1,326 @@
+"""``slai-serve up``: executor(s), scheduler and gateway as local processes (what tests and demos run).
+
+    slai-serve up                      # embedded SmolLM2 on CPU; gateway gRPC :50051, HTTP :8000
+    slai-serve up --fake --executors 2 # model-free stack (FakeRunner), two executors
+    slai-serve up --api-keys keys.yaml --policy sarathi
+
+Processes start on loopback in dependency order, each awaited until its
+``grpc.health.v1`` status is SERVING. Ctrl-C / SIGTERM stop them in reverse
+order (gateway first, so in-flight streams drain), each with ``--drain-timeout``
+seconds before SIGKILL. :class:`LocalStack` is the same thing as a context
+manager for tests and ``bench-serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contract.model_files import default_model_dir, is_converted
+
+DEFAULT_GATEWAY_GRPC_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_SCHEDULER_PORT = 50061
+DEFAULT_EXECUTOR_PORT = 50071  # executor i listens on DEFAULT_EXECUTOR_PORT + i
+DEFAULT_METRICS_PORT = 9101  # scheduler; executor i: 9102 + i
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ensure_model_dir() -> Path:
+    """The converted default model, converting it once in a subprocess if needed."""
+    path = default_model_dir()
+    if is_converted(path):
+        return path
+    print(f"converting the embedded SmolLM2 into {path} (one time) ...", file=sys.stderr)
+    out = subprocess.run([sys.executable, "-m", "executor_svc.models"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"model conversion failed: {out.stderr[-2000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def wait_healthy(address: str, service: str = "", timeout_s: float = 60.0, proc: subprocess.Popen | None = None,
+                 name: str = "") -> float:
+    """Poll grpc.health.v1 until SERVING; raise if ``proc`` exits or time runs out. Returns seconds waited."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    t0 = time.monotonic()
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name or address} exited with code {proc.returncode} before becoming healthy")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - t0
+            except grpc.RpcError:
+                pass
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"{name or address} not healthy after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    address: str  # health-check address
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+
+@dataclass
+class LocalStack:
+    """Start/stop the three services as subprocesses. Ports 0 = pick free ones."""
+
+    fake: bool = False
+    model: str = "default"  # executor --model (with --fake: ignored)
+    model_dir: str = ""  # gateway tokenizer folder; "" = the converted default model
+    num_executors: int = 1
+    policy: str = "slai"
+    host: str = "127.0.0.1"
+    gateway_grpc_port: int = DEFAULT_GATEWAY_GRPC_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    scheduler_port: int = DEFAULT_SCHEDULER_PORT
+    executor_port: int = DEFAULT_EXECUTOR_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT  # -1: no metrics side ports
+    api_keys: str = ""
+    drain_timeout_s: float = 10.0
+    startup_timeout_s: float = 600.0
+    log_dir: str | None = None  # None: inherit this terminal; "" : a temp dir
+    executor_args: list[str] = field(default_factory=list)
+    scheduler_args: list[str] = field(default_factory=list)
+    gateway_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every service (e.g. OTEL_*)
+    procs: list[Proc] = field(default_factory=list)
+
+    # ------------------------------------------------------------ addresses
+    @property
+    def gateway_address(self) -> str:
+        return f"{self.host}:{self.gateway_grpc_port}"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def scheduler_address(self) -> str:
+        return f"{self.host}:{self.scheduler_port}"
+
+    def endpoints(self) -> dict[str, str]:
+        out = {"gateway_grpc": self.gateway_address, "openai_http": self.http_base + "/v1",
+               "scheduler": self.scheduler_address}
+        for i in range(self.num_executors):
+            out[f"executor_{i}"] = f"{self.host}:{self.executor_port + i}"
+        return out
+
+    # ------------------------------------------------------------ lifecycle
+    def _resolve_ports(self) -> None:
+        if self.gateway_grpc_port == 0:
+            self.gateway_grpc_port = free_port(self.host)
+        if self.http_port == 0:
+            self.http_port = free_port(self.host)
+        if self.scheduler_port == 0:
+            self.scheduler_port = free_port(self.host)
+        if self.executor_port == 0:
+            # NOTE: executors use consecutive ports; take the first free one and hope for its neighbours
+            self.executor_port = free_port(self.host)
+        if self.metrics_port == 0:
+            self.metrics_port = free_port(self.host)
+
+    def _spawn(self, proc: Proc) -> None:
+        # NOTE: per-service settings (OTEL_SERVICE_NAME, SLAI_METRICS_PORT) win over the stack-wide ``env``
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **proc.env}
+        cmd = [sys.executable, "-m", "slai_serve.cli", *proc.argv]
+        out = None
+        if self.log_dir is not None:
+            log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="slai-up-"))
+            self.log_dir = str(log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            proc.log_path = log_dir / f"{proc.name}.log"
+            out = open(proc.log_path, "ab")
+        # NOTE: a new session, so Ctrl-C reaches only this launcher, which stops the
+        # services in order (gateway first) instead of all at once.
+        proc.popen = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                      start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+        if out is not None:
+            out.close()
+        self.procs.append(proc)
+
+    def _wait(self, proc: Proc, service: str, deadline: float) -> None:
+        try:
+            wait_healthy(proc.address, service, max(deadline - time.monotonic(), 1.0), proc.popen, proc.name)
+        except Exception as exc:
+            tail = ""
+            if proc.log_path and proc.log_path.is_file():
+                tail = "\n" + proc.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{exc}{tail}") from None
+
+    def start(self) -> LocalStack:
+        self._resolve_ports()
+        deadline = time.monotonic() + self.startup_timeout_s
+        model_dir = self.model_dir or str(ensure_model_dir())
+        metrics = self.metrics_port
+        try:
+            for i in range(self.num_executors):
+                argv = ["executor", "--host", self.host, "--port", str(self.executor_port + i)]
+                argv += ["--fake"] if self.fake else ["--model", self.model]
+                self._spawn(Proc(f"executor-{i}", argv + self.executor_args, f"{self.host}:{self.executor_port + i}",
+                                 env={"SLAI_METRICS_PORT": str(metrics + 1 + i if metrics >= 0 else -1),
+                                      "OTEL_SERVICE_NAME": "slai-executor"}))
+            for p in list(self.procs):
+                self._wait(p, "", deadline)
+            executors = ",".join(f"{self.host}:{self.executor_port + i}" for i in range(self.num_executors))
+            self._spawn(Proc("scheduler", ["scheduler", "--policy", self.policy, "--executors", executors,
+                                           "--host", self.host, "--port", str(self.scheduler_port),
+                                           *self.scheduler_args], self.scheduler_address,
+                             env={"SLAI_METRICS_PORT": str(metrics), "OTEL_SERVICE_NAME": "slai-scheduler"}))
+            self._wait(self.procs[-1], "", deadline)
+            gw = ["gateway", "--scheduler", self.scheduler_address, "--host", self.host,
+                  "--grpc-port", str(self.gateway_grpc_port), "--http-port", str(self.http_port),
+                  "--model-dir", model_dir, "--drain-timeout", str(self.drain_timeout_s)]
+            if self.api_keys:
+                gw += ["--api-keys", self.api_keys]
+            self._spawn(Proc("gateway", gw + self.gateway_args, self.gateway_address,
+                             env={"OTEL_SERVICE_NAME": "slai-gateway"}))
+            self._wait(self.procs[-1], "slai.v1.GatewayService", deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def poll(self) -> Proc | None:
+        """The first process that has exited, if any."""
+        return next((p for p in self.procs if p.popen is not None and p.popen.poll() is not None), None)
+
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM in reverse start order (gateway, scheduler, executors); SIGKILL after the drain timeout."""
+        codes: dict[str, int | None] = {}
+        for p in reversed(self.procs):
+            if p.popen is None:
+                continue
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+                try:
+                    p.popen.wait(self.drain_timeout_s + 5.0)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait(5.0)
+            codes[p.name] = p.popen.returncode
+        self.procs.clear()
+        return codes
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fake", action="store_true", help="FakeRunner executors: no model, deterministic tokens")
+    parser.add_argument("--model", default="default", help="executor model: 'default' (SmolLM2), preset or folder")
+    parser.add_argument("--model-dir", default="", help="gateway tokenizer folder (default: the converted SmolLM2)")
+    parser.add_argument("--executors", type=int, default=1, help="number of executor processes")
+    parser.add_argument("--policy", default="slai", help="scheduling policy (slai, sarathi, vllm, edf, rad, ...)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GATEWAY_GRPC_PORT, help="gateway gRPC (0 = any)")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="OpenAI HTTP (0 = any)")
+    parser.add_argument("--scheduler-port", type=int, default=DEFAULT_SCHEDULER_PORT)
+    parser.add_argument("--executor-port", type=int, default=DEFAULT_EXECUTOR_PORT, help="first executor's port")
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                        help="scheduler /metrics port; executors use the next ones (-1 = off)")
+    parser.add_argument("--api-keys", default="", help="gateway key file (key -> tier)")
+    parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds each service gets to drain")
+    parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--log-dir", default=None, help="write one log per service here (default: this terminal)")
+    parser.add_argument("--executor-arg", action="append", default=[], help="extra executor flag (repeatable)")
+    parser.add_argument("--scheduler-arg", action="append", default=[], help="extra scheduler flag (repeatable)")
+    parser.add_argument("--gateway-arg", action="append", default=[], help="extra gateway flag (repeatable)")
+
+
+def stack_from_args(args: argparse.Namespace) -> LocalStack:
+    return LocalStack(fake=args.fake, model=args.model, model_dir=args.model_dir, num_executors=args.executors,
+                      policy=args.policy, host=args.host, gateway_grpc_port=args.grpc_port, http_port=args.http_port,
+                      scheduler_port=args.scheduler_port, executor_port=args.executor_port,
+                      metrics_port=args.metrics_port, api_keys=args.api_keys, drain_timeout_s=args.drain_timeout,
+                      startup_timeout_s=args.startup_timeout, log_dir=args.log_dir,
+                      executor_args=args.executor_arg, scheduler_args=args.scheduler_arg,
+                      gateway_args=args.gateway_arg)
+
+
+def run(args: argparse.Namespace) -> int:
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stack = stack_from_args(args)
+    t0 = time.monotonic()
+    try:
+        stack.start()
+    except Exception as exc:  # noqa: BLE001 - report and exit non-zero
+        print(f"slai-serve up: {exc}", file=sys.stderr)
+        return 1
+    print(f"slai-serve stack up in {time.monotonic() - t0:.1f} s ({'fake executors' if args.fake else args.model}, "
+          f"policy {args.policy}):")
+    for name, addr in stack.endpoints().items():
+        print(f"  {name:14s} {addr}")
+    print(f'try:  slai-serve client "What is the capital of France?" --chat --gateway {stack.gateway_address}')
+    if stack.log_dir:
+        print(f"logs: {stack.log_dir}")
+    print("Ctrl-C to stop.", flush=True)
+    rc = 0
+    while stop["signal"] is None:
+        dead = stack.poll()
+        if dead is not None:
+            print(f"slai-serve up: {dead.name} exited with code {dead.popen.returncode}; stopping", file=sys.stderr)
+            rc = 1
+            break
+        time.sleep(0.2)
+    codes = stack.stop()
+    print("stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()), flush=True)
+    return rc
+
+
+def health_main(argv: list[str] | None = None) -> int:
+    """``python -m slai_serve.launch HOST:PORT [SERVICE]``: exit 0 iff grpc.health.v1 says SERVING (compose healthchecks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: python -m slai_serve.launch HOST:PORT [SERVICE]", file=sys.stderr)
+        return 2
+    try:
+        with grpc.insecure_channel(argv[0]) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=argv[1] if len(argv) > 1 else ""), timeout=3.0)
+    except grpc.RpcError as exc:
+        print(f"{argv[0]}: {exc.code().name}", file=sys.stderr)
+        return 1
+    ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+    print(f"{argv[0]}: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(health_main())

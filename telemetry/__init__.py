@@ -1,0 +1,1 @@
+"""Telemetry: tracing, metrics and their names. No-ops when nothing is configured."""

@@ -1,0 +1,115 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from contract.cost_models import (CostModel, PAPER_MODEL, fit_cost_model, load_timings, plan_features, resolve_cost_model)
+from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice, PlanStats
+
+
+def test_paper_model_values():
+    assert PAPER_MODEL.time_ms(1) == pytest.approx(23.4)
+    assert PAPER_MODEL.time_ms(180) == pytest.approx(23.4)  # below the knee
+    assert PAPER_MODEL.time_ms(512) == pytest.approx(6.95 + 0.0912 * 512)
+    assert PAPER_MODEL.full_step_s(512) == pytest.approx(0.0536444)
+    assert PAPER_MODEL.with_overhead(1.5).time_ms(512) == pytest.approx(6.95 + 0.0912 * 512 + 1.5)
+
+
+def test_plan_features_and_context_terms():
+    plan = BatchPlan(
+        step_id=1,
+        new=(NewRequestSlice(req_id="a", num_tokens=300, num_new_tokens=200),),
+        cached=(CachedRequestSlice(req_id="b", num_computed_tokens=100, num_new_tokens=50),
+                CachedRequestSlice(req_id="c", num_computed_tokens=1000, num_new_tokens=1, is_decode=True, sample=True),
+                CachedRequestSlice(req_id="d", num_computed_tokens=500, num_new_tokens=1, is_decode=True, sample=True)),
+        stats=PlanStats(num_prefill_tokens=250, num_decodes=2))
+    f = plan_features(plan)
+    assert f == {"batch_tokens": 252, "num_decodes": 2, "sum_decode_context": 1500.0,
+                 "sum_chunk_context": 200 * 200 + 50 * 150.0}
+    m = CostModel(a0_ms=10, a1_ms=1, b_ms_per_token=0.1, c_ms_per_decode=0.5, d_ms_per_context_token=0.001,
+                  e_ms_per_chunk_context=1e-5, overhead_ms=2)
+    expect = max(10, 1 + 0.1 * 252) + 0.5 * 2 + 0.001 * 1500 + 1e-5 * (40000 + 7500) + 2
+    assert m.step_time_s(plan) == pytest.approx(expect / 1e3)
+    # without context terms the fast path uses the plan's stats only
+    assert PAPER_MODEL.step_time_s(plan) == pytest.approx(PAPER_MODEL.time_ms(252) / 1e3)
+
+
+def test_json_round_trip(tmp_path):
+    m = CostModel(name="x", a0_ms=20, a1_ms=5, b_ms_per_token=0.08, c_ms_per_decode=0.3,
+                  d_ms_per_context_token=1e-4, e_ms_per_chunk_context=2e-6, overhead_ms=0.7, description="t")
+    p = tmp_path / "m.json"
+    m.save(p, extra={"n": 3})
+    assert CostModel.load(p) == m
+    assert resolve_cost_model(str(p)) == m
+    assert resolve_cost_model(None) == PAPER_MODEL
+    assert resolve_cost_model("paper", overhead_ms=1.0).overhead_ms == 1.0
+    d = json.loads(p.read_text())
+    d["bogus"] = 1
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError):
+        CostModel.load(p)
+
+
+def _synthetic_rows(true: CostModel, n: int = 300, seed: int = 0, noise_ms: float = 0.0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        npf = int(rng.choice([0, 16, 64, 128, 256, 384, 512, 768, 1024]))
+        nd = int(rng.integers(0, 64))
+        dctx = float(nd * rng.integers(100, 3000))
+        cctx = float(npf * (npf + rng.integers(0, 2048)))
+        ms = true.time_ms(npf + nd, nd, dctx, cctx) - true.overhead_ms + rng.normal(0, noise_ms)
+        rows.append({"num_prefill_tokens": npf, "num_decodes": nd, "decode_context": dctx, "chunk_context": cctx,
+                     "forward_ms": ms})
+    return rows
+
+
+def test_fitter_recovers_known_coefficients(tmp_path):
+    true = CostModel(a0_ms=23.4, a1_ms=6.95, b_ms_per_token=0.0912, c_ms_per_decode=0.2,
+                     d_ms_per_context_token=2e-4, e_ms_per_chunk_context=3e-6)
+    rows = _synthetic_rows(true)
+    path = tmp_path / "steps.csv"
+    with open(path, "w") as fh:
+        fh.write(",".join(rows[0]) + "\n")
+        for r in rows:
+            fh.write(",".join(str(v) for v in r.values()) + "\n")
+    model, diag = fit_cost_model(load_timings(path))
+    assert model.a0_ms == pytest.approx(23.4, rel=1e-6)
+    assert model.a1_ms == pytest.approx(6.95, rel=1e-6)
+    assert model.b_ms_per_token == pytest.approx(0.0912, rel=1e-6)
+    assert model.c_ms_per_decode == pytest.approx(0.2, rel=1e-6)
+    assert model.d_ms_per_context_token == pytest.approx(2e-4, rel=1e-6)
+    assert model.e_ms_per_chunk_context == pytest.approx(3e-6, rel=1e-6)
+    assert diag["rmse_ms"] < 1e-6
+
+
+def test_fitter_json_input_ns_and_mean_context(tmp_path):
+    true = CostModel(a0_ms=12.0, a1_ms=4.0, b_ms_per_token=0.05, d_ms_per_context_token=1e-4)
+    rows = _synthetic_rows(true, noise_ms=0.05, seed=1)
+    js = [{"num_prefill_tokens": r["num_prefill_tokens"], "num_decodes": r["num_decodes"],
+           "decode_context_mean": (r["decode_context"] / r["num_decodes"]) if r["num_decodes"] else 0,
+           "total_ns": int(r["forward_ms"] * 1e6)} for r in rows]
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps({"steps": js}))
+    model, diag = fit_cost_model(load_timings(path))
+    assert model.b_ms_per_token == pytest.approx(0.05, rel=0.02)
+    assert model.d_ms_per_context_token == pytest.approx(1e-4, rel=0.05)
+    assert model.a0_ms == pytest.approx(12.0, abs=0.1)
+    assert diag["mape"] < 0.02
+
+
+def test_fit_cli_writes_a_loadable_model(tmp_path, capsys):
+    from slai_serve.cli import main
+
+    true = CostModel(a0_ms=20.0, a1_ms=5.0, b_ms_per_token=0.1)
+    rows = _synthetic_rows(true, n=60, seed=2)
+    src = tmp_path / "in.csv"
+    src.write_text("num_prefill_tokens,num_decodes,decode_context,forward_ms\n" + "".join(
+        f"{r['num_prefill_tokens']},{r['num_decodes']},0,{true.time_ms(r['num_prefill_tokens'] + r['num_decodes'])}\n"
+        for r in rows))
+    out = tmp_path / "model.json"
+    assert main(["fit-cost-model", str(src), "--out", str(out), "--overhead-ms", "0.5"]) == 0
+    m = CostModel.load(out)
+    assert m.b_ms_per_token == pytest.approx(0.1, rel=1e-6) and m.overhead_ms == 0.5
+    assert math.isfinite(json.loads(capsys.readouterr().out)["fit"]["rmse_ms"])

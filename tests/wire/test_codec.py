@@ -1,0 +1,37 @@
+"""Round trips through the one wire-conversion module."""
+
+from scheduler_svc import submit_codec
+from wire import executor_codec
+from scheduler_svc.core import (BatchPlan, CachedRequestSlice, NewRequestSlice, SamplingParams, StepResult,
+                                TokenEvent)
+
+
+def test_plan_round_trip():
+    plan = BatchPlan(
+        step_id=9,
+        new=(NewRequestSlice("a", (5, 6, 7), 3, SamplingParams(temperature=0.5, top_p=0.9, top_k=4, seed=3,
+                                                               stop_token_ids=(2,), ignore_eos=True),
+                             (4, 1), 0, 3, True),),
+        cached=(CachedRequestSlice("b", (8,), 31, 1, True, True), CachedRequestSlice("c", (), 16, 64, False, False)),
+        finished_ids=("x",), preempted_ids=("y", "z"))
+    assert executor_codec.plan_from_pb(executor_codec.plan_to_pb(plan)) == plan
+
+
+def test_result_round_trip():
+    r = StepResult(step_id=4, req_ids=("a", "b"), token_ids=(1, 2), prepare_ns=1, forward_ns=2, sample_ns=3,
+                   total_ns=9)
+    assert executor_codec.result_from_pb(executor_codec.result_to_pb(r)) == r
+
+
+def test_token_event_round_trip():
+    ev = TokenEvent(req_id="a", token_ids=(3,), finish_reason="length", time_s=1.5, is_first=True,
+                    num_prompt_tokens=4, num_output_tokens=1, ttft_s=0.25, tbt_s=None)
+    assert submit_codec.token_event_from_pb(submit_codec.token_event_to_pb(ev)) == ev
+
+
+def test_bad_sampling_is_a_value_error():
+    import pytest
+
+    from wire.pb.slai.v1 import common_pb2
+    with pytest.raises(ValueError, match="temperature"):
+        executor_codec.sampling_from_pb(common_pb2.SamplingParams(temperature=-1))

@@ -1,0 +1,1 @@
+"""Wire conversion and RPC plumbing: generated stubs, codecs, the gRPC server builder."""

@@ -1,0 +1,112 @@
+from wire.pb.slai.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "max_tokens", "sampling", "tier", "tbt_slo_s", "ttft_slo_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TBT_SLO_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SLO_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    sampling: _common_pb2.SamplingParams
+    tier: _common_pb2.Tier
+    tbt_slo_s: float
+    ttft_slo_s: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., tbt_slo_s: _Optional[float] = ..., ttft_slo_s: _Optional[float] = ...) -> None: ...
+
+class TokenEvent(_message.Message):
+    __slots__ = ("request_id", "token_ids", "finish_reason", "usage", "timings", "time_s", "ttft_s", "tbt_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    TIME_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    TBT_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: _common_pb2.FinishReason
+    usage: _common_pb2.Usage
+    timings: _common_pb2.RequestTimings
+    time_s: float
+    ttft_s: float
+    tbt_s: float
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.RequestTimings, _Mapping]] = ..., time_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tbt_s: _Optional[float] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class AbortResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExecutorStats(_message.Message):
+    __slots__ = ("address", "healthy", "num_waiting", "num_running", "num_blocks", "kv_used_fraction", "mean_batch_s", "num_steps", "num_preemptions", "last_num_critical_decodes", "last_num_noncritical_decodes", "last_num_prefill_tokens", "last_offset", "mean_decision_s", "mean_executor_wait_s", "mean_rpc_overhead_s", "num_steps_planned_ahead")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_USED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_NUM_CRITICAL_DECODES_FIELD_NUMBER: _ClassVar[int]
+    LAST_NUM_NONCRITICAL_DECODES_FIELD_NUMBER: _ClassVar[int]
+    LAST_NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DECISION_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_EXECUTOR_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RPC_OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_PLANNED_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    healthy: bool
+    num_waiting: int
+    num_running: int
+    num_blocks: int
+    kv_used_fraction: float
+    mean_batch_s: float
+    num_steps: int
+    num_preemptions: int
+    last_num_critical_decodes: int
+    last_num_noncritical_decodes: int
+    last_num_prefill_tokens: int
+    last_offset: float
+    mean_decision_s: float
+    mean_executor_wait_s: float
+    mean_rpc_overhead_s: float
+    num_steps_planned_ahead: int
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., kv_used_fraction: _Optional[float] = ..., mean_batch_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., last_num_critical_decodes: _Optional[int] = ..., last_num_noncritical_decodes: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., last_offset: _Optional[float] = ..., mean_decision_s: _Optional[float] = ..., mean_executor_wait_s: _Optional[float] = ..., mean_rpc_overhead_s: _Optional[float] = ..., num_steps_planned_ahead: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("policy", "executors", "num_queued_total", "num_queued_prompt_tokens")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    EXECUTORS_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    executors: _containers.RepeatedCompositeFieldContainer[ExecutorStats]
+    num_queued_total: int
+    num_queued_prompt_tokens: int
+    def __init__(self, policy: _Optional[str] = ..., executors: _Optional[_Iterable[_Union[ExecutorStats, _Mapping]]] = ..., num_queued_total: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ...) -> None: ...
