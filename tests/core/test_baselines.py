@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from scheduler_svc.core import SchedulerConfig, Tier, make_core
-from tests.conftest import core_with, decode_ids, make_request, prefill_chunks, run_to_completion, step
+from tests.builders import core_with, decode_ids, make_request, prefill_chunks, run_to_completion, step
 
 
 def test_sarathi_decodes_every_running_request_every_step():

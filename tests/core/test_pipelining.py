@@ -19,7 +19,7 @@ from scheduler_svc.core import POLICIES, BatchPlan, SchedulerConfig, SchedulerCo
 from scheduler_svc.core.policies.sarathi import SarathiPolicy
 from contract.sampling import SamplingParams
 from scheduler_svc.core.request import RequestStatus
-from tests.conftest import core_with, make_request
+from tests.builders import core_with, make_request
 
 TOKEN, STOP = 7, 0
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler_svc.core import POLICIES, SchedulerConfig, Tier, make_core
-from tests.conftest import fake_step_result, make_request
+from tests.builders import fake_step_result, make_request
 
 workload = st.lists(
     st.tuples(st.integers(1, 600), st.integers(1, 40), st.booleans(), st.integers(0, 5)),  # prompt, out, paying, gap

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler_svc.core import RequestStatus, SchedulerConfig, Tier, make_core
-from tests.conftest import core_with, decode_ids, make_request, prefill_chunks, run_to_completion, step
+from tests.builders import core_with, decode_ids, make_request, prefill_chunks, run_to_completion, step
 
 
 def _long_prompts(core, n, now, length=2048):

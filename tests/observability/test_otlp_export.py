@@ -5,7 +5,7 @@ from __future__ import annotations
 from telemetry import names as N
 from telemetry import tracing, step_tracing
 from scheduler_svc.core import make_core
-from tests.conftest import make_requests
+from tests.builders import make_requests
 from tests.observability.otlp_receiver import OtlpReceiver
 from tests.observability.test_tracing import run_traced
 

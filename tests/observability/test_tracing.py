@@ -15,7 +15,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from telemetry import names as N
 from telemetry import tracing, step_tracing
 from scheduler_svc.core import EventKind, LifecycleEvent, StepResult, Tier, make_core
-from tests.conftest import fake_step_result, make_requests
+from tests.builders import fake_step_result, make_requests
 from tests.observability.conftest import spans_named
 
 

@@ -1,19 +1,11 @@
-"""Shared builders (design habit 16): tests go through the core's public API."""
+"""Builders for core tests: requests, cores and step results, all through the core's public API."""
 
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scheduler_svc.core import (BatchPlan, Request, SchedulerConfig, SchedulerCore, StepResult,  # noqa: E402
-                                Tier, make_core)
+from contract.tiers import DEFAULT_TBT_S
+from scheduler_svc.core import BatchPlan, Request, SchedulerCore, StepResult, Tier, make_core
 
 _ids = itertools.count()
 
@@ -22,7 +14,7 @@ def make_request(prompt_len: int = 32, max_tokens: int = 4, *, tier: Tier = Tier
                  tbt_slo_s: float | None = None, req_id: str | None = None, token_ids: bool = False) -> Request:
     """A request; ``tbt_slo_s`` defaults to the tier's paper value (0.1 s / 0.5 s)."""
     if tbt_slo_s is None:
-        tbt_slo_s = 0.1 if tier == Tier.PAYING else 0.5
+        tbt_slo_s = DEFAULT_TBT_S[tier]
     rid = req_id if req_id is not None else f"r{next(_ids)}"
     ids = tuple(range(1, prompt_len + 1)) if token_ids else None
     return Request(rid, prompt_len, max_tokens, arrival_s, tier=tier, tbt_slo_s=tbt_slo_s, prompt_token_ids=ids)
@@ -71,10 +63,3 @@ def prefill_chunks(plan: BatchPlan) -> dict[str, int]:
     out = {s.req_id: s.num_new_tokens for s in plan.new}
     out.update({c.req_id: c.num_new_tokens for c in plan.cached if not c.is_decode})
     return out
-
-
-@pytest.fixture
-def core_factory():
-    def factory(policy: str = "slai", num_blocks: int = 1000, **config) -> SchedulerCore:
-        return make_core(policy, num_blocks=num_blocks, config=SchedulerConfig(**config) if config else None)
-    return factory
