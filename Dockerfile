@@ -13,11 +13,13 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
     HF_HUB_OFFLINE=1 SLAI_MODEL_CACHE=/models/smollm2-135m-instruct
 WORKDIR /app
 COPY pyproject.toml README.md constraints-cpu.txt ./
-COPY common ./common
+COPY contract ./contract
 COPY scheduler_svc ./scheduler_svc
 COPY executor_svc ./executor_svc
 COPY gateway ./gateway
-COPY bench ./bench
+COPY wire ./wire
+COPY telemetry ./telemetry
+COPY slai_serve ./slai_serve
 COPY protos ./protos
 ENTRYPOINT ["slai-serve"]
 

@@ -1,4 +1,4 @@
-"""``slai-serve bench-executor``: step-time sweep and decode throughput of ModelRunner.
+"""``python -m benchmarks.executor_sweep``: step-time sweep and decode throughput of ModelRunner.
 
 1. Sweep: every combination of fresh prefill tokens x number of decodes x decode
    context runs ``--repeats`` times (after ``--warmup``); each step's timings go
@@ -19,6 +19,7 @@ prompts (timing does not depend on KV values): see ``_place_decodes``.
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
 import json
 import random
@@ -287,3 +288,13 @@ def _fit(steps_csv: Path, model_json: Path) -> dict | None:
     model.save(model_json, extra=diag)
     print(f"  cost model: {model.to_dict()}  rmse {diag['rmse_ms']:.2f} ms, mape {diag['mape']:.1%}", flush=True)
     return {"model": model.to_dict(), "fit": diag}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.executor_sweep", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

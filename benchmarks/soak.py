@@ -1,7 +1,7 @@
 """Soak: many concurrent streams against a local stack for a long time; count every token.
 
-    python benchmarks/soak.py --fake --streams 256 --duration 600 --out out/soak-fake.json
-    python benchmarks/soak.py --streams 16 --duration 1800 --max-tokens 16:64 --out out/soak-real.json
+    python -m benchmarks.soak --fake --streams 256 --duration 600 --out out/soak-fake.json
+    python -m benchmarks.soak --streams 16 --duration 1800 --max-tokens 16:64 --out out/soak-real.json
 
 Starts ``slai-serve up`` (as :class:`slai_serve.launch.LocalStack`, free ports) and keeps
 ``--streams`` requests in flight for ``--duration`` seconds, half over the gateway's gRPC
@@ -31,14 +31,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
+import grpc
+import httpx
+import psutil
 
-import grpc  # noqa: E402
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-
-from slai_serve.launch import LocalStack  # noqa: E402
-from gateway.client import GatewayClient  # noqa: E402
+from slai_serve.launch import LocalStack
+from gateway.client import GatewayClient
 
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 

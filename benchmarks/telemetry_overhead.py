@@ -24,17 +24,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from common import telemetry  # noqa: E402
-from telemetry.metrics import ExecutorMetrics, SchedulerMetrics  # noqa: E402
-from scheduler_svc.core import Request, StepResult, Tier, make_core  # noqa: E402
+from common import telemetry
+from telemetry.metrics import ExecutorMetrics, SchedulerMetrics
+from scheduler_svc.core import Request, StepResult, Tier, make_core
 
 
 def _receiver(conn) -> None:  # child process: an OTLP/gRPC receiver that counts spans

@@ -35,14 +35,10 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from slai_serve.launch import LocalStack  # noqa: E402
+from slai_serve.launch import LocalStack
 from contract.model_files import default_model_dir
 
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -21,7 +21,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "capacity": ("simulator.capacity_cli", "find the highest QPS that meets the SLOs (simulator)"),
     "compare": ("simulator.compare", "run every policy over a QPS grid; write tables and plots"),
     "fit-cost-model": ("simulator.fit_cli", "fit a step-time cost model from recorded executor timings"),
-    "bench-executor": ("benchmarks.executor_sweep", "sweep executor step times and fit a cost model"),
     "bench-serve": ("slai_serve.bench_serve", "replay a workload against a running gateway"),
     "client": ("gateway.client_cli", "stream a completion from a running gateway"),
 }
