@@ -27,7 +27,7 @@ import multiprocessing as mp
 import time
 
 
-from common import telemetry
+from telemetry import tracing as telemetry
 from telemetry.metrics import ExecutorMetrics, SchedulerMetrics
 from scheduler_svc.core import Request, StepResult, Tier, make_core
 

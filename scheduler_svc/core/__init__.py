@@ -28,13 +28,19 @@ def make_core(policy: str = "slai", num_blocks: int = 14733, config: SchedulerCo
     ``config`` is the base; the policy variant's settings apply on top, then
     ``overrides`` (``name=value`` strings), which win.
     """
-    p = make_policy(policy, config, overrides)
-    return SchedulerCore(p, num_blocks=num_blocks, config=p.config, record_events=record_events)
+    return core_for(policy, policy_config(policy, overrides, config), num_blocks, record_events)
+
+
+def core_for(policy: str, config: SchedulerConfig, num_blocks: int, record_events: bool = False) -> SchedulerCore:
+    """A core running the named policy with ``config`` exactly as given (already resolved by
+    :func:`policy_config`, and perhaps adjusted, e.g. to an executor's KV geometry)."""
+    return SchedulerCore(POLICIES[policy][0](config), num_blocks=num_blocks, config=config,
+                         record_events=record_events)
 
 
 __all__ = [
     "BatchPlan", "BlockAllocator", "CachedRequestSlice", "CumulativeMean", "EventKind", "Ewma", "LifecycleEvent",
     "NewRequestSlice", "PAPER_POLICIES", "POLICIES", "PlanStats", "Request", "RequestStatus", "SamplingParams",
-    "SchedulerConfig", "SchedulerCore", "StepResult", "Tier", "TokenEvent", "make_core", "make_estimator",
+    "SchedulerConfig", "SchedulerCore", "StepResult", "Tier", "TokenEvent", "core_for", "make_core", "make_estimator",
     "make_policy", "policy_config", "policy_names",
 ]

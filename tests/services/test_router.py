@@ -13,7 +13,7 @@ from executor_svc.fake_runner import FakeRunner
 from scheduler_svc.config import ServiceConfig
 from contract.sampling import SamplingParams
 from scheduler_svc.core.request import Request
-from scheduler_svc.loop import ExecutorDriver
+from scheduler_svc.step_loop import ExecutorDriver
 from scheduler_svc.core.router import Router
 
 

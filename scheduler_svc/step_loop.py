@@ -1,4 +1,4 @@
-"""The driver of one executor: the three-line loop around a ``SchedulerCore`` (design habit 2).
+"""The driver of one executor: the three-line loop around a ``SchedulerCore``.
 
     plan   = core.schedule(clock())
     result = await client.step(plan)        # one persistent bidi stream
@@ -42,10 +42,11 @@ from scheduler_svc.config import ServiceConfig
 from contract.plan import BatchPlan, StepResult
 from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.core.request import Request
-from scheduler_svc.core.scheduler import SchedulerCore
-from scheduler_svc.core.policies.registry import POLICIES
+from scheduler_svc.core import SchedulerCore, core_for
 from scheduler_svc.executor_client import ExecutorClient, ExecutorLost
 from scheduler_svc.stats import DriverStats
+from scheduler_svc.step_predictor import StepTimePredictor
+from scheduler_svc.work_ledger import WorkLedger
 
 log = logging.getLogger(__name__)
 
@@ -74,48 +75,6 @@ class _Sent:
     ahead: bool  # decided while the previous step ran
 
 
-class StepTimePredictor:
-    """When will the running step end? The executor's recent ``total_ns`` for steps of a
-    similar size (buckets by powers of two of the token count), with a margin of twice
-    the recent prediction error, so planning ahead starts early enough but not much earlier.
-
-    A linear fit would not do: step time is flat below the compute knee (decode-only
-    steps) and linear above it, and a fit across both mispredicts the common case.
-    """
-
-    def __init__(self, alpha: float = 0.2) -> None:
-        self.alpha = alpha
-        self.by_bucket: dict[int, float] = {}
-        self.error_s = 0.0  # EWMA of |actual - predicted|
-
-    def observe(self, num_tokens: int, total_s: float) -> None:
-        if num_tokens <= 0:
-            return  # release-only plans
-        a, b = self.alpha, num_tokens.bit_length()
-        old = self.by_bucket.get(b)
-        if old is None:
-            self.by_bucket[b] = total_s
-            return
-        self.error_s += a * (abs(total_s - old) - self.error_s)
-        self.by_bucket[b] = old + a * (total_s - old)
-
-    def predict(self, num_tokens: int) -> float:
-        """Expected duration minus the margin (0 when nothing is known yet)."""
-        buckets = self.by_bucket
-        if not buckets:
-            return 0.0
-        b = num_tokens.bit_length()
-        est = buckets.get(b)
-        if est is None:
-            est = buckets[min(buckets, key=lambda k: abs(k - b))]
-        return max(0.0, est - 2 * self.error_s)
-
-
-def work_of(req: Request) -> int:
-    """Tokens still to process (the term ``core.outstanding_tokens`` sums)."""
-    return req.num_outstanding_tokens
-
-
 class ExecutorDriver:
     """Owns one executor's ``SchedulerCore`` and step stream."""
 
@@ -131,8 +90,7 @@ class ExecutorDriver:
         self.healthy = False
         self.num_blocks = 0
         self.stats = DriverStats()
-        self.work = 0  # sum of work_of() over the core's requests, kept incrementally (routing)
-        self._work_of: dict[str, int] = {}
+        self.ledger = WorkLedger()  # this executor's outstanding work (routing)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -146,9 +104,7 @@ class ExecutorDriver:
         """Queue ``req`` on this executor's core; an immediate event means it can never run."""
         ev = self.core.add(req, self.clock())
         if ev is None:
-            w = work_of(req)
-            self._work_of[req.req_id] = w
-            self.work += w
+            self.ledger.add(req)
             self._wake.set()
         return ev
 
@@ -158,9 +114,14 @@ class ExecutorDriver:
             return None
         ev = core.abort(req_id, self.clock())
         if ev is not None:
-            self.work -= self._work_of.pop(req_id, 0)
+            self.ledger.remove(req_id)
             self._wake.set()  # the release must reach the executor even when idle
         return ev
+
+    @property
+    def work(self) -> int:
+        """Tokens this executor still has to process (what the router balances)."""
+        return self.ledger.total
 
     @property
     def num_requests(self) -> int:
@@ -212,7 +173,6 @@ class ExecutorDriver:
                 self._lose(f"scheduler error: {type(exc).__name__}: {exc}")
 
     def _build_core(self, info) -> None:
-        cls, _, _ = POLICIES[self.config.policy]
         cfg = self.config.scheduler_config()
         changes = {}
         if info.block_size and info.block_size != cfg.block_size:
@@ -221,11 +181,10 @@ class ExecutorDriver:
             changes["max_model_len"] = info.max_model_len
         if changes:
             cfg = cfg.replace(**changes)
-        self.core = SchedulerCore(cls(cfg), num_blocks=info.num_blocks, config=cfg,
-                                  record_events=self.spans is not None)  # lifecycle events feed request spans
+        self.core = core_for(self.config.policy, cfg, info.num_blocks,
+                             record_events=self.spans is not None)  # lifecycle events feed request spans
         self.num_blocks = info.num_blocks
-        self.work = 0
-        self._work_of.clear()
+        self.ledger.clear()
         self.stats.reset()
 
     def _lose(self, reason: str) -> None:
@@ -234,8 +193,7 @@ class ExecutorDriver:
         self.stats.num_failures += 1
         core, self.core = self.core, None
         taken = core.take_back_all(self.clock()) if core is not None else []
-        self.work = 0
-        self._work_of.clear()
+        self.ledger.clear()
         self.sink.on_lost(self, taken, reason)
 
     # ------------------------------------------------------------------ the loop
@@ -275,7 +233,7 @@ class ExecutorDriver:
             core.update(plan, StepResult(step_id=plan.step_id), self.clock())
             return None
         if running is not None:  # the step in flight was advanced, and this plan may have preempted
-            self._update_work(running.scheduled_ids() + plan.preempted_ids)
+            self.ledger.update(running.scheduled_ids() + plan.preempted_ids, core.requests)
         if self.recorded_plans is not None:
             self.recorded_plans.append(plan)
         span = step_tracing.step_span(plan, self.spans if self.spans is not None else (), executor=self.address)
@@ -316,7 +274,7 @@ class ExecutorDriver:
         now_perf = time.perf_counter()
         sent.span.end(result)
         events = core.update(plan, result, self.clock())
-        self._update_work(plan.scheduled_ids() + plan.preempted_ids)
+        self.ledger.update(plan.scheduled_ids() + plan.preempted_ids, core.requests)
         if self.spans is not None:
             self.spans.on_step(core.drain_events(), events)
         if events:
@@ -329,24 +287,3 @@ class ExecutorDriver:
             self.metrics.record_step(self.address, plan.stats, step_s=step_s if not plan.is_empty else None,
                                      forward_ns=result.forward_ns, mean_batch_s=core.mean_batch_s)
         self.stats.observe(plan, result, decision_s=sent.decision_s, rpc_s=step_s, busy=sent.busy, ahead=sent.ahead)
-
-    def _update_work(self, ids) -> None:
-        """Re-measure the work of these requests, touched by a step (O(batch), not O(queue))."""
-        reqs = self.core.requests
-        if not reqs:
-            self.work = 0
-            self._work_of.clear()
-            return
-        table = self._work_of
-        delta = 0
-        for rid in ids:
-            req = reqs.get(rid)
-            old = table.get(rid, 0)
-            if req is None:
-                table.pop(rid, None)
-                delta -= old
-            else:
-                new = work_of(req)
-                table[rid] = new
-                delta += new - old
-        self.work += delta
