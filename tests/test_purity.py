@@ -1,4 +1,4 @@
-"""The core and the simulator's modules import only the standard library (design habit 1)."""
+"""The core and the simulator's modules import only the standard library, so they run (and test) anywhere."""
 
 import json
 import subprocess
