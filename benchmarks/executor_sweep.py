@@ -2,10 +2,10 @@
 
 1. Sweep: every combination of fresh prefill tokens x number of decodes x decode
    context runs ``--repeats`` times (after ``--warmup``); each step's timings go
-   to ``steps.csv`` / ``steps.json`` with the columns ``simulator.cost_models``
+   to ``steps.csv`` / ``steps.json`` with the columns ``contract.cost_models``
    reads (``num_prefill_tokens, num_decodes, decode_context`` = SUM of the
    decodes' KV context, ``chunk_context``, ``forward_ms``, ``total_ms``...).
-   When ``simulator.cost_models`` is importable, a cost model is fitted to the
+   When ``contract.cost_models`` is importable, a cost model is fitted to the
    medians and saved as ``cost_model.json``.
 2. Throughput: N requests x ``--gen-tokens`` greedy tokens (EOS ignored) through
    the runner at batch 1, 8, 32, 64, against ``model.generate`` (batch 1) and

@@ -1,4 +1,4 @@
-"""Step-time cost models for the simulator (paper.md sections 10.2 and 10.4).
+"""Step-time cost models for the simulator.
 
 One model shape covers everything the project uses::
 
@@ -18,9 +18,10 @@ One model shape covers everything the project uses::
 * ``overhead`` = a fixed per-step cost (scheduling, RPC) added to every step.
 
 The built-in ``paper`` model is the RTX 6000 Ada fit
-``T = max(23.4 ms, 6.95 ms + 0.0912 ms x tokens)`` with c = d = e = 0. Its data
-were measured end to end by the authors' engine, so scheduling overhead is
-already inside the constants; its ``overhead_ms`` is therefore 0.
+``T = max(23.4 ms, 6.95 ms + 0.0912 ms x tokens)`` with c = d = e = 0, fitted to
+the authors' one published step-time measurement (Fig. 5(a): a 2048-token prompt
+at budgets 64-1024). Its data were measured end to end by the authors' engine,
+so scheduling overhead is already inside the constants; its ``overhead_ms`` is therefore 0.
 
 Model files are JSON objects with the field names of :class:`CostModel`.
 A fitter (:func:`fit_cost_model`) builds one from measured step timings.
@@ -117,7 +118,7 @@ class CostModel:
 
 PAPER_MODEL = CostModel(
     name="paper-rtx6000ada-mistral7b", a0_ms=23.4, a1_ms=6.95, b_ms_per_token=0.0912,
-    description="paper.md 10.2: T = max(23.4, 6.95 + 0.0912 x tokens) ms, Mistral-7B fp16 on RTX 6000 Ada")
+    description="fit to the paper's Fig. 5(a): T = max(23.4, 6.95 + 0.0912 x tokens) ms, Mistral-7B fp16 on RTX 6000 Ada")
 
 BUILTIN_MODELS = {"paper": PAPER_MODEL}
 

@@ -5,7 +5,7 @@ scheduled token of the step, with ``use_cache=False`` and a ``paged=PagedStep``
 keyword argument. For every layer, :func:`paged_attention_forward`:
 
 1. writes the step's new K/V into the cache at the plan's slots;
-2. attends, in the split form that is fast on CPU (ecosystem.md section 6):
+2. attends, in the split form that is fast on CPU (docs/executor.md, 'Attention backends'):
    * all decodes (one query token each) in ONE batched SDPA over gathered,
      padded KV with a key-padding mask and GQA packed into the query;
    * each prefill chunk in its own SDPA with a LOWER-RIGHT causal mask (the

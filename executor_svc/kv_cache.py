@@ -1,4 +1,4 @@
-"""KV memory for a fixed number of blocks (design habit 7: memory, not decisions).
+"""KV memory for a fixed number of blocks: memory, not decisions.
 
 The scheduler owns placement: it sends block ids, the executor writes K/V where
 it is told. Layout per layer is flat over slots so a token's slot is

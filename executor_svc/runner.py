@@ -6,7 +6,7 @@ chunks) -> one forward with the paged attention function -> sample at the last
 row of each sampling slice -> commit counters and tokens.
 
 The runner decides nothing: block ids, chunk sizes and who samples all come
-from the plan (design habit 7). It only refuses plans that would corrupt KV.
+from the plan: the scheduler owns KV placement. It only refuses plans that would corrupt KV.
 """
 
 from __future__ import annotations

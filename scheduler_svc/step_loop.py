@@ -9,9 +9,10 @@ an executor and keeps the books:
 
 * the clock is injected (``time.monotonic`` by default; a virtual clock makes the
   service loop step-for-step comparable with the simulator);
-* closed loop (paper.md 3.3): the core times each step from the moment it could
-  start (plan sent, or the previous result back) to its result, and feeds its
-  batch-time estimator; the executor's ``forward_ns`` / ``total_ns`` are kept alongside;
+* closed loop (SLAI's batch-time feedback; docs/scheduler.md, 'The driver loop'):
+  the core times each step from the moment it could start (plan sent, or the
+  previous result back) to its result, and feeds its batch-time estimator; the
+  executor's ``forward_ns`` / ``total_ns`` are kept alongside;
 * planning ahead (``ServiceConfig.pipeline``, on by default): while step N runs,
   the driver waits for its result only until ``pipeline_lead_s`` before N's
   predicted end (``StepTimePredictor``: the executor's recent ``total_ns`` for

@@ -1,7 +1,8 @@
-"""One simulated load point, and the capacity search over QPS (paper.md 7.3).
+"""One simulated load point, and the capacity search over QPS.
 
 Capacity = the highest QPS whose run meets the criterion (pooled median TTFT <
-0.5 s, P99 TBT paying <= 0.1 s, free <= 0.5 s; every request finished). The
+0.5 s, P99 TBT paying <= 0.1 s, free <= 0.5 s; every request finished: our
+reading of the paper's "median TTFT below 0.5 s while meeting tail TBT"). The
 search brackets the boundary (widening the upper end x2 while it passes),
 then bisects until the bracket is narrower than ``tol`` (0.02 QPS). Besides the
 last passing QPS it reports the binding constraint (the one that fails at the

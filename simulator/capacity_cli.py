@@ -13,7 +13,7 @@ from scheduler_svc.core.policies.registry import POLICIES
 
 
 def add_criterion_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("criterion (paper.md 7.3)")
+    g = p.add_argument_group("capacity criterion (median TTFT, per-tier P99 TBT)")
     g.add_argument("--ttft-p50-max", type=float, default=0.5, help="median TTFT must be below this (s)")
     g.add_argument("--tbt-p99-max-paying", type=float, default=0.1, help="paying P99 TBT limit (s)")
     g.add_argument("--tbt-p99-max-free", type=float, default=0.5, help="free P99 TBT limit (s)")

@@ -1,6 +1,6 @@
 """Latency and throughput metrics: ONE definition for the simulator and live runs.
 
-Definitions (paper.md 7.2):
+Definitions:
 
 * **TTFT** = first output token's time - the request's arrival time.
 * **TBT**  = gap between consecutive output tokens of one request. The first
@@ -178,7 +178,7 @@ def from_timestamps(requests: Iterable[dict[str, Any]]) -> MetricsCollector:
 
 @dataclass(frozen=True, slots=True)
 class SloCriterion:
-    """The capacity criterion (paper.md 7.3): pooled median TTFT + per-tier P99 TBT."""
+    """The capacity criterion: pooled median TTFT + per-tier P99 TBT (see simulator/capacity.py)."""
 
     ttft_p50_max_s: float = 0.5  # strict: median TTFT < this
     tbt_p99_max_paying_s: float = 0.1  # P99 TBT of paying <= this

@@ -1,4 +1,4 @@
-"""Discrete-event simulator that drives the real scheduling core (design habit 9).
+"""Discrete-event simulator that drives the real scheduling core (no second copy of any policy to drift).
 
 One event loop (:func:`run_events`) over K executors (one ``SchedulerCore``
 each), a virtual clock and a heap of events keyed ``(time, kind, seq)``; at

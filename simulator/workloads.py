@@ -1,12 +1,12 @@
-"""Seeded workloads: arrival times x request lengths x tiers (paper.md 6.2, 9).
+"""Seeded workloads: arrival times x request lengths x tiers, as in the paper's experiments.
 
 One function, :func:`make_workload`, returns a list of :class:`WorkloadItem`
 shared by the simulator and the live load generator:
 
 * lengths come from the paper's ShareGPT trace CSV (columns
   ``num_prefill_tokens, num_decode_tokens, ...``), shuffled with the seed, or,
-  without a trace, from an inverse-CDF generator on the quantile knots of
-  paper.md 9.3 (prompt and output drawn independently);
+  without a trace, from an inverse-CDF generator on that trace's quantile
+  knots (prompt and output drawn independently: their correlation there is 0.04);
 * arrivals are Poisson at ``qps``; each inter-arrival gap is clipped at
   ``clip_factor / qps`` (the authors' generator clips at 3/QPS, so the effective
   rate is 1 / (1 - e^-3) = 1.052x nominal; :func:`effective_qps` reports it);
@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRACE_NAME = "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
 PAPER_TRACE = REPO_ROOT.parent / "shared" / "data" / PAPER_TRACE_NAME
 
-# paper.md 9.3: percentile (0-100) -> prompt / decode length knots
+# the paper's trace: percentile (0-100) -> prompt / decode length knots (linear interpolation)
 KNOT_Q = (0, 1, 5, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 95, 99, 99.9, 100)
 KNOT_P = (1, 12, 29, 74, 382, 580, 777, 1203, 1730, 2401, 3235, 3734.5, 4278, 5696, 6563, 7433.7, 7853.5, 8141)
 KNOT_D = (2, 6, 44, 84, 181, 228, 271, 346, 415, 493, 581, 628, 683, 834, 920, 998, 1021, 1024)
@@ -95,7 +95,7 @@ def trace_lengths(path: str | Path, n: int, rng: np.random.Generator) -> list[tu
 
 
 def synthetic_lengths(n: int, rng: np.random.Generator, max_total: int | None = 8192) -> list[tuple[int, int]]:
-    """Inverse-CDF draws through the paper.md 9.3 knots; P and D independent.
+    """Inverse-CDF draws through the trace's quantile knots (``KNOT_*``); P and D independent.
 
     A prompt is shortened so that prompt + output <= ``max_total`` (the core would
     otherwise ignore the request); this touches well under 1% of draws.

@@ -1,4 +1,4 @@
-"""Every span name, attribute key, event name, metric name and telemetry port in one place (design habit 14).
+"""Every span name, attribute key, event name, metric name and telemetry port in one place.
 
 Request attributes reuse the GenAI names that vLLM and SGLang already emit
 (``gen_ai.*``), so dashboards and trace queries written for them work here.

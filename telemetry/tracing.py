@@ -1,4 +1,4 @@
-"""Tracing at the edges (design habit 14): one ``init_tracing`` and a few cheap helpers.
+"""Tracing at the edges, never in the pure core: one ``init_tracing`` and a few cheap helpers.
 
 Off unless configured. ``init_tracing`` reads the standard OTEL_* environment
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_TRACES_EXPORTER=otlp|console`` turns
@@ -12,11 +12,11 @@ Trace shape::
 
     gateway.generate (root, or child of the client's traceparent header)
       └─ scheduler.request (Submit; events queued/scheduled/preempted/first_token/finished)
-    scheduler.step (its own trace; LINKS to <= 128 scheduler.request spans of its batch)
-      └─ executor.step (child via StepRequest.traceparent; prepare/forward/sample ns)
+           └─ scheduler.step (child of ONE request of its batch, round-robin; LINKS to <= 128 of them)
+                └─ executor.step (child via StepRequest.traceparent; prepare/forward/sample ns)
 
-One span per step and per request, never per token: a span costs ≈ 29 µs (ecosystem.md §12),
-and OTLP-encoding a step span's links ≈ 9 µs each in the exporter thread (docs/observability.md).
+One span per step and per request, never per token: a span costs 35-70 µs on the CI VM, and
+OTLP-encoding a step span's links ≈ 9 µs each in the exporter thread (docs/observability.md, 'Overhead').
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def end_request_span(span: Span, *, finish_reason: str | None = None, prompt_tok
                      error: BaseException | str | None = None, end_time_ns: int | None = None) -> None:
     """Set usage and latency attributes and end the span.
 
-    The timing keywords are the fields of ``codec.timings_from_pb``'s ``Timings``: ``end_request_span(span,
+    The timing keywords are the fields of ``gateway.codec.timings_from_pb``'s ``Timings``: ``end_request_span(span,
     finish_reason=..., completion_tokens=..., **dataclasses.asdict(codec.timings_from_pb(msg.timings)))``.
     """
     if not state.enabled or not span.is_recording():

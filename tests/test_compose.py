@@ -1,4 +1,4 @@
-"""docker-compose.yml matches the code (CI cannot run containers: ecosystem.md section 13).
+"""docker-compose.yml matches the code (checked statically: CI machines have no container engine).
 
 Each project service's command is parsed by the real ``slai-serve`` subcommand
 parser; ports, addresses, health checks, OTEL env, Dockerfile targets and

@@ -1,4 +1,5 @@
-"""The core and the simulator's modules import only the standard library (design habit 1)."""
+"""The scheduling core imports only the standard library and reads no clock, so the simulator
+and the core tests can drive it anywhere (the simulator's own imports: tests/test_import_contracts.py)."""
 
 import json
 import subprocess

@@ -99,7 +99,7 @@ _INFO_FIELDS = ("model", "device", "dtype", "attention_backend", "block_size", "
 
 
 def info_to_pb(info: Any, ready: bool) -> executor_pb2.InfoResponse:
-    """From a runner's info value (``executor_svc.runner_api.ExecutorInfo`` or alike)."""
+    """From a runner's info value (``contract.executor_info.ExecutorInfo`` or alike)."""
     msg = executor_pb2.InfoResponse(**{k: getattr(info, k) for k in _INFO_FIELDS}, ready=ready)
     msg.eos_token_ids.extend(getattr(info, "eos_token_ids", ()))
     return msg

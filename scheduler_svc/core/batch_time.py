@@ -1,4 +1,4 @@
-"""Batch-time estimators: SLAI's closed-loop feedback (paper.md section 3.3).
+"""Batch-time estimators: SLAI's closed-loop feedback.
 
 After every iteration the driver reports the iteration's wall time
 (``update``'s now minus ``schedule``'s now, i.e. scheduling + RPC + executor).
@@ -39,7 +39,7 @@ class _Estimate:
 
 
 class CumulativeMean(_Estimate):
-    """Mean of every iteration since start; initial value 0 (the paper's HEAD)."""
+    """Mean of every iteration since start; initial value 0 (the authors' current code)."""
 
     __slots__ = ()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    # --- shared mechanics (paper.md 3.1, 3.5) ---
+    # --- shared mechanics (every policy) ---
     token_budget: int = field(default=512, metadata={"help": "max tokens per iteration (tau)"})
     max_num_seqs: int = field(default=128, metadata={"help": "max requests holding KV (alpha)"})
     max_decodes: int = field(default=128, metadata={"help": "max decode tokens per iteration (beta); SLAI, EDF, RAD"})
@@ -24,7 +24,7 @@ class SchedulerConfig:
     # --- waiting-queue order ---
     fcfs: bool = field(default=False, metadata={"help": "True: arrival order; False: shortest prompt first"})
     user_priority: bool = field(default=True, metadata={"help": "with SPF, paying requests first"})
-    # --- SLAI (paper.md 3.1) ---
+    # --- SLAI ---
     fixed_offset: bool = field(default=False, metadata={"help": "SLAI: always use below_memory_limit_offset"})
     below_memory_limit_offset: float = field(default=5.0, metadata={"help": "SLAI delta below memory_limit"})
     above_memory_limit_offset: float = field(default=10.0, metadata={"help": "SLAI delta at/above memory_limit"})

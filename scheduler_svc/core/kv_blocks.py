@@ -1,7 +1,7 @@
-"""Paged KV block manager: the scheduler owns placement (design habit 7).
+"""Paged KV block manager: the scheduler owns placement; executors only hold the memory.
 
 Blocks hold ``block_size`` tokens (16, as in the paper). The rules are the ones
-the paper's code uses for every policy (paper.md section 3.5):
+the authors' code uses for every policy:
 
 * ``can_allocate(n)``: after taking ``ceil(n / block_size)`` blocks, at least
   ``watermark`` of all blocks stay free (1%);

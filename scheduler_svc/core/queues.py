@@ -4,10 +4,10 @@ Both keep their order incrementally (a deque or a heap), so a long queue is neve
 re-sorted from scratch. Removal is lazy: an entry whose request is no longer
 waiting (admitted, aborted) is skipped when it reaches the head.
 
-SPF reproduces the authors' stable sort of the arrived prefix (paper.md 3.4 step
-3): key ``(tier, length, order)`` where ``order`` grows with arrivals and
-*shrinks* for preempted requests pushed to the front, so among equal keys a
-preempted request comes first, as a front insert followed by a stable sort does.
+SPF reproduces the authors' stable sort of the arrived prefix (SLAI's step 3,
+see policies/slai.py): key ``(tier, length, order)`` where ``order`` grows with
+arrivals and *shrinks* for preempted requests pushed to the front, so among equal
+keys a preempted request comes first, as a front insert followed by a stable sort does.
 """
 
 from __future__ import annotations

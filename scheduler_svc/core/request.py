@@ -1,4 +1,4 @@
-"""Request state, counted in tokens (design habit 3: count tokens, not phases).
+"""Request state, counted in tokens, not phases: chunked prefill, decode and recompute follow from two counters.
 
 A request knows how many tokens it has (prompt + outputs so far) and how many of
 them have KV computed. Everything else follows:
@@ -7,7 +7,7 @@ them have KV computed. Everything else follows:
 * ``num_tokens - num_computed_tokens == 1`` -> it decodes (one token per step);
 * a token is sampled whenever a step brings ``num_computed_tokens`` up to
   ``num_tokens``; the token sampled at the last prefill chunk *is* the first
-  output token (paper.md section 7.2, unlike the authors' code).
+  output token (the authors' code discards it and decodes once more).
 
 Recompute preemption resets ``num_computed_tokens`` to 0; the outputs so far are
 kept, so the request's "prompt" for scheduling becomes prompt + outputs.

@@ -1,4 +1,4 @@
-"""SchedulerCore: the whole scheduler as two calls (design habit 2).
+"""SchedulerCore: the whole scheduler as two calls, driven alike by the service and the simulator.
 
     plan = core.schedule(now)
     result = runner.execute(plan)          # gRPC in the service, a cost model in the simulator

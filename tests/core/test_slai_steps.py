@@ -1,4 +1,4 @@
-"""One test per SLAI step (paper.md 3.4): each fails if that step is wrong."""
+"""One test per SLAI step (as numbered in scheduler_svc/core/policies/slai.py): each fails if that step is wrong."""
 
 from __future__ import annotations
 

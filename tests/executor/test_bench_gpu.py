@@ -1,4 +1,4 @@
-"""The bench subcommand end to end (tiny sweep), and GPU-only checks (never in CI)."""
+"""``python -m benchmarks.executor_sweep`` end to end (tiny sweep), and GPU-only checks (never in CI)."""
 
 from __future__ import annotations
 

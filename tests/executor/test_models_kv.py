@@ -17,7 +17,8 @@ def test_presets_are_seeded_and_shaped():
         assert torch.equal(pa, pb), name
     cfg = models.preset_config("mistral-7b")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.sliding_window) == (4096, 32, 8, None)
-    assert kv_shape_from_config(cfg, 16, torch.float16).bytes_per_token == 128 * 1024  # ecosystem.md section 9
+    # K and V x 32 layers x 8 KV heads x 128 dims x 2 bytes
+    assert kv_shape_from_config(cfg, 16, torch.float16).bytes_per_token == 128 * 1024
     with pytest.raises(ValueError, match="unknown preset"):
         models.preset_config("gpt-17")
 

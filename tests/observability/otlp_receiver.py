@@ -1,4 +1,4 @@
-"""An in-process OTLP/gRPC trace receiver (ecosystem.md §12): no collector needed on CI.
+"""An in-process OTLP/gRPC trace receiver: no collector needed (CI machines cannot run one).
 
     with OtlpReceiver() as rx:
         telemetry.init_tracing("svc", endpoint=rx.endpoint)

@@ -1,16 +1,16 @@
 """One request through real processes (gateway -> scheduler -> fake executor), traced over OTLP.
 
 The client sends a W3C ``traceparent`` (gRPC metadata, then an HTTP header); every service exports to
-the in-process OTLP receiver with its own ``service.name``. Trace shape (design habit 14)::
+the in-process OTLP receiver with its own ``service.name``. Trace shape (docs/observability.md, 'Trace shape')::
 
     client span (the test's traceparent)
       └─ gateway.generate            slai-gateway    gen_ai.* request, usage and latency attributes
            └─ scheduler.request      slai-scheduler  events queued/scheduled/first_token/finished
-    scheduler.step (own trace)       slai-scheduler  LINK -> scheduler.request; slai.step.* attributes
-      └─ executor.step               slai-executor   slai.step.forward_ns etc.
+                └─ scheduler.step    slai-scheduler  child of ONE request of its batch, LINKED to all; slai.step.*
+                     └─ executor.step slai-executor  slai.step.forward_ns etc.
 
-So the client's trace id holds the gateway and scheduler request spans, and the executor's work is
-reached from it through the step spans' links (one step trace per step, shared by the whole batch).
+A request alone in the system parents every step, so the client's trace id holds the gateway and
+scheduler request spans, the steps and their executor children; the links reach the same steps.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Round trips of the codec functions the services added (design habit 10)."""
+"""Round trips of the codec functions the services added."""
 
 from __future__ import annotations
 

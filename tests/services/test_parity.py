@@ -1,5 +1,5 @@
 """The service loop and the simulator drive the same core: with the same virtual clock
-and cost model they make identical plans (design habit 9).
+and cost model they make identical plans (docs/scheduler.md, 'Parity with the simulator').
 
 The service side runs the real driver, executor client, codec and executor gRPC
 stream; only Submit is bypassed (requests are handed to the dispatcher in one

@@ -1,4 +1,4 @@
-"""The services feed Prometheus metrics and, with tracing on, request/step spans (design habit 14)."""
+"""The services feed Prometheus metrics and, with tracing on, request/step spans."""
 
 from __future__ import annotations
 

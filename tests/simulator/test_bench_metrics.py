@@ -1,4 +1,4 @@
-"""Metric definitions on hand-built timestamps (paper.md 7.2)."""
+"""Metric definitions (simulator/metrics.py) on hand-built timestamps."""
 
 import numpy as np
 import pytest

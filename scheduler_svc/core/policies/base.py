@@ -61,8 +61,8 @@ class Policy(ABC):
     def admit_waiting(self, b: BatchBuilder) -> None:
         """Admit from the head of the waiting queue while budget, KV and seqs allow.
 
-        Head-of-line: stops at the first request that does not fit (paper.md 3.4
-        step 4), so an order (FCFS or SPF) is never overtaken.
+        Head-of-line: stops at the first request that does not fit (as the authors'
+        code does), so an order (FCFS or SPF) is never overtaken.
         """
         while b.budget_left > 0:
             req = self.waiting.peek()

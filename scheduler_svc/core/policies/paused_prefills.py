@@ -1,4 +1,4 @@
-"""Paused prefills: the bookkeeping SLAI and RAD share (paper.md 3.4 steps 0 and 2, 3.5).
+"""Paused prefills: the bookkeeping SLAI and RAD share (SLAI's steps 0 and 2, see slai.py).
 
 An admitted request whose prompt is only partly processed waits in ``paused``
 (FIFO) for its next chunk. When KV runs out, the *most recently* paused prefill

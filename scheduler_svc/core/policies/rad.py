@@ -2,7 +2,7 @@
 
 The paper's text was not available; its abstract names two principles,
 *optimal tiling* and *dynamic resource allocation*. This policy implements them
-as follows (paper.md section 5, made precise):
+as follows (our reconstruction, made precise):
 
 Tiling. The step budget is ``B = floor(token_budget / tile_size) * tile_size``
 and every step is filled to exactly ``B`` tokens whenever that much admissible

@@ -1,4 +1,4 @@
-"""Sarathi-Serve stall-free batching (paper.md 4.2).
+"""Sarathi-Serve stall-free batching (the paper's main baseline).
 
 Each iteration, in arrival order:
 1. every running decode gets one token, with no budget check (stall-free);

@@ -1,4 +1,4 @@
-"""SLAI: SLO-Aware LLM Inference (paper.md section 3), step by step.
+"""SLAI: SLO-Aware LLM Inference (Bari, Hegde, de Veciana 2025), step by step as the authors' code runs it.
 
 Each decode carries a *last schedulable time*
 ``LST = last_batch_end + TBT - delta * mean_batch_time``, computed once after it
@@ -32,7 +32,7 @@ class SlaiPolicy(PausedPrefillPolicy):
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        self.decode_heap = DeadlineHeap()  # keyed by LST; ties by arrival (paper.md 3.7)
+        self.decode_heap = DeadlineHeap()  # keyed by LST; ties by arrival (the authors' key)
         self.current_offset = self.config.below_memory_limit_offset
 
     # ---- step 0 ----
@@ -50,7 +50,7 @@ class SlaiPolicy(PausedPrefillPolicy):
         # delta depends only on KV use, which does not change during step 0: compute it once
         self.current_offset = self.offset()
         key = self.decode_key
-        # at most one partial prefill exists (paper.md 3.7); the rest decode
+        # at most one partial prefill exists (only the chunk that used up the budget stops short); the rest decode
         self.decode_heap.push_all(self.track_served(served), lambda req: key(req, end, mean))
 
     def decode_key(self, req: Request, batch_end: float, mean: float) -> float:

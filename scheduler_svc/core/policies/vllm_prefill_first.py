@@ -1,4 +1,4 @@
-"""vLLM v0-style prefill-first scheduling (paper.md 4.3).
+"""vLLM v0-style prefill-first scheduling (a baseline of the paper).
 
 If the head of the (FCFS) waiting queue can be admitted, the iteration is
 prefill-only: as many *whole* prompts as fit under ``max_num_batched_tokens``,
