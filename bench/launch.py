@@ -257,7 +257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", default="", help="gateway tokenizer folder (default: the converted SmolLM2)")
     parser.add_argument("--executors", type=int, default=1, help="number of executor processes")
     parser.add_argument("--policy", default="slai", help="scheduling policy (slai, sarathi, vllm, edf, rad, ...)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="listen host of every service and /metrics port (the services share a service token)")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GATEWAY_GRPC_PORT, help="gateway gRPC (0 = any)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="OpenAI HTTP (0 = any)")
     parser.add_argument("--scheduler-port", type=int, default=DEFAULT_SCHEDULER_PORT)
