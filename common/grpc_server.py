@@ -5,6 +5,8 @@
   ``retry-after-s`` trailing metadata hint), ``LookupError`` -> NOT_FOUND,
   ``ConnectionError`` -> UNAVAILABLE, anything else -> INTERNAL (logged once);
 * standard ``grpc.health.v1`` health and server reflection;
+* with ``service_token``, :class:`common.service_auth.ServiceTokenInterceptor` runs first:
+  every other RPC without the token gets UNAUTHENTICATED (health and reflection stay open);
 * graceful drain: health goes NOT_SERVING, then in-flight calls get ``grace_s``.
 """
 
@@ -18,6 +20,8 @@ from typing import Any, Awaitable, Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from common.service_auth import ServiceTokenInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +123,14 @@ class ServiceServer:
 
 async def start_server(add_servicers: Iterable[Callable[[grpc.aio.Server], None]], service_names: Iterable[str],
                        address: str = "127.0.0.1:0", interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
-                       serving: bool = True, options: Iterable[tuple[str, Any]] = ()) -> ServiceServer:
-    """Start a grpc.aio server on ``address`` (``host:port``; port 0 picks one, or ``unix:PATH``)."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=[
+                       serving: bool = True, options: Iterable[tuple[str, Any]] = (),
+                       service_token: str = "") -> ServiceServer:
+    """Start a grpc.aio server on ``address`` (``host:port``; port 0 picks one, or ``unix:PATH``).
+
+    ``service_token``: require it on every RPC but health and reflection ("" = no check).
+    """
+    auth = [ServiceTokenInterceptor(service_token)] if service_token else []
+    server = grpc.aio.server(interceptors=[*auth, ErrorInterceptor(), *interceptors], options=[
         ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), *options])
     for add in add_servicers:
         add(server)

@@ -22,6 +22,7 @@ import grpc
 
 from common import codec, telemetry
 from common.grpc_server import AdmissionRejected
+from common.service_auth import call_metadata
 from common.metrics import GatewayMetrics
 from common.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig, TierPolicy
@@ -65,6 +66,11 @@ def scheduler_error(exc: grpc.aio.AioRpcError) -> Exception:
         return ConnectionError(f"scheduler unavailable: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
         return LookupError(details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        # the gateway's own configuration is wrong, not the client's request: a 503 naming the fix
+        log.error("the scheduler refused the gateway: %s", details)
+        return ConnectionError(f"scheduler unavailable: it refused this gateway's service token ({details}); "
+                               "give the gateway the scheduler's SLAI_SERVICE_TOKEN")
     return RuntimeError(f"scheduler error {code.name}: {details}")
 
 
@@ -110,6 +116,7 @@ class GenerationService:
         self._channel = channel or grpc.aio.insecure_channel(config.scheduler_address,
                                                              options=SCHEDULER_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        self._auth = call_metadata(config.service_token)  # proves to the scheduler that this is the gateway
         self._in_flight: dict[str, grpc.aio.UnaryStreamCall | None] = {}
         self.metrics = GatewayMetrics()
 
@@ -239,7 +246,8 @@ class GenerationService:
         first = True
         try:
             call = self._stub.Submit(prep.submit, timeout=self.config.request_timeout_s, wait_for_ready=False,
-                                     metadata=telemetry.grpc_metadata(span) or None)
+                                     metadata=call_metadata(self.config.service_token,
+                                                            telemetry.grpc_metadata(span)))
             self._in_flight[rid] = call
             try:
                 async for ev in call:
@@ -296,7 +304,7 @@ class GenerationService:
     async def _send_abort(self, rid: str) -> bool:
         try:
             resp = await self._stub.Abort(scheduler_pb2.AbortRequest(request_id=rid), timeout=2.0,
-                                          wait_for_ready=False)
+                                          wait_for_ready=False, metadata=self._auth)
             return resp.found
         except grpc.aio.AioRpcError as exc:
             log.debug("abort of %s failed: %s", rid, exc.code())
@@ -313,7 +321,8 @@ class GenerationService:
 
     async def stats(self) -> scheduler_pb2.StatsResponse:
         try:
-            return await self._stub.Stats(scheduler_pb2.StatsRequest(), timeout=2.0, wait_for_ready=False)
+            return await self._stub.Stats(scheduler_pb2.StatsRequest(), timeout=2.0, wait_for_ready=False,
+                                          metadata=self._auth)
         except grpc.aio.AioRpcError as exc:
             raise scheduler_error(exc) from None
 
