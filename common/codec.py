@@ -299,9 +299,15 @@ def warmup_from_pb(msg: executor_pb2.WarmupRequest) -> tuple[int | None, int]:
 
 # ---------------------------------------------------------------- gateway (client <-> gateway)
 def generate_input_from_pb(msg: gateway_pb2.GenerateRequest) -> GenerationInput:
-    """A GenerateRequest as the gateway's wire-neutral input (validated later, by the gateway)."""
+    """A GenerateRequest as the gateway's wire-neutral input (validated later, by the gateway).
+
+    Raises ValueError for a field the gateway does not honour, so it is never silently dropped.
+    """
     which = msg.WhichOneof("input")
     s = msg.sampling
+    if s.stop_token_ids:
+        raise ValueError("sampling.stop_token_ids: not supported in GenerateRequest (the gateway adds the "
+                         "model's EOS ids; use stop strings)")
     return GenerationInput(
         prompt=msg.prompt if which == "prompt" else None,
         messages=tuple((m.role, m.content) for m in msg.chat.messages) if which == "chat" else None,

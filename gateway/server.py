@@ -22,6 +22,7 @@ from common.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import GatewayConfig
 from gateway.service import GenerationService
+from gateway.validation import check_request_id
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         if not request.request_id:
             raise ValueError("request_id: must not be empty")
+        check_request_id(request.request_id)
         return gateway_pb2.GatewayAbortResponse(found=await self.service.abort(request.request_id))
 
 
