@@ -65,7 +65,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 def _bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # NOTE: IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only for sockets whose
+    # proto is TCP, and accepted sockets inherit it. With proto 0 every HTTP reply (headers
+    # and body are separate writes) waited ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
