@@ -8,6 +8,7 @@ OpenAI parameter table (gateway/openai_params.py): every parameter is honoured o
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 import httpx
@@ -314,3 +315,14 @@ async def test_grpc_ids_names_and_unsupported_fields(stack, gw_channel):
                          "request_id")
     chunks = await _generate(gw_channel, req(request_id="fine-1"))
     assert chunks[-1].request_id == "fine-1" and chunks[-1].usage.completion_tokens == 3
+
+
+def test_docs_list_every_parameter_of_the_table():
+    from pathlib import Path
+
+    from gateway.openai_params import MESSAGE_ROWS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
+    section = doc[doc.index("### OpenAI parameters"):doc.index("## Errors")]
+    missing = sorted({p.name for p in (*ROWS, *MESSAGE_ROWS)} - set(re.findall(r"`([a-z_]+)`", section)))
+    assert not missing, f"docs/gateway.md does not mention {missing}"
