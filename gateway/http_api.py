@@ -25,7 +25,8 @@ from common.grpc_server import AdmissionRejected
 from common.metrics_http import add_metrics_route
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import TierPolicy
-from gateway.openai_params import CHAT, COMPLETIONS, check_message_keys, check_params
+from gateway.openai_params import (CHAT, COMPLETIONS, check_message_keys, check_params, check_stream_options,
+                                   JSON_TYPE_NAMES, json_type)
 from gateway.service import GenerationService
 from gateway.types import Delta, GenerationInput
 from gateway.validation import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_STOP_STRINGS, clip
@@ -78,14 +79,6 @@ def error_response(exc: BaseException) -> JSONResponse:
 # Parameters are checked against gateway/openai_params.py's table first (unknown and
 # unsupported ones are a 400 naming them), then the honoured ones are parsed here with
 # strict JSON types: true is not 1, 1.5 is not an integer, "1" is not a number.
-_JSON_TYPE = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
-              type(None): "null"}
-
-
-def _json_type(value: Any) -> str:
-    return _JSON_TYPE.get(type(value), type(value).__name__)
-
-
 def parse_body(raw: bytes) -> dict:
     """The request body as a JSON object; anything else is a 400 naming ``body``."""
     try:
@@ -95,7 +88,7 @@ def parse_body(raw: bytes) -> dict:
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise BadRequest(f"body: malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
-        raise BadRequest(f"body: expected a JSON object, got {_json_type(body)}")
+        raise BadRequest(f"body: expected a JSON object, got {json_type(body)}")
     return body
 
 
@@ -104,8 +97,8 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, al
     if value is None and allow_none:
         return default
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        expected = " or ".join(dict.fromkeys(_JSON_TYPE[k] for k in kinds))
-        raise BadRequest(f"{name}: expected {expected}, got {_json_type(value)}")
+        expected = " or ".join(dict.fromkeys(JSON_TYPE_NAMES[k] for k in kinds))
+        raise BadRequest(f"{name}: expected {expected}, got {json_type(value)}")
     return value
 
 
@@ -182,23 +175,23 @@ def _message_content(i: int, content: Any) -> str:
         return content
     if not isinstance(content, list):
         raise BadRequest(f"messages[{i}].content: expected a string or a list of text parts, "
-                         f"got {_json_type(content)}")
+                         f"got {json_type(content)}")
     if len(content) > MAX_CONTENT_PARTS:
         raise BadRequest(f"messages[{i}].content: at most {MAX_CONTENT_PARTS} parts, got {len(content)}")
     parts = []
     for j, p in enumerate(content):
         where = f"messages[{i}].content[{j}]"
         if not isinstance(p, dict):
-            raise BadRequest(f"{where}: expected an object with type and text, got {_json_type(p)}")
+            raise BadRequest(f"{where}: expected an object with type and text, got {json_type(p)}")
         kind = p.get("type")
         if kind != "text":
-            got = clip(kind) if isinstance(kind, str) else _json_type(kind)
+            got = clip(kind) if isinstance(kind, str) else json_type(kind)
             raise BadRequest(f"{where}.type: only text parts are supported, got {got}")
         extra = [k for k in p if k not in ("type", "text")]
         if extra:
             raise BadRequest(f"{where}: unrecognized key {clip(extra[0])} (a text part has type and text)")
         if not isinstance(p.get("text"), str):
-            raise BadRequest(f"{where}.text: expected string, got {_json_type(p.get('text'))}")
+            raise BadRequest(f"{where}.text: expected string, got {json_type(p.get('text'))}")
         parts.append(p["text"])
     return "".join(parts)
 
@@ -213,11 +206,11 @@ def parse_chat(body: dict) -> GenerationInput:
     turns = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}]: expected an object with role and content, got {_json_type(m)}")
+            raise BadRequest(f"messages[{i}]: expected an object with role and content, got {json_type(m)}")
         check_message_keys(m, i)
         role = m.get("role")
         if not isinstance(role, str):
-            raise BadRequest(f"messages[{i}].role: expected string, got {_json_type(role)}")
+            raise BadRequest(f"messages[{i}].role: expected string, got {json_type(role)}")
         turns.append((role, _message_content(i, m.get("content"))))
     fields = _common_fields(body, ("max_tokens", "max_completion_tokens"))
     return GenerationInput(messages=tuple(turns), **fields)
@@ -229,20 +222,9 @@ def parse_stream(body: dict) -> tuple[bool, bool]:
     opts = _get(body, "stream_options", (dict,))
     if opts is None:
         return stream, False
-    if not stream:
+    if not stream:  # as OpenAI and vLLM answer
         raise BadRequest("stream_options: only allowed with stream: true")
-    for key, value in opts.items():
-        if value is None:
-            continue
-        if key in ("include_usage", "include_obfuscation", "continuous_usage_stats") and not isinstance(value, bool):
-            raise BadRequest(f"stream_options.{key}: expected boolean, got {_json_type(value)}")
-        if key == "continuous_usage_stats" and value:  # vLLM: usage in every chunk
-            raise BadRequest("stream_options.continuous_usage_stats: not supported by this server; omit it "
-                             "or send false")
-        # NOTE: include_obfuscation (OpenAI's random padding against length side channels) is
-        # accepted and ignored: chunks are sent without padding, which no client depends on.
-        if key not in ("include_usage", "include_obfuscation", "continuous_usage_stats"):
-            raise BadRequest(f"stream_options: unrecognized option {clip(key)}")
+    check_stream_options(opts)
     return stream, opts.get("include_usage") is True
 
 

@@ -39,16 +39,25 @@ class ParamError(ValueError):
     """A request parameter is unknown, of the wrong type, or set to a value we do not support."""
 
 
+JSON_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+                   dict: "object", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (for "expected X, got Y" messages)."""
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
 def _identifier(name: str, value: Any) -> None:
     if not isinstance(value, str):
-        raise ParamError(f"{name}: expected a string")
+        raise ParamError(f"{name}: expected string, got {json_type(value)}")
     if len(value) > MAX_IDENTIFIER_LEN:
         raise ParamError(f"{name}: at most {MAX_IDENTIFIER_LEN} characters, got {len(value)}")
 
 
 def _metadata(name: str, value: Any) -> None:
     if not isinstance(value, dict):
-        raise ParamError(f"{name}: expected an object of string values")
+        raise ParamError(f"{name}: expected an object of string values, got {json_type(value)}")
     if len(value) > MAX_METADATA_PAIRS:
         raise ParamError(f"{name}: at most {MAX_METADATA_PAIRS} keys, got {len(value)}")
     for k, v in value.items():
@@ -59,7 +68,7 @@ def _metadata(name: str, value: Any) -> None:
 
 def _boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ParamError(f"{name}: expected a boolean")
+        raise ParamError(f"{name}: expected boolean, got {json_type(value)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +77,7 @@ class Param:
     endpoints: tuple[str, ...]
     kind: str
     accepted: tuple = ()  # unsupported: values that mean "off" besides null
-    check: Callable[[str, Any], None] | None = None  # ignored: type/size check
+    check: Callable[[str, Any], None] | None = None  # type/size check of a non-null value
     note: str = ""
 
 
@@ -164,8 +173,17 @@ MESSAGE_ROWS: tuple[Param, ...] = (
     Param("annotations", (CHAT,), UNSUPPORTED, ([],)),
 )
 
+# Keys of stream_options (the object itself is honoured; include_usage is read by gateway/http_api.py).
+STREAM_OPTION_ROWS: tuple[Param, ...] = (
+    Param("include_usage", _BOTH, HONOURED, check=_boolean, note="a last chunk with usage"),
+    Param("include_obfuscation", _BOTH, IGNORED, check=_boolean,
+          note="OpenAI's random padding against length side channels; chunks carry none"),
+    Param("continuous_usage_stats", _BOTH, UNSUPPORTED, (False,), note="vLLM: usage in every chunk"),
+)
+
 TABLE: dict[str, dict[str, Param]] = {ep: {p.name: p for p in ROWS if ep in p.endpoints} for ep in _BOTH}
 _MESSAGE_TABLE = {p.name: p for p in MESSAGE_ROWS}
+_STREAM_OPTION_TABLE = {p.name: p for p in STREAM_OPTION_ROWS}
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
@@ -186,9 +204,9 @@ def _same(value: Any, off: Any) -> bool:
 def _check_value(p: Param, field: str, value: Any) -> None:
     if value is None:
         return
-    if p.kind == IGNORED and p.check is not None:
+    if p.check is not None:
         p.check(field, value)
-    elif p.kind == UNSUPPORTED and not any(_same(value, off) for off in p.accepted):
+    if p.kind == UNSUPPORTED and not any(_same(value, off) for off in p.accepted):
         allowed = ", ".join(json.dumps(v) for v in (None, *p.accepted))
         raise ParamError(f"{field}: not supported by this server; omit it or send {allowed}")
 
@@ -215,3 +233,12 @@ def check_message_keys(message: dict, index: int) -> None:
         if p is None:
             raise ParamError(f"messages[{index}]: unrecognized key {clip(key)}")
         _check_value(p, f"messages[{index}].{key}", value)
+
+
+def check_stream_options(options: dict) -> None:
+    """``stream_options``' keys: known, of the right type, and "off" where unsupported."""
+    for key, value in options.items():
+        p = _STREAM_OPTION_TABLE.get(key)
+        if p is None:
+            raise ParamError(f"stream_options: unrecognized option {clip(key)}")
+        _check_value(p, f"stream_options.{key}", value)

@@ -320,9 +320,9 @@ async def test_grpc_ids_names_and_unsupported_fields(stack, gw_channel):
 def test_docs_list_every_parameter_of_the_table():
     from pathlib import Path
 
-    from gateway.openai_params import MESSAGE_ROWS
+    from gateway.openai_params import MESSAGE_ROWS, STREAM_OPTION_ROWS
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
     section = doc[doc.index("### OpenAI parameters"):doc.index("## Errors")]
-    missing = sorted({p.name for p in (*ROWS, *MESSAGE_ROWS)} - set(re.findall(r"`([a-z_]+)`", section)))
+    missing = sorted({p.name for p in (*ROWS, *MESSAGE_ROWS, *STREAM_OPTION_ROWS)} - set(re.findall(r"`([a-z_]+)`", section)))
     assert not missing, f"docs/gateway.md does not mention {missing}"
