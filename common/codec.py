@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from common.pb.slai.v1 import common_pb2, executor_pb2, gateway_pb2, scheduler_pb2
 from gateway.types import Delta, GenerationInput, Timings
+from gateway.validation import MAX_MESSAGES
 from scheduler_svc.core.plan import BatchPlan, CachedRequestSlice, NewRequestSlice, StepResult, TokenEvent
 from scheduler_svc.core.request import Request, SamplingParams, Tier
 
@@ -305,6 +306,8 @@ def generate_input_from_pb(msg: gateway_pb2.GenerateRequest) -> GenerationInput:
     """
     which = msg.WhichOneof("input")
     s = msg.sampling
+    if which == "chat" and len(msg.chat.messages) > MAX_MESSAGES:  # before building a tuple per message
+        raise ValueError(f"messages: at most {MAX_MESSAGES} messages, got {len(msg.chat.messages)}")
     if s.stop_token_ids:
         raise ValueError("sampling.stop_token_ids: not supported in GenerateRequest (the gateway adds the "
                          "model's EOS ids; use stop strings)")

@@ -102,6 +102,14 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, al
     return value
 
 
+def _get_int(body: dict, name: str, default: int | None = None) -> int | None:
+    value = _get(body, name, (int,), default)
+    # NOTE: no field takes more than 64 bits; bounding here also keeps the number out of error messages.
+    if value is not None and not -(2**64) < value < 2**64:
+        raise BadRequest(f"{name}: integer out of range (more than 64 bits)")
+    return value
+
+
 def _get_float(body: dict, name: str, default: float) -> float:
     value = _get(body, name, (int, float), default)
     try:
@@ -113,12 +121,12 @@ def _get_float(body: dict, name: str, default: float) -> float:
 def _common_fields(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     max_tokens = 0
     for name in max_tokens_names:
-        value = _get(body, name, (int,))
+        value = _get_int(body, name)
         if value is not None:
             if value < 1:
                 raise BadRequest(f"{name}: must be >= 1, got {value}")
             max_tokens = value
-    n = _get(body, "n", (int,), 1)
+    n = _get_int(body, "n", 1)
     if n != 1:
         raise BadRequest(f"n: only n=1 is supported, got {n}")
     stop = body.get("stop")
@@ -132,8 +140,8 @@ def _common_fields(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, A
         stops = tuple(stop)
     else:
         raise BadRequest("stop: expected a string or a list of strings")
-    seed = _get(body, "seed", (int,))
-    top_k = _get(body, "top_k", (int,), 0)
+    seed = _get_int(body, "seed")
+    top_k = _get_int(body, "top_k", 0)
     return dict(
         max_tokens=max_tokens,
         temperature=_get_float(body, "temperature", 1.0),
