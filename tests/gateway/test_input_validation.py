@@ -206,6 +206,8 @@ async def test_every_unsupported_row_refuses_other_values_and_accepts_its_off_va
 
 
 async def test_default_values_are_accepted(http, stack):
+    r = await post(http, COMPLETIONS, logprobs=False)
+    assert r.status_code == 200, r.text
     r = await post(http, COMPLETIONS, logprobs=None, echo=False, best_of=1, suffix=None, presence_penalty=0,
                    frequency_penalty=0.0, logit_bias={}, n=1, user="end-user-42", seed=3, top_k=-1,
                    stream=False, response_format={"type": "text"})
