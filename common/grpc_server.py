@@ -93,11 +93,16 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-async def _parsed(requests):
-    """A request stream that raises MalformedRequest at the first message that did not parse."""
+async def _parsed(requests, context: grpc.aio.ServicerContext):
+    """A request stream that ends the call with INVALID_ARGUMENT at the first message that did not parse.
+
+    The status is sent here, not left to the servicer: a servicer that reads the stream in
+    a task of its own may never see the exception. (One that calls ``context.read()``
+    instead of iterating gets the :class:`_Unparsed` marker itself.)
+    """
     async for request in requests:
         if isinstance(request, _Unparsed):
-            raise request.error
+            await _abort_with(context, request.error)
         yield request
 
 
@@ -110,9 +115,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
 
-        def checked(request, request_streaming: bool):
+        def checked(request, context, request_streaming: bool):
             if request_streaming:
-                return _parsed(request)
+                return _parsed(request, context)
             if isinstance(request, _Unparsed):
                 raise request.error
             return request
@@ -120,7 +125,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         def wrap_unary(fn, request_streaming: bool = False):
             async def inner(request, context):
                 try:
-                    return await fn(checked(request, request_streaming), context)
+                    return await fn(checked(request, context, request_streaming), context)
                 except (grpc.aio.AbortError, grpc.RpcError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
@@ -130,7 +135,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         def wrap_stream(fn, request_streaming: bool = False):
             async def inner(request, context):
                 try:
-                    async for item in fn(checked(request, request_streaming), context):
+                    async for item in fn(checked(request, context, request_streaming), context):
                         yield item
                 except (grpc.aio.AbortError, grpc.RpcError):
                     raise
