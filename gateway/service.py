@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -28,12 +27,9 @@ from common.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig, TierPolicy
 from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput, Timings
+from gateway.validation import check_input, clip
 
 log = logging.getLogger(__name__)
-
-MAX_STOP_STRINGS = 16
-MAX_STOP_LEN = 256
-MAX_SEED = 2**64 - 1
 
 # NOTE: wait_for_ready=False makes an RPC fail at once while the channel is in
 # TRANSIENT_FAILURE; these bound how long a connection attempt to a silent host
@@ -133,17 +129,8 @@ class GenerationService:
     # ------------------------------------------------------------ validation
     def prepare(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
         """Validate and tokenize; raises ValueError naming the offending field."""
-        if inp.model and inp.model != self.model_name:
-            raise ValueError(f"model: unknown model {inp.model!r}; this gateway serves {self.model_name!r}")
-        _check_sampling(inp)
+        check_input(inp, self.model_name, self.max_model_len)
         if inp.messages is not None:
-            if not inp.messages:
-                raise ValueError("messages: must contain at least one message")
-            for i, (role, content) in enumerate(inp.messages):
-                if role not in ("system", "user", "assistant", "tool", "developer"):
-                    raise ValueError(f"messages[{i}].role: unknown role {role!r}")
-                if not isinstance(content, str):
-                    raise ValueError(f"messages[{i}].content: must be text")
             try:
                 prompt_ids = self.tokenizer.encode_chat([{"role": r, "content": c} for r, c in inp.messages])
             except ValueError:
@@ -177,7 +164,7 @@ class GenerationService:
             max_tokens = inp.max_tokens
         request_id = inp.request_id or f"gw-{uuid.uuid4().hex}"
         if request_id in self._in_flight:
-            raise ValueError(f"request_id: {request_id!r} is already in flight")
+            raise ValueError(f"request_id: {clip(request_id)} is already in flight")
         sampling = common_pb2.SamplingParams(
             temperature=inp.temperature, top_p=inp.top_p, top_k=inp.top_k,
             stop_token_ids=self.tokenizer.eos_token_ids, ignore_eos=inp.ignore_eos)
@@ -325,21 +312,3 @@ class GenerationService:
                                           metadata=self._auth)
         except grpc.aio.AioRpcError as exc:
             raise scheduler_error(exc) from None
-
-
-def _check_sampling(inp: GenerationInput) -> None:
-    if not math.isfinite(inp.temperature) or inp.temperature < 0:
-        raise ValueError(f"temperature: must be >= 0, got {inp.temperature}")
-    if inp.temperature > 100:
-        raise ValueError(f"temperature: must be <= 100, got {inp.temperature}")
-    if not math.isfinite(inp.top_p) or not 0 < inp.top_p <= 1:
-        raise ValueError(f"top_p: must be in (0, 1], got {inp.top_p}")
-    if inp.top_k < 0:
-        raise ValueError(f"top_k: must be >= 0, got {inp.top_k}")
-    if inp.seed is not None and not 0 <= inp.seed <= MAX_SEED:
-        raise ValueError(f"seed: must be in [0, 2^64), got {inp.seed}")
-    if len(inp.stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings")
-    for s in inp.stop:
-        if not s or len(s) > MAX_STOP_LEN:
-            raise ValueError(f"stop: each stop string must have 1..{MAX_STOP_LEN} characters")
