@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from wire.service_auth import SERVICE_TOKEN_ENV, SERVICE_TOKEN_FILE_ENV, call_metadata, read_service_token
 from scheduler_svc.core import SchedulerConfig, StepResult
 from scheduler_svc.core.policies.registry import POLICIES
 from contract.tiers import Tier
@@ -43,7 +45,11 @@ from scheduler_svc.core.request import Request
 from scheduler_svc.core.scheduler import SchedulerCore
 
 ROOT = Path(__file__).resolve().parents[1]
-_ENV = {**os.environ, "SLAI_METRICS_PORT": "-1"}  # no /metrics servers (ports may be taken)
+# the service processes require a service token, as under `slai-serve up`, so the numbers include its check
+_TOKEN = read_service_token() or secrets.token_urlsafe(32)
+_ENV = {**{k: v for k, v in os.environ.items() if k != SERVICE_TOKEN_FILE_ENV},
+        SERVICE_TOKEN_ENV: _TOKEN, "SLAI_METRICS_PORT": "-1"}  # no /metrics servers (ports may be taken)
+_AUTH = call_metadata(_TOKEN)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -145,7 +151,7 @@ async def _bench_rpc(address: str, num_running: int, steps: int) -> dict:
     from scheduler_svc.dispatcher import Dispatcher
 
     cfg = ServiceConfig(executors=(address,), pipeline=False,  # lockstep: a step here is pure round trip
-                        overrides=(f"max_num_seqs={num_running}", f"max_decodes={num_running}"))
+                        overrides=(f"max_num_seqs={num_running}", f"max_decodes={num_running}"), service_token=_TOKEN)
     d = Dispatcher(cfg)
     d.start()
     await d.wait_ready(30)
@@ -217,12 +223,12 @@ async def _open_streams(address: str, num: int, prompt_len: int, sched_pid: int)
         for i in range(num):
             calls.append(stub.Submit(scheduler_pb2.SubmitRequest(
                 request_id=f"s{i}", prompt_token_ids=range(1000, 1000 + prompt_len), max_tokens=7000,
-                sampling=common_pb2.SamplingParams(ignore_eos=True))))
+                sampling=common_pb2.SamplingParams(ignore_eos=True)), metadata=_AUTH))
             if i % 500 == 499:
                 await asyncio.sleep(0)
         deadline = time.monotonic() + 90
         while True:  # until every request is queued or running
-            stats = await stub.Stats(scheduler_pb2.StatsRequest())
+            stats = await stub.Stats(scheduler_pb2.StatsRequest(), metadata=_AUTH)
             e = stats.executors[0]
             if e.num_waiting + e.num_running >= num - 20:  # a few may have finished
                 break
@@ -278,7 +284,7 @@ async def _e2e_client(address: str, num: int, seconds: float, pids: dict[str, in
         async def consume(i: int) -> None:
             call = stub.Submit(scheduler_pb2.SubmitRequest(
                 request_id=f"e{i}", prompt_token_ids=range(1000, 1064), max_tokens=7000,
-                sampling=common_pb2.SamplingParams(ignore_eos=True)))
+                sampling=common_pb2.SamplingParams(ignore_eos=True)), metadata=_AUTH)
             try:
                 async for ev in call:
                     counts[i] += len(ev.token_ids)
@@ -290,7 +296,7 @@ async def _e2e_client(address: str, num: int, seconds: float, pids: dict[str, in
         cpu0 = {k: _cpu_s(p) for k, p in pids.items()}
         await asyncio.sleep(seconds)
         cpu = {f"{k}_cpu_pct": round(100 * (_cpu_s(p) - cpu0[k]) / seconds) for k, p in pids.items()}
-        e = (await stub.Stats(scheduler_pb2.StatsRequest())).executors[0]
+        e = (await stub.Stats(scheduler_pb2.StatsRequest(), metadata=_AUTH)).executors[0]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

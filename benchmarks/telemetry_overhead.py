@@ -27,7 +27,7 @@ import multiprocessing as mp
 import time
 
 
-from telemetry import tracing as telemetry
+from telemetry import tracing, step_tracing
 from telemetry.metrics import ExecutorMetrics, SchedulerMetrics
 from scheduler_svc.core import Request, StepResult, Tier, make_core
 
@@ -55,8 +55,8 @@ def _receiver(conn) -> None:  # child process: an OTLP/gRPC receiver that counts
 
 
 def _setup(batch: int) -> tuple:
-    core = make_core(num_blocks=100_000, record_events=telemetry.is_tracing_enabled())
-    spans = telemetry.RequestSpans()
+    core = make_core(num_blocks=100_000, record_events=tracing.is_tracing_enabled())
+    spans = step_tracing.RequestSpans()
     tiers = {}
     for i in range(batch):
         tier = Tier.PAYING if i % 2 else Tier.FREE
@@ -79,12 +79,12 @@ MODES = {  # name: (exporter, step_every, max_step_links)
 def run(mode: str, steps: int, batch: int, endpoint: str = "") -> dict[str, float]:
     exporter, every, links = MODES[mode]
     if exporter is None:
-        telemetry.init_tracing("bench")  # nothing configured: stays off
+        tracing.init_tracing("bench")  # nothing configured: stays off
     elif exporter == "memory":
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        telemetry.init_tracing("bench", exporter=InMemorySpanExporter(), step_every=every, max_step_links=links)
+        tracing.init_tracing("bench", exporter=InMemorySpanExporter(), step_every=every, max_step_links=links)
     else:
-        telemetry.init_tracing("bench", endpoint=endpoint, step_every=every, max_step_links=links)
+        tracing.init_tracing("bench", endpoint=endpoint, step_every=every, max_step_links=links)
     core, spans, tiers = _setup(batch)
     smetrics, xmetrics = SchedulerMetrics(), ExecutorMetrics()
     now, dt = 0.0, 0.03
@@ -100,9 +100,9 @@ def run(mode: str, steps: int, batch: int, endpoint: str = "") -> dict[str, floa
         result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(7,) * len(ids), prepare_ns=1_000_000,
                             forward_ns=27_000_000, sample_ns=1_000_000, total_ns=29_000_000)
         t0 = clock()
-        step = telemetry.step_span(plan, spans, executor="e0")
+        step = step_tracing.step_span(plan, spans, executor="e0")
         tp = step.traceparent
-        telemetry.executor_step_span(tp, result, num_seqs=plan.num_seqs)  # executor side
+        step_tracing.executor_step_span(tp, result, num_seqs=plan.num_seqs)  # executor side
         step.end(result)
         t1 = clock()
         xmetrics.record_step(result, plan.num_seqs)  # executor side
@@ -119,19 +119,19 @@ def run(mode: str, steps: int, batch: int, endpoint: str = "") -> dict[str, floa
         t5 = clock()
         trace_ns += (t1 - t0) + (t4 - t3)
         metrics_ns += (t2 - t1) + (t5 - t4)
-    telemetry.shutdown_tracing()  # flush: the exporter's work is inside the CPU time below
+    tracing.shutdown_tracing()  # flush: the exporter's work is inside the CPU time below
     cpu = time.process_time() - cpu0
     return {"trace_us": trace_ns / steps / 1e3, "metrics_us": metrics_ns / steps / 1e3, "cpu_us": cpu / steps * 1e6}
 
 
 def noop_hook_ns(n: int = 200_000) -> float:
     """Cost of one no-op step hook (step_span + end) with tracing off."""
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
     core, spans, _ = _setup(4)
     plan = core.schedule(0.0)
     t0 = time.perf_counter_ns()
     for _ in range(n):
-        telemetry.step_span(plan, spans.contexts).end(None)
+        step_tracing.step_span(plan, spans.contexts).end(None)
     return (time.perf_counter_ns() - t0) / n
 
 

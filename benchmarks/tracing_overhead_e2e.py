@@ -78,14 +78,16 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def scheduler_sums(address: str) -> dict[str, float]:
+def scheduler_sums(address: str, service_token: str = "") -> dict[str, float]:
     """Cumulative per-step sums from the scheduler's Stats RPC (means x steps, one executor)."""
     import grpc
 
     from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
+    from wire.service_auth import call_metadata
 
     with grpc.insecure_channel(address) as ch:
-        st = scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(scheduler_pb2.StatsRequest(), timeout=5.0)
+        st = scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(scheduler_pb2.StatsRequest(), timeout=5.0,
+                                                               metadata=call_metadata(service_token))
     (e,) = st.executors
     n = e.num_steps
     return {"steps": n, "decision_s": e.mean_decision_s * n, "wait_s": e.mean_executor_wait_s * n,
@@ -144,11 +146,13 @@ def run_once(tracing: bool, args: argparse.Namespace, workload: list, builder: A
         with stack:
             pids = {p.name: p.popen.pid for p in stack.procs}
             asyncio.run(replay(stack.gateway_address, make_workload(8, 20.0, args.seed + 1), builder))  # warm-up
-            before, cpu0 = scheduler_sums(stack.scheduler_address), {k: cpu_s(p) for k, p in pids.items()}
+            before = scheduler_sums(stack.scheduler_address, stack.service_token)
+            cpu0 = {k: cpu_s(p) for k, p in pids.items()}
             w0 = time.perf_counter()
             ttfts = asyncio.run(replay(stack.gateway_address, workload, builder))
             wall = time.perf_counter() - w0
-            after, cpu1 = scheduler_sums(stack.scheduler_address), {k: cpu_s(p) for k, p in pids.items()}
+            after = scheduler_sums(stack.scheduler_address, stack.service_token)
+            cpu1 = {k: cpu_s(p) for k, p in pids.items()}
     finally:
         if rx is not None:
             time.sleep(0.2)

@@ -7,6 +7,11 @@
 The executor warms up at start (so its health check turns SERVING without a
 scheduler, as docker-compose's ``depends_on: service_healthy`` needs); a
 scheduler's ``Warmup`` may later cap the blocks further. SIGTERM drains.
+
+Listens on loopback unless ``--host`` says otherwise; /metrics follows ``--host``
+(or ``--metrics-host``). With a service token (``SLAI_SERVICE_TOKEN`` or
+``--service-token-file``) every RPC but health needs it; without one a
+non-loopback ``--host`` needs ``--insecure-no-auth`` (wire/service_auth.py).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import asyncio
 import logging
 
+from wire import service_auth
 from wire.grpc_server import wait_for_stop_signal
 
 log = logging.getLogger("executor_svc")
@@ -25,9 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="random-weight model shape (e.g. tiny-llama, mistral-7b); "
                                                   "overrides --model")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"), help="dummy = random weights")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1", help="listen host (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=50071)
     p.add_argument("--uds", default=None, help="serve on this unix socket path instead of host:port")
+    p.add_argument("--metrics-host", default=None, help="listen host of /metrics (default: --host)")
+    service_auth.add_arguments(p)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default by device)")
     kv = p.add_mutually_exclusive_group()
@@ -70,12 +78,16 @@ async def _main(args: argparse.Namespace) -> int:
     from telemetry import tracing
     from telemetry.metrics import ExecutorMetrics, metrics_port, start_metrics_server
     from executor_svc.server import serve
+    token = service_auth.read_service_token(args.service_token_file)
+    service_auth.check_exposure("executor", None if args.uds else args.host, token, args.insecure_no_auth)
     tracing.init_tracing(names.SERVICE_EXECUTOR)  # no-op unless OTEL_* is set
     metrics = ExecutorMetrics()
-    start_metrics_server(metrics_port(names.EXECUTOR_METRICS_PORT), metrics.registry)  # SLAI_METRICS_PORT=-1: off
+    start_metrics_server(metrics_port(names.EXECUTOR_METRICS_PORT), metrics.registry,  # SLAI_METRICS_PORT=-1: off
+                         addr=args.metrics_host or args.host)
     runner = build_runner(args)
     address = f"unix:{args.uds}" if args.uds else f"{args.host}:{args.port}"
-    srv, servicer = await serve(runner, address, warmup=True, max_batch_tokens=args.warmup_tokens, metrics=metrics)
+    srv, servicer = await serve(runner, address, warmup=True, max_batch_tokens=args.warmup_tokens, metrics=metrics,
+                                service_token=token)
     info = runner.info()
     log.info("executor serving on %s: model=%s device=%s dtype=%s backend=%s blocks=%d x %d",
              address if args.uds else f"{args.host}:{srv.port}", info.model, info.device, info.dtype,
@@ -89,7 +101,11 @@ async def _main(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return asyncio.run(_main(args))
+    try:
+        return asyncio.run(_main(args))
+    except ValueError as exc:  # bad configuration (e.g. the service token or its exposure): fail fast with the message
+        log.error("%s", exc)
+        return 2
 
 
 if __name__ == "__main__":

@@ -208,9 +208,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
 
 async def serve(runner: Any, address: str = "127.0.0.1:0", warmup: bool = True,
-                max_num_blocks: int | None = None, max_batch_tokens: int = 512, metrics: Any = None
-                ) -> tuple[ServiceServer, ExecutorServicer]:
-    """Start an executor server around ``runner``; with ``warmup`` it is SERVING on return."""
+                max_num_blocks: int | None = None, max_batch_tokens: int = 512, metrics: Any = None,
+                service_token: str = "") -> tuple[ServiceServer, ExecutorServicer]:
+    """Start an executor server around ``runner``; with ``warmup`` it is SERVING on return.
+
+    ``service_token``: every ExecutorService RPC must carry it (wire.service_auth; "" = no check).
+    """
     holder: dict[str, ServiceServer] = {}
 
     async def on_ready(ok: bool) -> None:
@@ -219,7 +222,7 @@ async def serve(runner: Any, address: str = "127.0.0.1:0", warmup: bool = True,
 
     servicer = ExecutorServicer(runner, on_ready=on_ready, metrics=metrics, name=address)
     srv = await start_server([lambda s: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, s)],
-                             [SERVICE_NAME], address, serving=False)
+                             [SERVICE_NAME], address, serving=False, service_token=service_token)
     holder["srv"] = srv
     if warmup:
         await servicer.warmup(max_num_blocks, max_batch_tokens)

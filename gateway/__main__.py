@@ -3,9 +3,12 @@
     slai-serve gateway --scheduler 127.0.0.1:50061 --grpc-port 50051 --http-port 8000 \\
         --model-dir ~/.cache/slai-serve/models/smollm2-135m-instruct [--api-keys keys.yaml]
 
-Every flag also reads an environment variable (``SLAI_GATEWAY_*``), handy in compose.
-SIGTERM/SIGINT drain: health NOT_SERVING, no new calls, in-flight streams get
-``--drain-timeout`` seconds.
+Every flag also reads an environment variable (``SLAI_GATEWAY_*``), handy in compose;
+the service token shared with the scheduler is ``SLAI_SERVICE_TOKEN`` (or the file in
+``SLAI_SERVICE_TOKEN_FILE`` / ``--service-token-file``), the same variable every service reads.
+Listens on loopback unless ``--host`` says otherwise. The ``--api-keys`` file is
+followed while the gateway runs (gateway/key_file.py). SIGTERM/SIGINT drain: health
+NOT_SERVING, no new calls, in-flight streams get ``--drain-timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import logging
 import os
 import sys
 
+from wire import service_auth
 from wire.grpc_server import wait_for_stop_signal
-from gateway.auth import load_key_file, open_store
+from gateway.auth import open_store
 from gateway.config import GatewayConfig, default_tier_policies
+from gateway.key_file import ReloadingKeyStore
 from contract.model_files import default_model_dir, is_converted
 from contract.tiers import FREE_TBT_S, PAYING_TBT_S
 
@@ -31,7 +36,8 @@ def _env(name: str, default):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=_env("SCHEDULER", "127.0.0.1:50061"),
                         help="scheduler address host:port (env SLAI_GATEWAY_SCHEDULER)")
-    parser.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="listen host for gRPC and HTTP")
+    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                        help="listen host for gRPC and HTTP (env SLAI_GATEWAY_HOST; 0.0.0.0: every interface)")
     parser.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50051)), help="gRPC port")
     parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 8000)),
                         help="OpenAI-compatible HTTP port (-1: no HTTP)")
@@ -40,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'default' = the embedded SmolLM2 (converted on first use)")
     parser.add_argument("--model-name", default=_env("MODEL_NAME", ""), help="served model id (default: folder name)")
     parser.add_argument("--api-keys", default=_env("API_KEYS", ""),
-                        help="JSON/YAML key file (key -> tier); without it everyone gets --default-tier")
+                        help="JSON/YAML key file (key -> tier), re-read within ~1 s of a change; without it "
+                             "everyone gets --default-tier")
     parser.add_argument("--default-tier", default=_env("DEFAULT_TIER", "paying"), choices=("paying", "free"))
     parser.add_argument("--paying-tbt", type=float, default=PAYING_TBT_S, help="paying tier TBT objective, seconds")
     parser.add_argument("--free-tbt", type=float, default=FREE_TBT_S, help="free tier TBT objective, seconds")
@@ -52,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests in flight before RESOURCE_EXHAUSTED / 429")
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight streams get on stop")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    service_auth.add_arguments(parser, listener=False)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -63,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=args.http_port, model_dir=args.model_dir, model_name=args.model_name,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout, default_tier=args.default_tier,
-        tiers=tiers)
+        tiers=tiers, service_token=service_auth.read_service_token(args.service_token_file))
 
 
 def resolve_model_dir(model_dir: str) -> str:
@@ -88,8 +96,9 @@ async def serve(config: GatewayConfig, api_keys: str = "") -> None:
     log = logging.getLogger("gateway")
     tracing.init_tracing(names.SERVICE_GATEWAY)  # no-op unless OTEL_* is set
     tokenizer = ModelTokenizer.from_dir(config.model_dir, name=config.model_name)
-    keys = (load_key_file(api_keys, config.default_tier, config.tiers) if api_keys
+    keys = (ReloadingKeyStore(api_keys, config.default_tier, config.tiers) if api_keys
             else open_store(config.default_tier, config.tiers))
+    _warn_exposure(log, config, keys.enabled)
     service = GenerationService(config, tokenizer)
     running = await start_gateway(config, service, keys)
     log.info("gateway up: gRPC :%d, HTTP %s, model %s (max_model_len %d), scheduler %s, keys %s",
@@ -101,9 +110,25 @@ async def serve(config: GatewayConfig, api_keys: str = "") -> None:
     tracing.shutdown_tracing()
 
 
+def _warn_exposure(log: logging.Logger, config: GatewayConfig, keys_enabled: bool) -> None:
+    """The gateway is the public front: say what an open configuration gives away."""
+    host = config.http_host
+    if not keys_enabled and not service_auth.is_loopback_host(host):
+        log.warning("no --api-keys on %s: every client gets the %r tier", host, config.default_tier)
+    sched_host = config.scheduler_address.rsplit(":", 1)[0]
+    if not config.service_token and not config.scheduler_address.startswith("unix:") \
+            and not service_auth.is_loopback_host(sched_host):
+        log.warning("no service token: the scheduler at %s refuses the gateway unless it runs with "
+                    "--insecure-no-auth (set %s)", config.scheduler_address, service_auth.SERVICE_TOKEN_ENV)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # bad configuration (e.g. the service token): fail fast with the message
+        logging.getLogger("gateway").error("%s", exc)
+        return 2
     config = dataclasses.replace(config, model_dir=resolve_model_dir(config.model_dir))
     asyncio.run(serve(config, args.api_keys))
     return 0

@@ -15,14 +15,22 @@ The key file is JSON or YAML, in one of two shapes::
 
 Without a key file everyone gets the default tier and keys are ignored. With
 one, an unknown key is rejected (UNAUTHENTICATED / 401), and so is a missing key
-unless ``allow_anonymous`` is set.
+unless ``allow_anonymous`` is set. The gateway follows the file while it runs
+(:mod:`gateway.key_file`).
+
+A presented key is never compared with the stored ones byte by byte: the store
+is indexed by each key's SHA-256 digest, so how long a look-up takes depends
+only on the digest of the guess, which tells an attacker nothing about any
+real key; the matching digest is then confirmed with ``hmac.compare_digest``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +41,24 @@ class Unauthenticated(Exception):
     """Missing or unknown API key (gRPC UNAUTHENTICATED, HTTP 401)."""
 
 
+def key_digest(key: str) -> bytes:
+    """SHA-256 of an API key: what the store is indexed by."""
+    return hashlib.sha256(key.encode()).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class KeyStore:
-    keys: dict[str, str]  # api key -> tier name
+    keys: dict[str, str] = field(repr=False)  # api key -> tier name (repr=False: no secrets in logs)
     tiers: dict[str, TierPolicy]  # tier name -> objectives
     default_tier: str = "paying"
     enabled: bool = False  # False: no key file, everyone gets default_tier
     allow_anonymous: bool = False  # with a key file: requests without a key get default_tier
+    # key digest -> (the same digest, tier name); resolve() looks keys up here, never in ``keys``
+    by_digest: dict[bytes, tuple[bytes, str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_digest", {d: (d, t) for d, t in
+                                               ((key_digest(k), t) for k, t in self.keys.items())})
 
     def resolve(self, authorization: str | None) -> TierPolicy:
         """The tier policy for an ``Authorization`` value (``Bearer K`` or ``K``)."""
@@ -50,8 +69,9 @@ class KeyStore:
             if self.allow_anonymous:
                 return self.tiers[self.default_tier]
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
-        tier = self.keys.get(key)
-        if tier is None:
+        presented = key_digest(key)
+        stored, tier = self.by_digest.get(presented, (b"", ""))
+        if not hmac.compare_digest(stored, presented):
             raise Unauthenticated("unknown API key")
         return self.tiers[tier]
 

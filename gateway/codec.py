@@ -6,14 +6,23 @@ Round trips: tests/gateway/test_codec_gateway.py.
 from __future__ import annotations
 
 from gateway.types import Delta, GenerationInput, Timings
+from gateway.validation import MAX_MESSAGES
 from wire.enums import FINISH_FROM_PB, FINISH_TO_PB
 from wire.pb.slai.v1 import common_pb2, gateway_pb2
 
 
 def generate_input_from_pb(msg: gateway_pb2.GenerateRequest) -> GenerationInput:
-    """A GenerateRequest as the gateway's wire-neutral input (validated later, by the gateway)."""
+    """A GenerateRequest as the gateway's wire-neutral input (validated later, by the gateway).
+
+    Raises ValueError for a field the gateway does not honour, so it is never silently dropped.
+    """
     which = msg.WhichOneof("input")
     s = msg.sampling
+    if which == "chat" and len(msg.chat.messages) > MAX_MESSAGES:  # before building a tuple per message
+        raise ValueError(f"messages: at most {MAX_MESSAGES} messages, got {len(msg.chat.messages)}")
+    if s.stop_token_ids:
+        raise ValueError("sampling.stop_token_ids: not supported in GenerateRequest (the gateway adds the "
+                         "model's EOS ids; use stop strings)")
     return GenerationInput(
         prompt=msg.prompt if which == "prompt" else None,
         messages=tuple((m.role, m.content) for m in msg.chat.messages) if which == "chat" else None,

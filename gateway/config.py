@@ -43,8 +43,8 @@ def parse_tier(name: str) -> str:
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     scheduler_address: str = field(default="127.0.0.1:50061", metadata={"help": "scheduler host:port"})
-    grpc_address: str = field(default="0.0.0.0:50051", metadata={"help": "gRPC listen address"})
-    http_host: str = field(default="0.0.0.0", metadata={"help": "HTTP listen host"})
+    grpc_address: str = field(default="127.0.0.1:50051", metadata={"help": "gRPC listen address"})
+    http_host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen host"})
     http_port: int = field(default=8000, metadata={"help": "HTTP listen port; 0 = pick one, -1 = no HTTP"})
     model_dir: str = field(default="", metadata={"help": "folder with tokenizer.json, config.json, chat template"})
     model_name: str = field(default="", metadata={"help": "served model id; default: the folder's name"})
@@ -55,6 +55,9 @@ class GatewayConfig:
     drain_timeout_s: float = field(default=10.0, metadata={"help": "grace for in-flight streams on SIGTERM"})
     default_tier: str = field(default="paying", metadata={"help": "tier of requests without a key file"})
     tiers: dict[str, TierPolicy] = field(default_factory=default_tier_policies)
+    # NOTE: repr=False keeps the secret out of logs and tracebacks that print the config
+    service_token: str = field(default="", repr=False, metadata={
+        "help": "shared token sent on every scheduler call (wire.service_auth); '' = none"})
 
     def __post_init__(self) -> None:
         parse_tier(self.default_tier)

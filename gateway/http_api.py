@@ -25,8 +25,11 @@ from wire.grpc_server import AdmissionRejected
 from telemetry.metrics_http import add_metrics_route
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import TierPolicy
+from gateway.openai_params import (CHAT, COMPLETIONS, check_message_keys, check_params, check_stream_options,
+                                   JSON_TYPE_NAMES, json_type)
 from gateway.service import GenerationService
 from gateway.types import Delta, GenerationInput
+from gateway.validation import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_STOP_STRINGS, clip
 
 FINISH_TO_OPENAI = {"stop": "stop", "length": "length", "ignored": "length", "abort": "abort", "error": "error"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -36,10 +39,20 @@ class BadRequest(ValueError):
     """Malformed body (the message starts with the field name)."""
 
 
+MAX_ERROR_MESSAGE_CHARS = 1024  # backstop; messages clip client input themselves (gateway.validation.clip)
+
+
+def _safe_message(message: str) -> str:
+    """Bounded, and always encodable (a lone surrogate would make the JSON reply itself fail)."""
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[:MAX_ERROR_MESSAGE_CHARS] + "..."
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """Map a gateway exception to OpenAI's error body and an HTTP status."""
     headers: dict[str, str] = {}
-    message = str(exc)
+    message = _safe_message(str(exc))
     param = None
     if isinstance(exc, Unauthenticated):
         status, kind = 401, "authentication_error"
@@ -57,32 +70,63 @@ def error_response(exc: BaseException) -> JSONResponse:
         status, kind = 404, "not_found_error"
     else:
         status, kind = 500, "internal_error"
-        message = f"internal error: {type(exc).__name__}: {exc}"
+        message = _safe_message(f"internal error: {type(exc).__name__}: {exc}")
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 # ---------------------------------------------------------------- body parsing
+# Parameters are checked against gateway/openai_params.py's table first (unknown and
+# unsupported ones are a 400 naming them), then the honoured ones are parsed here with
+# strict JSON types: true is not 1, 1.5 is not an integer, "1" is not a number.
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object; anything else is a 400 naming ``body``."""
+    try:
+        body = json.loads(raw or b"")
+    except RecursionError:
+        raise BadRequest("body: malformed JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise BadRequest(f"body: malformed JSON: {str(exc)[:200]}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"body: expected a JSON object, got {json_type(body)}")
+    return body
+
+
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, allow_none: bool = True) -> Any:
     value = body.get(name, default)
     if value is None and allow_none:
         return default
-    if isinstance(value, bool) and bool not in kinds:
-        raise BadRequest(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got a boolean")
-    if not isinstance(value, kinds):
-        raise BadRequest(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(dict.fromkeys(JSON_TYPE_NAMES[k] for k in kinds))
+        raise BadRequest(f"{name}: expected {expected}, got {json_type(value)}")
     return value
+
+
+def _get_int(body: dict, name: str, default: int | None = None) -> int | None:
+    value = _get(body, name, (int,), default)
+    # NOTE: no field takes more than 64 bits; bounding here also keeps the number out of error messages.
+    if value is not None and not -(2**64) < value < 2**64:
+        raise BadRequest(f"{name}: integer out of range (more than 64 bits)")
+    return value
+
+
+def _get_float(body: dict, name: str, default: float) -> float:
+    value = _get(body, name, (int, float), default)
+    try:
+        return float(value)
+    except OverflowError:  # an integer literal beyond 1.8e308
+        raise BadRequest(f"{name}: must be a finite number, got an integer too large for a float") from None
 
 
 def _common_fields(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     max_tokens = 0
     for name in max_tokens_names:
-        value = _get(body, name, (int,))
+        value = _get_int(body, name)
         if value is not None:
             if value < 1:
                 raise BadRequest(f"{name}: must be >= 1, got {value}")
             max_tokens = value
-    n = _get(body, "n", (int,), 1)
+    n = _get_int(body, "n", 1)
     if n != 1:
         raise BadRequest(f"n: only n=1 is supported, got {n}")
     stop = body.get("stop")
@@ -90,16 +134,18 @@ def _common_fields(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, A
         stops: tuple[str, ...] = ()
     elif isinstance(stop, str):
         stops = (stop,)
+    elif isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+        raise BadRequest(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stops = tuple(stop)
     else:
         raise BadRequest("stop: expected a string or a list of strings")
-    seed = _get(body, "seed", (int,))
-    top_k = _get(body, "top_k", (int,), 0)
+    seed = _get_int(body, "seed")
+    top_k = _get_int(body, "top_k", 0)
     return dict(
         max_tokens=max_tokens,
-        temperature=float(_get(body, "temperature", (int, float), 1.0)),
-        top_p=float(_get(body, "top_p", (int, float), 1.0)),
+        temperature=_get_float(body, "temperature", 1.0),
+        top_p=_get_float(body, "top_p", 1.0),
         top_k=0 if top_k == -1 else top_k,  # vLLM spells "disabled" as -1
         seed=seed,
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
@@ -109,46 +155,85 @@ def _common_fields(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, A
     )
 
 
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
 def parse_completion(body: dict) -> GenerationInput:
-    prompt = body.get("prompt")
+    check_params(body, COMPLETIONS)
     fields = _common_fields(body, ("max_tokens",))
+    prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        return GenerationInput(prompt=prompt, **fields)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return GenerationInput(prompt_token_ids=tuple(prompt), **fields)
     if prompt is None or prompt == [] or prompt == "":
         raise BadRequest("prompt: must not be empty")
+    if isinstance(prompt, str):
+        return GenerationInput(prompt=prompt, **fields)
+    if _is_token_ids(prompt):
+        return GenerationInput(prompt_token_ids=tuple(prompt), **fields)
+    if isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt) or all(map(_is_token_ids, prompt))):
+        raise BadRequest(f"prompt: one prompt per request (n=1), got a batch of {len(prompt)}")
     raise BadRequest("prompt: expected a string, a list of one string, or a list of token ids")
 
 
+def _message_content(i: int, content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest(f"messages[{i}].content: expected a string or a list of text parts, "
+                         f"got {json_type(content)}")
+    if len(content) > MAX_CONTENT_PARTS:
+        raise BadRequest(f"messages[{i}].content: at most {MAX_CONTENT_PARTS} parts, got {len(content)}")
+    parts = []
+    for j, p in enumerate(content):
+        where = f"messages[{i}].content[{j}]"
+        if not isinstance(p, dict):
+            raise BadRequest(f"{where}: expected an object with type and text, got {json_type(p)}")
+        kind = p.get("type")
+        if kind != "text":
+            got = clip(kind) if isinstance(kind, str) else json_type(kind)
+            raise BadRequest(f"{where}.type: only text parts are supported, got {got}")
+        extra = [k for k in p if k not in ("type", "text")]
+        if extra:
+            raise BadRequest(f"{where}: unrecognized key {clip(extra[0])} (a text part has type and text)")
+        if not isinstance(p.get("text"), str):
+            raise BadRequest(f"{where}.text: expected string, got {json_type(p.get('text'))}")
+        parts.append(p["text"])
+    return "".join(parts)
+
+
 def parse_chat(body: dict) -> GenerationInput:
+    check_params(body, CHAT)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: expected a non-empty list of messages")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
     turns = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}]: expected an object with role and content")
+            raise BadRequest(f"messages[{i}]: expected an object with role and content, got {json_type(m)}")
+        check_message_keys(m, i)
         role = m.get("role")
         if not isinstance(role, str):
-            raise BadRequest(f"messages[{i}].role: expected a string")
-        content = m.get("content")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):  # content parts: only text is supported
-            parts = []
-            for p in content:
-                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                    raise BadRequest(f"messages[{i}].content: only text parts are supported")
-                parts.append(p["text"])
-            content = "".join(parts)
-        elif not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content: expected a string or a list of text parts")
-        turns.append((role, content))
+            raise BadRequest(f"messages[{i}].role: expected string, got {json_type(role)}")
+        turns.append((role, _message_content(i, m.get("content"))))
     fields = _common_fields(body, ("max_tokens", "max_completion_tokens"))
     return GenerationInput(messages=tuple(turns), **fields)
+
+
+def parse_stream(body: dict) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` from ``stream`` and ``stream_options``."""
+    stream = _get(body, "stream", (bool,), False)
+    opts = _get(body, "stream_options", (dict,))
+    if opts is None:
+        return stream, False
+    if not stream:  # as OpenAI and vLLM answer
+        raise BadRequest("stream_options: only allowed with stream: true")
+    check_stream_options(opts)
+    return stream, opts.get("include_usage") is True
 
 
 # ---------------------------------------------------------------- the app
@@ -158,14 +243,7 @@ def build_app(service: GenerationService, keys: KeyStore) -> FastAPI:
     add_metrics_route(app, service.metrics.registry)  # GET /metrics (Prometheus)
 
     async def read_json(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"body: malformed JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("body: expected a JSON object")
-        return body
+        return parse_body(await request.body())
 
     @app.get("/health")
     async def health() -> dict:
@@ -187,9 +265,7 @@ def build_app(service: GenerationService, keys: KeyStore) -> FastAPI:
             tier = keys.resolve(request.headers.get("authorization"))
             body = await read_json(request)
             inp = parse_chat(body) if chat else parse_completion(body)
-            stream = _get(body, "stream", (bool,), False)
-            opts = _get(body, "stream_options", (dict,), {}) or {}
-            include_usage = bool(opts.get("include_usage", False))
+            stream, include_usage = parse_stream(body)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             return error_response(exc)
         if stream:

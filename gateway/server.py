@@ -22,6 +22,7 @@ from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import GatewayConfig
 from gateway.service import GenerationService
+from gateway.validation import check_request_id
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         if not request.request_id:
             raise ValueError("request_id: must not be empty")
+        check_request_id(request.request_id)
         return gateway_pb2.GatewayAbortResponse(found=await self.service.abort(request.request_id))
 
 
 def _bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # NOTE: IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only for sockets whose
+    # proto is TCP, and accepted sockets inherit it. With proto 0 every HTTP reply (headers
+    # and body are separate writes) waited ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)

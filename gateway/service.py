@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -21,21 +20,18 @@ from typing import AsyncIterator
 import grpc
 
 from gateway import codec
-from wire import enums
-
 from telemetry import tracing
 from wire.grpc_server import AdmissionRejected
+from wire.service_auth import call_metadata
 from telemetry.metrics import GatewayMetrics
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from wire import enums
 from gateway.config import GatewayConfig, TierPolicy
 from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput, Timings
+from gateway.validation import check_input, clip
 
 log = logging.getLogger(__name__)
-
-MAX_STOP_STRINGS = 16
-MAX_STOP_LEN = 256
-MAX_SEED = 2**64 - 1
 
 # NOTE: wait_for_ready=False makes an RPC fail at once while the channel is in
 # TRANSIENT_FAILURE; these bound how long a connection attempt to a silent host
@@ -68,6 +64,11 @@ def scheduler_error(exc: grpc.aio.AioRpcError) -> Exception:
         return ConnectionError(f"scheduler unavailable: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
         return LookupError(details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        # the gateway's own configuration is wrong, not the client's request: a 503 naming the fix
+        log.error("the scheduler refused the gateway: %s", details)
+        return ConnectionError(f"scheduler unavailable: it refused this gateway's service token ({details}); "
+                               "give the gateway the scheduler's SLAI_SERVICE_TOKEN")
     return RuntimeError(f"scheduler error {code.name}: {details}")
 
 
@@ -113,6 +114,7 @@ class GenerationService:
         self._channel = channel or grpc.aio.insecure_channel(config.scheduler_address,
                                                              options=SCHEDULER_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        self._auth = call_metadata(config.service_token)  # proves to the scheduler that this is the gateway
         self._in_flight: dict[str, grpc.aio.UnaryStreamCall | None] = {}
         self.metrics = GatewayMetrics()
 
@@ -129,17 +131,8 @@ class GenerationService:
     # ------------------------------------------------------------ validation
     def prepare(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
         """Validate and tokenize; raises ValueError naming the offending field."""
-        if inp.model and inp.model != self.model_name:
-            raise ValueError(f"model: unknown model {inp.model!r}; this gateway serves {self.model_name!r}")
-        _check_sampling(inp)
+        check_input(inp, self.model_name, self.max_model_len)
         if inp.messages is not None:
-            if not inp.messages:
-                raise ValueError("messages: must contain at least one message")
-            for i, (role, content) in enumerate(inp.messages):
-                if role not in ("system", "user", "assistant", "tool", "developer"):
-                    raise ValueError(f"messages[{i}].role: unknown role {role!r}")
-                if not isinstance(content, str):
-                    raise ValueError(f"messages[{i}].content: must be text")
             try:
                 prompt_ids = self.tokenizer.encode_chat([{"role": r, "content": c} for r, c in inp.messages])
             except ValueError:
@@ -173,7 +166,7 @@ class GenerationService:
             max_tokens = inp.max_tokens
         request_id = inp.request_id or f"gw-{uuid.uuid4().hex}"
         if request_id in self._in_flight:
-            raise ValueError(f"request_id: {request_id!r} is already in flight")
+            raise ValueError(f"request_id: {clip(request_id)} is already in flight")
         sampling = common_pb2.SamplingParams(
             temperature=inp.temperature, top_p=inp.top_p, top_k=inp.top_k,
             stop_token_ids=self.tokenizer.eos_token_ids, ignore_eos=inp.ignore_eos)
@@ -242,7 +235,8 @@ class GenerationService:
         first = True
         try:
             call = self._stub.Submit(prep.submit, timeout=self.config.request_timeout_s, wait_for_ready=False,
-                                     metadata=tracing.grpc_metadata(span) or None)
+                                     metadata=call_metadata(self.config.service_token,
+                                                            tracing.grpc_metadata(span)))
             self._in_flight[rid] = call
             try:
                 async for ev in call:
@@ -299,7 +293,7 @@ class GenerationService:
     async def _send_abort(self, rid: str) -> bool:
         try:
             resp = await self._stub.Abort(scheduler_pb2.AbortRequest(request_id=rid), timeout=2.0,
-                                          wait_for_ready=False)
+                                          wait_for_ready=False, metadata=self._auth)
             return resp.found
         except grpc.aio.AioRpcError as exc:
             log.debug("abort of %s failed: %s", rid, exc.code())
@@ -316,24 +310,7 @@ class GenerationService:
 
     async def stats(self) -> scheduler_pb2.StatsResponse:
         try:
-            return await self._stub.Stats(scheduler_pb2.StatsRequest(), timeout=2.0, wait_for_ready=False)
+            return await self._stub.Stats(scheduler_pb2.StatsRequest(), timeout=2.0, wait_for_ready=False,
+                                          metadata=self._auth)
         except grpc.aio.AioRpcError as exc:
             raise scheduler_error(exc) from None
-
-
-def _check_sampling(inp: GenerationInput) -> None:
-    if not math.isfinite(inp.temperature) or inp.temperature < 0:
-        raise ValueError(f"temperature: must be >= 0, got {inp.temperature}")
-    if inp.temperature > 100:
-        raise ValueError(f"temperature: must be <= 100, got {inp.temperature}")
-    if not math.isfinite(inp.top_p) or not 0 < inp.top_p <= 1:
-        raise ValueError(f"top_p: must be in (0, 1], got {inp.top_p}")
-    if inp.top_k < 0:
-        raise ValueError(f"top_k: must be >= 0, got {inp.top_k}")
-    if inp.seed is not None and not 0 <= inp.seed <= MAX_SEED:
-        raise ValueError(f"seed: must be in [0, 2^64), got {inp.seed}")
-    if len(inp.stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings")
-    for s in inp.stop:
-        if not s or len(s) > MAX_STOP_LEN:
-            raise ValueError(f"stop: each stop string must have 1..{MAX_STOP_LEN} characters")

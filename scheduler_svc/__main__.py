@@ -6,6 +6,12 @@
 
 Health turns SERVING once an executor has answered Info/Warmup. SIGTERM drains:
 NOT_SERVING, in-flight streams get ``--grace-s``, then executors are released.
+
+Listens on loopback unless ``--host`` says otherwise; /metrics follows ``--host``
+(or ``--metrics-host``). With a service token (``SLAI_SERVICE_TOKEN`` or
+``--service-token-file``) every RPC but health needs it, and the executors get it
+too; without one a non-loopback ``--host`` needs ``--insecure-no-auth``
+(wire/service_auth.py, docs/gateway.md *Security*).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import asyncio
 import logging
 
+from wire import service_auth
 from wire.grpc_server import wait_for_stop_signal
 from scheduler_svc.config import ROUTINGS, ServiceConfig
 from scheduler_svc.core.policies.registry import POLICIES
@@ -25,9 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServiceConfig()
     p.add_argument("--policy", default=d.policy, choices=list(POLICIES))
     p.add_argument("--executors", required=True, help="comma-separated executor addresses (host:port or unix:PATH)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1", help="listen host (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=50061)
     p.add_argument("--uds", default=None, help="serve on this unix socket path instead of host:port")
+    p.add_argument("--metrics-host", default=None, help="listen host of /metrics (default: --host)")
+    service_auth.add_arguments(p)
     p.add_argument("--routing", default=d.routing, choices=ROUTINGS,
                    help="how new requests pick an executor (default: least outstanding work in tokens)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
@@ -47,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """The service config, with the service token read from its file or the environment."""
     if args.pipeline_lead_ms < 0:
         raise ValueError(f"--pipeline-lead-ms must be >= 0, got {args.pipeline_lead_ms:g}")
     return ServiceConfig(
@@ -54,7 +64,8 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         routing=args.routing, overrides=tuple(args.overrides), max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens, paying_tbt_s=args.paying_tbt_s, free_tbt_s=args.free_tbt_s,
         step_timeout_s=args.step_timeout_s, kv_blocks_cap=args.kv_blocks_cap, pipeline=args.pipeline,
-        pipeline_lead_s=args.pipeline_lead_ms / 1e3)
+        pipeline_lead_s=args.pipeline_lead_ms / 1e3,
+        service_token=service_auth.read_service_token(args.service_token_file))
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -65,9 +76,12 @@ async def _main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not config.executors:
         raise SystemExit("--executors: give at least one address")
+    service_auth.check_exposure("scheduler", None if args.uds else args.host, config.service_token,
+                                args.insecure_no_auth)
     tracing.init_tracing(names.SERVICE_SCHEDULER)  # no-op unless OTEL_* is set
     metrics = SchedulerMetrics()
-    start_metrics_server(metrics_port(names.SCHEDULER_METRICS_PORT), metrics.registry)  # SLAI_METRICS_PORT=-1: off
+    start_metrics_server(metrics_port(names.SCHEDULER_METRICS_PORT), metrics.registry,  # SLAI_METRICS_PORT=-1: off
+                         addr=args.metrics_host or args.host)
     address = f"unix:{args.uds}" if args.uds else f"{args.host}:{args.port}"
     srv, dispatcher = await serve(config, address, metrics=metrics)
     log.info("scheduler (%s, routing %s) on %s, executors %s", config.policy, config.routing,

@@ -38,6 +38,9 @@ class ServiceConfig:
         "help": "plan step N+1 while step N runs, so the executor never waits for a plan"})
     pipeline_lead_s: float = field(default=0.003, metadata={
         "help": "plan ahead this long before the running step's predicted end"})
+    # NOTE: repr=False keeps the secret out of logs and tracebacks that print the config
+    service_token: str = field(default="", repr=False, metadata={
+        "help": "shared token required from callers and sent to executors (wire.service_auth); '' = none"})
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -111,7 +111,8 @@ class Dispatcher:
         self.clock = clock
         self.router = Router(config.routing, config.routing_seed)
         factory = client_factory or (lambda addr: ExecutorClient(
-            addr, config.step_timeout_s, config.connect_timeout_s, config.warmup_timeout_s))
+            addr, config.step_timeout_s, config.connect_timeout_s, config.warmup_timeout_s,
+            service_token=config.service_token))
         self.metrics = metrics  # telemetry.metrics.SchedulerMetrics or None
         self.spans = spans  # telemetry.tracing.RequestSpans or None
         self.drivers = [ExecutorDriver(i, factory(addr), config, self, clock, metrics=metrics, spans=spans)

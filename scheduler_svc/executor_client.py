@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from wire import executor_codec
-from contract.executor_info import ExecutorInfo
 from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+from wire.service_auth import call_metadata
+from contract.executor_info import ExecutorInfo
 
 if TYPE_CHECKING:  # only wire.codec imports both the wire types and the core
     from contract.plan import BatchPlan, StepResult
@@ -32,8 +33,9 @@ class ExecutorLost(ConnectionError):
 
 class ExecutorClient:
     def __init__(self, address: str, step_timeout_s: float = 30.0, connect_timeout_s: float = 10.0,
-                 warmup_timeout_s: float = 300.0) -> None:
+                 warmup_timeout_s: float = 300.0, service_token: str = "") -> None:
         self.address = address
+        self._metadata = call_metadata(service_token)  # every call proves the scheduler is the scheduler
         self.step_timeout_s = step_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.warmup_timeout_s = warmup_timeout_s
@@ -48,13 +50,16 @@ class ExecutorClient:
             ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
         self._stub = executor_pb2_grpc.ExecutorServiceStub(self._channel)
         try:
-            await self._stub.Info(executor_pb2.InfoRequest(), timeout=self.connect_timeout_s, wait_for_ready=False)
+            meta = self._metadata
+            await self._stub.Info(executor_pb2.InfoRequest(), timeout=self.connect_timeout_s, wait_for_ready=False,
+                                  metadata=meta)
             # NOTE: a reconnecting scheduler starts with empty cores, so whatever the
             # executor still holds from the previous stream is stale.
-            await self._stub.Release(executor_pb2.ReleaseRequest(all=True), timeout=self.connect_timeout_s)
+            await self._stub.Release(executor_pb2.ReleaseRequest(all=True), timeout=self.connect_timeout_s,
+                                     metadata=meta)
             info = executor_codec.info_from_pb(await self._stub.Warmup(
-                executor_codec.warmup_to_pb(max_num_blocks, max_batch_tokens), timeout=self.warmup_timeout_s))
-            self._call = self._stub.Step()
+                executor_codec.warmup_to_pb(max_num_blocks, max_batch_tokens), timeout=self.warmup_timeout_s, metadata=meta))
+            self._call = self._stub.Step(metadata=meta)
         except grpc.aio.AioRpcError as exc:
             await self.close()
             raise ExecutorLost(f"executor {self.address}: {exc.code().name}: {exc.details()}") from None

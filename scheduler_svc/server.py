@@ -82,6 +82,7 @@ async def serve(config: ServiceConfig, address: str = "127.0.0.1:0", clock: Cloc
 
     ``metrics``: a ``telemetry.metrics.SchedulerMetrics`` to feed (None: no metrics). Request and step
     spans are recorded when tracing is on (``telemetry.tracing.init_tracing`` ran with an exporter).
+    ``config.service_token`` (when set) is required on every SchedulerService RPC and sent to the executors.
     """
     holder: dict[str, ServiceServer] = {}
 
@@ -95,7 +96,7 @@ async def serve(config: ServiceConfig, address: str = "127.0.0.1:0", clock: Cloc
                             metrics=metrics, spans=spans)
     servicer = SchedulerServicer(dispatcher)
     srv = await start_server([lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, s)],
-                             [SERVICE_NAME], address, serving=False)
+                             [SERVICE_NAME], address, serving=False, service_token=config.service_token)
     holder["srv"] = srv
     dispatcher.start()
     return srv, dispatcher

@@ -54,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", default="", help="tokenizer folder used to build exact-length prompts "
                                                    "(default: the converted SmolLM2)")
     p.add_argument("--scheduler", default="", help="scheduler address: adds policy and preemption counts "
-                                                     "from its Stats RPC")
+                                                     "from its Stats RPC (with the stack's SLAI_SERVICE_TOKEN)")
+    p.add_argument("--service-token-file", default=None, metavar="PATH",
+                   help="file with the scheduler's service token (default: $SLAI_SERVICE_TOKEN_FILE, "
+                        "else $SLAI_SERVICE_TOKEN)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
     p.add_argument("--records-out", default=None, metavar="FILE", help="write per-request JSON lines here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -143,16 +146,21 @@ async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[s
     return collector, extra
 
 
-def scheduler_stats(address: str) -> dict[str, Any] | None:
-    """Policy and counters from the scheduler's Stats RPC (None when unreachable)."""
+def scheduler_stats(address: str, service_token: str = "") -> dict[str, Any] | None:
+    """Policy and counters from the scheduler's Stats RPC (None when unreachable or refused)."""
     import grpc
 
     from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
+    from wire.service_auth import SERVICE_TOKEN_ENV, call_metadata
 
     try:
         with grpc.insecure_channel(address) as ch:
-            st = scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(scheduler_pb2.StatsRequest(), timeout=5.0)
-    except grpc.RpcError:
+            st = scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(scheduler_pb2.StatsRequest(), timeout=5.0,
+                                                                   metadata=call_metadata(service_token))
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            print(f"bench-serve: the scheduler refused Stats ({exc.details()}); set {SERVICE_TOKEN_ENV} to the "
+                  "stack's service token", file=sys.stderr)
         return None
     return {"policy": st.policy, "num_preemptions": sum(e.num_preemptions for e in st.executors),
             "num_steps": sum(e.num_steps for e in st.executors)}
@@ -172,7 +180,12 @@ def run(args: argparse.Namespace) -> int:
                           paying_prob=args.paying_prob, paying_tbt_s=args.paying_tbt, free_tbt_s=args.free_tbt,
                           max_total=builder.max_model_len)
     keys = tier_keys(args)
-    before = scheduler_stats(args.scheduler) if args.scheduler else None
+    token = ""
+    if args.scheduler:
+        from wire.service_auth import read_service_token
+
+        token = read_service_token(args.service_token_file)
+    before = scheduler_stats(args.scheduler, token) if args.scheduler else None
     collector, extra = asyncio.run(replay(args.gateway, items, builder, keys, args.max_prompt_len,
                                           args.max_output_len, args.timeout))
     records = extra.pop("_records")
@@ -186,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
               "num_requests": args.num_requests, "trace": args.trace or "synthetic", "seed": args.seed,
               "paying_prob": args.paying_prob, "max_prompt_len": args.max_prompt_len,
               "max_output_len": args.max_output_len, "tiers_keyed": sorted(t for t, k in keys.items() if k)})
-    after = scheduler_stats(args.scheduler) if args.scheduler else None
+    after = scheduler_stats(args.scheduler, token) if args.scheduler else None
     if before and after:
         s["policy"] = after["policy"]
         s["num_preemptions"] = after["num_preemptions"] - before["num_preemptions"]

@@ -4,8 +4,10 @@
     slai-serve up --fake --executors 2 # model-free stack (FakeRunner), two executors
     slai-serve up --api-keys keys.yaml --policy sarathi
 
-Processes start on loopback in dependency order, each awaited until its
-``grpc.health.v1`` status is SERVING. Ctrl-C / SIGTERM stop them in reverse
+Processes start on loopback (or ``--host``, which their /metrics ports follow too) in
+dependency order, each awaited until its ``grpc.health.v1`` status is SERVING. They
+share one service token (``SLAI_SERVICE_TOKEN`` if set, else a random one per run),
+handed over in their environment, never in argv (docs/gateway.md, *Security*). Ctrl-C / SIGTERM stop them in reverse
 order (gateway first, so in-flight streams drain), each with ``--drain-timeout``
 seconds before SIGKILL. :class:`LocalStack` is the same thing as a context
 manager for tests and ``bench-serve``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -107,6 +110,8 @@ class LocalStack:
     scheduler_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every service (e.g. OTEL_*)
+    # shared by the three services; "" = SLAI_SERVICE_TOKEN(_FILE) if set, else a random one at start()
+    service_token: str = field(default="", repr=False)
     procs: list[Proc] = field(default_factory=list)
 
     # ------------------------------------------------------------ addresses
@@ -146,6 +151,10 @@ class LocalStack:
     def _spawn(self, proc: Proc) -> None:
         # NOTE: per-service settings (OTEL_SERVICE_NAME, SLAI_METRICS_PORT) win over the stack-wide ``env``
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **proc.env}
+        if self.service_token:  # the environment, not argv: `ps` shows argv to every local user
+            from wire.service_auth import SERVICE_TOKEN_ENV, SERVICE_TOKEN_FILE_ENV
+            env.pop(SERVICE_TOKEN_FILE_ENV, None)
+            env[SERVICE_TOKEN_ENV] = self.service_token
         cmd = [sys.executable, "-m", "slai_serve.cli", *proc.argv]
         out = None
         if self.log_dir is not None:
@@ -172,7 +181,12 @@ class LocalStack:
             raise RuntimeError(f"{exc}{tail}") from None
 
     def start(self) -> LocalStack:
+        from wire.service_auth import read_service_token
+
         self._resolve_ports()
+        if not self.service_token:
+            self.service_token = (read_service_token(environ={**os.environ, **self.env})
+                                  or secrets.token_urlsafe(32))
         deadline = time.monotonic() + self.startup_timeout_s
         model_dir = self.model_dir or str(ensure_model_dir())
         metrics = self.metrics_port
@@ -239,7 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", default="", help="gateway tokenizer folder (default: the converted SmolLM2)")
     parser.add_argument("--executors", type=int, default=1, help="number of executor processes")
     parser.add_argument("--policy", default="slai", help="scheduling policy (slai, sarathi, vllm, edf, rad, ...)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="listen host of every service and /metrics port (the services share a service token)")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GATEWAY_GRPC_PORT, help="gateway gRPC (0 = any)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="OpenAI HTTP (0 = any)")
     parser.add_argument("--scheduler-port", type=int, default=DEFAULT_SCHEDULER_PORT)

@@ -1,7 +1,8 @@
 """Serving a registry on ``/metrics``: a side port for the gRPC-only services, a route for the gateway.
 
 Ports: ``SLAI_METRICS_PORT`` overrides the defaults in ``telemetry.names`` (scheduler
-9101, executor 9102; the gateway serves on its HTTP port 8000). ``-1`` turns serving off.
+9101, executor 9102; the gateway serves on its HTTP port 8000). ``-1`` turns serving off. The host is the
+service's ``--metrics-host``, by default its ``--host`` (loopback unless told otherwise).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def metrics_port(default: int) -> int:
         raise ValueError(f"{N.METRICS_PORT_ENV} must be an integer port, got {raw!r}") from None
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> tuple[Any, int] | None:
+def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "127.0.0.1") -> tuple[Any, int] | None:
     """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread.
+
+    ``addr``: the listen host, loopback unless told otherwise; the services pass their ``--host``
+    (or ``--metrics-host``), so a stack on loopback never exposes /metrics beyond it.
 
     Returns ``(server, bound_port)`` (``port=0`` picks one; call ``server.shutdown()`` to stop) or None when
     ``port < 0``.

@@ -47,7 +47,30 @@ def test_expected_services_exist():
 def test_commands_parse_with_the_code(name):
     sub, args = parse_command(PROJECT[name])
     assert sub == {"executor-cpu": "executor"}.get(name, name)
-    assert args.host == "0.0.0.0"
+    assert args.host == "0.0.0.0"  # the code defaults to loopback; containers must say 0.0.0.0
+
+
+@pytest.mark.parametrize("name", sorted(PROJECT))
+def test_services_share_a_required_service_token(name):
+    from wire.service_auth import SERVICE_TOKEN_ENV
+
+    svc = PROJECT[name]
+    # compose refuses to start without the variable (no default, no placeholder that would work)
+    assert re.fullmatch(r"\$\{" + SERVICE_TOKEN_ENV + r":\?[^}]+\}", svc["environment"][SERVICE_TOKEN_ENV])
+    _, args = parse_command(svc)
+    assert not getattr(args, "insecure_no_auth", False) and args.service_token_file is None
+    assert "SLAI_SERVICE_TOKEN" not in " ".join(svc["command"])  # never on the command line
+
+
+def test_only_the_gateway_is_published():
+    for name, svc in PROJECT.items():
+        assert ("ports" in svc) == (name == "gateway"), name
+
+
+def test_metrics_listen_where_prometheus_scrapes():
+    for name in ("scheduler", "executor", "executor-cpu"):
+        _, args = parse_command(SERVICES[name])
+        assert (args.metrics_host or args.host) == "0.0.0.0", name  # /metrics follows --host
 
 
 @pytest.mark.parametrize("name", sorted(PROJECT))

@@ -4,7 +4,11 @@
   INVALID_ARGUMENT, ``AdmissionRejected`` -> RESOURCE_EXHAUSTED (with a
   ``retry-after-s`` trailing metadata hint), ``LookupError`` -> NOT_FOUND,
   ``ConnectionError`` -> UNAVAILABLE, anything else -> INTERNAL (logged once);
+  a request whose bytes do not parse as its message type is INVALID_ARGUMENT
+  too (grpc.aio itself would answer UNKNOWN);
 * standard ``grpc.health.v1`` health and server reflection;
+* with ``service_token``, :class:`wire.service_auth.ServiceTokenInterceptor` runs first:
+  every other RPC without the token gets UNAUTHENTICATED (health and reflection stay open);
 * graceful drain: health goes NOT_SERVING, then in-flight calls get ``grace_s``.
 """
 
@@ -19,6 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from wire.service_auth import ServiceTokenInterceptor
+
 log = logging.getLogger(__name__)
 
 
@@ -30,17 +36,28 @@ class AdmissionRejected(Exception):
         self.retry_after_s = retry_after_s
 
 
+MAX_STATUS_MESSAGE_CHARS = 1024  # backstop: messages clip client input themselves
+
+
+def _bounded(message: str) -> str:
+    """A status message of bounded size that always encodes (no lone surrogates)."""
+    if len(message) > MAX_STATUS_MESSAGE_CHARS:
+        message = message[:MAX_STATUS_MESSAGE_CHARS] + "..."
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
     """The gRPC status, message and trailing metadata for an exception."""
     if isinstance(exc, AdmissionRejected):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), (("retry-after-s", f"{exc.retry_after_s:.3f}"),)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _bounded(str(exc)), (
+            ("retry-after-s", f"{exc.retry_after_s:.3f}"),)
     if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+        return grpc.StatusCode.INVALID_ARGUMENT, _bounded(str(exc)), ()
     if isinstance(exc, LookupError):
-        return grpc.StatusCode.NOT_FOUND, str(exc), ()
+        return grpc.StatusCode.NOT_FOUND, _bounded(str(exc)), ()
     if isinstance(exc, (ConnectionError, TimeoutError)):
-        return grpc.StatusCode.UNAVAILABLE, str(exc) or type(exc).__name__, ()
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()
+        return grpc.StatusCode.UNAVAILABLE, _bounded(str(exc) or type(exc).__name__), ()
+    return grpc.StatusCode.INTERNAL, _bounded(f"internal error: {type(exc).__name__}: {exc}"), ()
 
 
 async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -52,6 +69,47 @@ async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> 
     await context.abort(code, message)
 
 
+class MalformedRequest(ValueError):
+    """The request's bytes are not a valid message of the method's request type."""
+
+
+class _Unparsed:
+    """What the deserializer returns for bytes it cannot parse (see :func:`_tolerant`)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = MalformedRequest(f"request: malformed protobuf: {str(error)[:300]}")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # NOTE: grpc.aio turns an exception raised by the request deserializer into UNKNOWN
+    # ("Unexpected <class DecodeError>") and logs a traceback per call; returning a marker
+    # instead lets the wrapped handler answer INVALID_ARGUMENT with a message.
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and whatever a custom deserializer raises
+            return _Unparsed(exc)
+    return deserialize
+
+
+async def _parsed(requests, context: grpc.aio.ServicerContext):
+    """A request stream that ends the call with INVALID_ARGUMENT at the first message that did not parse.
+
+    The status is sent here, not left to the servicer: a servicer that reads the stream in
+    a task of its own may never see the exception. (One that calls ``context.read()``
+    instead of iterating gets the :class:`_Unparsed` marker itself.)
+    """
+    async for request in requests:
+        if isinstance(request, _Unparsed):
+            await _abort_with(context, request.error)
+        yield request
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions raised by servicer methods into clear status codes."""
 
@@ -61,20 +119,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
 
-        def wrap_unary(fn):
+        def checked(request, context, request_streaming: bool):
+            if request_streaming:
+                return _parsed(request, context)
+            if isinstance(request, _Unparsed):
+                raise request.error
+            return request
+
+        def wrap_unary(fn, request_streaming: bool = False):
             async def inner(request, context):
                 try:
-                    return await fn(request, context)
+                    return await fn(checked(request, context, request_streaming), context)
                 except (grpc.aio.AbortError, grpc.RpcError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                     await _abort_with(context, exc)
             return inner
 
-        def wrap_stream(fn):
+        def wrap_stream(fn, request_streaming: bool = False):
             async def inner(request, context):
                 try:
-                    async for item in fn(request, context):
+                    async for item in fn(checked(request, context, request_streaming), context):
                         yield item
                 except (grpc.aio.AbortError, grpc.RpcError):
                     raise
@@ -82,18 +147,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort_with(context, exc)
             return inner
 
+        deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+                wrap_unary(handler.unary_unary), deserialize, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+                wrap_stream(handler.unary_stream), deserialize, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+                wrap_unary(handler.stream_unary, True), deserialize, handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+                wrap_stream(handler.stream_stream, True), deserialize, handler.response_serializer)
         return handler
 
 
@@ -119,9 +185,14 @@ class ServiceServer:
 
 async def start_server(add_servicers: Iterable[Callable[[grpc.aio.Server], None]], service_names: Iterable[str],
                        address: str = "127.0.0.1:0", interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
-                       serving: bool = True, options: Iterable[tuple[str, Any]] = ()) -> ServiceServer:
-    """Start a grpc.aio server on ``address`` (``host:port``; port 0 picks one, or ``unix:PATH``)."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=[
+                       serving: bool = True, options: Iterable[tuple[str, Any]] = (),
+                       service_token: str = "") -> ServiceServer:
+    """Start a grpc.aio server on ``address`` (``host:port``; port 0 picks one, or ``unix:PATH``).
+
+    ``service_token``: require it on every RPC but health and reflection ("" = no check).
+    """
+    auth = [ServiceTokenInterceptor(service_token)] if service_token else []
+    server = grpc.aio.server(interceptors=[*auth, ErrorInterceptor(), *interceptors], options=[
         ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), *options])
     for add in add_servicers:
         add(server)

@@ -2,7 +2,8 @@
 
 * the embedded SmolLM2 on CPU answers a greedy chat question, over gRPC and over
   HTTP with the official openai client;
-* 32 concurrent streams with ignore_eos get exactly max_tokens tokens (fake executor).
+* 32 concurrent streams with ignore_eos get exactly max_tokens tokens (fake executor), through a
+  stack whose scheduler and executor require the service token `up` generated.
 
 Skips cleanly when the scheduler/executor services or the converted model are missing.
 """
@@ -88,11 +89,15 @@ def test_32_concurrent_streams_exact_token_counts_fake_executor(fake_stack):
 
 @pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
 @pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="no tokenizer for the gateway")
-def test_bench_serve_reports_sim_keys(fake_stack):
+def test_bench_serve_reports_sim_keys(fake_stack, monkeypatch):
     import argparse
 
     from slai_serve import bench_serve as loadgen
     from simulator.metrics import MetricsCollector
+    from wire.service_auth import SERVICE_TOKEN_ENV, SERVICE_TOKEN_FILE_ENV
+
+    monkeypatch.delenv(SERVICE_TOKEN_FILE_ENV, raising=False)
+    monkeypatch.setenv(SERVICE_TOKEN_ENV, fake_stack.service_token)  # --scheduler's Stats needs the stack's token
 
     parser = argparse.ArgumentParser()
     loadgen.add_arguments(parser)
@@ -138,3 +143,35 @@ def test_up_stops_cleanly_on_sigterm(tmp_path):
     rest, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "stopped: gateway=0, scheduler=0, executor-0=0" in rest
+
+
+@pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
+@pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="no tokenizer for the gateway")
+def test_stack_services_refuse_callers_without_its_token(fake_stack):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from wire.pb.slai.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+    from wire.service_auth import call_metadata
+
+    token = fake_stack.service_token
+    assert len(token) >= 32 and token not in repr(fake_stack)
+    for p in fake_stack.procs:  # handed over in the environment, never on the command line
+        assert not any(token in a for a in p.popen.args)
+    with grpc.insecure_channel(fake_stack.scheduler_address) as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        sneaky = scheduler_pb2.SubmitRequest(request_id="sneaky", prompt_token_ids=[5, 6, 7], max_tokens=2,
+                                             tier=common_pb2.TIER_PAYING, tbt_slo_s=0.001)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Submit(sneaky, timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "service token" in err.value.details()
+        assert stub.Stats(scheduler_pb2.StatsRequest(), timeout=10, metadata=call_metadata(token)).policy == "slai"
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(fake_stack.endpoints()["executor_0"]) as ch:
+        stub = executor_pb2_grpc.ExecutorServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Info(executor_pb2.InfoRequest(), timeout=10, metadata=call_metadata("x" * 32))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Info(executor_pb2.InfoRequest(), timeout=10, metadata=call_metadata(token)).block_size > 0

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry import names as N
 from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
+from wire.service_auth import call_metadata
 from tests.observability.conftest import FREE_TBT_S, PAYING_TBT_S
 
 pytestmark = pytest.mark.slow
@@ -138,7 +139,8 @@ def test_metrics_of_all_three_services_after_requests(traced_stack):
     assert STEP_FLOOR_S * 0.95 <= sched.get(N.M_BATCH_TIME_ESTIMATE, executor=executor) < 2.0
     preemptions = sched.get(N.M_NUM_PREEMPTIONS + "_total", executor=executor)
     with grpc.insecure_channel(st.scheduler_address) as ch:
-        stats = scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(scheduler_pb2.StatsRequest(), timeout=5)
+        stats = scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(scheduler_pb2.StatsRequest(), timeout=5,
+                                                                  metadata=call_metadata(st.service_token))
     assert preemptions == sum(e.num_preemptions for e in stats.executors) == 0
     assert stats.executors[0].last_offset == offset
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from scheduler_svc import submit_codec
+
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from wire.service_auth import call_metadata
+from scheduler_svc import submit_codec
 from executor_svc.fake_runner import FakeRunner
 from executor_svc.server import serve as serve_executor
 from scheduler_svc.config import ServiceConfig
@@ -51,6 +53,7 @@ class Stack:
     dispatcher: object = None
     channel: grpc.aio.Channel | None = None
     stub: scheduler_pb2_grpc.SchedulerServiceStub | None = None
+    auth: tuple | None = None  # ``metadata=`` proving a caller knows the stack's service token (None: no token)
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -64,16 +67,17 @@ class Stack:
 
 
 async def start_stack(runners: list, clock=None, wait_all: bool = True, metrics=None, executor_metrics=None,
-                      **config) -> Stack:
-    stack = Stack()
+                      service_token: str = "", **config) -> Stack:
+    """Executors around ``runners`` and a scheduler over them; with ``service_token`` all of them require it."""
+    stack = Stack(auth=call_metadata(service_token))
     addrs = []
     for r in runners:
-        srv, servicer = await serve_executor(r, "127.0.0.1:0", metrics=executor_metrics)
+        srv, servicer = await serve_executor(r, "127.0.0.1:0", metrics=executor_metrics, service_token=service_token)
         stack.executors.append((srv, servicer, r))
         addrs.append(f"127.0.0.1:{srv.port}")
     config.setdefault("reconnect_initial_s", 0.05)
     config.setdefault("reconnect_max_s", 0.2)
-    cfg = ServiceConfig(executors=tuple(addrs), **config)
+    cfg = ServiceConfig(executors=tuple(addrs), service_token=service_token, **config)
     kw = {"clock": clock} if clock is not None else {}
     stack.scheduler, stack.dispatcher = await serve_scheduler(cfg, "127.0.0.1:0", metrics=metrics, **kw)
     await stack.dispatcher.wait_ready(10.0, all_executors=wait_all)
