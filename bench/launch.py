@@ -43,6 +43,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(host: str = "127.0.0.1", n: int = 1, attempts: int = 200) -> int:
+    """The first of ``n`` consecutive ports that are all free now (executor *i* listens on first + *i*)."""
+    def can_bind(port: int) -> bool:
+        try:
+            with socket.socket() as s:
+                s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+    for _ in range(attempts):
+        first = free_port(host)
+        if first + n - 1 <= 65535 and all(can_bind(first + k) for k in range(1, n)):
+            return first
+    raise OSError(f"no {n} consecutive free ports on {host}")
+
+
 def default_model_dir() -> Path:
     """Where executor_svc.models caches the converted SmolLM2 (no torch import here)."""
     root = os.environ.get("SLAI_MODEL_CACHE")
@@ -104,7 +121,8 @@ class CrashLoop(RuntimeError):
     """A child died more often than the stack's crash-loop limit allows."""
 
     def __init__(self, name: str, codes: list[int], window_s: float, max_restarts: int) -> None:
-        super().__init__(f"{name} is crash-looping: it exited {len(codes)} times within {window_s:g} s "
+        times = f"{len(codes)} time{'s' if len(codes) != 1 else ''}"
+        super().__init__(f"{name} is crash-looping: it exited {times} within {window_s:g} s "
                          f"(exit codes {', '.join(describe_exit(c) for c in codes)}; at most {max_restarts} "
                          f"restarts allowed, --crash-loop-restarts)")
         self.name = name
@@ -193,11 +211,11 @@ class LocalStack:
             self.http_port = free_port(self.host)
         if self.scheduler_port == 0:
             self.scheduler_port = free_port(self.host)
+        # NOTE: executors (and their metrics ports, after the scheduler's) use consecutive ports
         if self.executor_port == 0:
-            # NOTE: executors use consecutive ports; take the first free one and hope for its neighbours
-            self.executor_port = free_port(self.host)
+            self.executor_port = free_port_block(self.host, self.num_executors)
         if self.metrics_port == 0:
-            self.metrics_port = free_port(self.host)
+            self.metrics_port = free_port_block(self.host, self.num_executors + 1)
 
     def _spawn(self, proc: Proc) -> None:
         # NOTE: per-service settings (OTEL_SERVICE_NAME, SLAI_METRICS_PORT) win over the stack-wide ``env``
