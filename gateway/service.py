@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import codec, telemetry
 from common.grpc_server import AdmissionRejected
@@ -25,6 +26,7 @@ from common.service_auth import call_metadata
 from common.metrics import GatewayMetrics
 from common.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig, TierPolicy
+from gateway.readiness import Readiness
 from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput, Timings
 from gateway.validation import check_input, clip
@@ -115,6 +117,8 @@ class GenerationService:
         self._auth = call_metadata(config.service_token)  # proves to the scheduler that this is the gateway
         self._in_flight: dict[str, grpc.aio.UnaryStreamCall | None] = {}
         self.metrics = GatewayMetrics()
+        self.readiness = Readiness()  # kept by gateway.server's SchedulerWatcher; read by /health
+        self._closing: str | None = None  # set by finish_in_flight: why every stream ends now
 
     @property
     def num_in_flight(self) -> int:
@@ -125,6 +129,29 @@ class GenerationService:
 
     def scheduler_state(self) -> str:
         return self._channel.get_state(try_to_connect=True).name
+
+    async def scheduler_health(self, timeout_s: float = 1.0) -> tuple[bool, str]:
+        """``(True, "")`` if the scheduler's grpc.health.v1 says SERVING, else ``(False, why)``."""
+        address = self.config.scheduler_address
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s, wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            return False, f"scheduler {address} is unreachable ({exc.code().name}: {exc.details()})"
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            return False, f"scheduler {address} reports {status} (no executor ready?)"
+        return True, ""
+
+    def finish_in_flight(self, reason: str) -> int:
+        """End every request in flight now with ``ConnectionError(reason)`` (gRPC UNAVAILABLE, HTTP 503 or an
+        SSE error event) and refuse new ones; used by the gateway's drain at its deadline. Cancelling the
+        Submit streams aborts the requests at the scheduler. Returns how many were in flight."""
+        self._closing = reason
+        for call in list(self._in_flight.values()):
+            if call is not None:
+                call.cancel()
+        return len(self._in_flight)
 
     # ------------------------------------------------------------ validation
     def prepare(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
@@ -232,6 +259,8 @@ class GenerationService:
         finished = False
         first = True
         try:
+            if self._closing is not None:
+                raise ConnectionError(self._closing)
             call = self._stub.Submit(prep.submit, timeout=self.config.request_timeout_s, wait_for_ready=False,
                                      metadata=call_metadata(self.config.service_token,
                                                             telemetry.grpc_metadata(span)))
@@ -263,6 +292,8 @@ class GenerationService:
                     if delta_text or ev.token_ids:
                         yield Delta(rid, delta_text, tuple(ev.token_ids))
             except grpc.aio.AioRpcError as exc:
+                if self._closing is not None:
+                    raise ConnectionError(self._closing) from None
                 if exc.code() == grpc.StatusCode.CANCELLED and rid not in self._in_flight:
                     pass  # aborted through the gateway's Abort
                 else:
@@ -272,6 +303,8 @@ class GenerationService:
                 # Abort() cancels it after dropping rid from _in_flight; a real cancellation
                 # of this task (the client went away) must propagate.
                 task = asyncio.current_task()
+                if self._closing is not None and not (task is not None and task.cancelling()):
+                    raise ConnectionError(self._closing) from None  # finish_in_flight cancelled the call
                 if rid in self._in_flight or (task is not None and task.cancelling()):
                     raise
             # the stream ended without a finish reason: aborted (by Abort) or the scheduler went away
