@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.launch import CrashLoop, LocalStack, Proc, default_model_dir, describe_exit
 from common import codec
 from common.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
+from common.service_auth import call_metadata
 
 MODEL_DIR = default_model_dir()
 pytestmark = [pytest.mark.slow,
@@ -102,7 +103,8 @@ async def wait_until(pred, timeout_s: float = HANG_GUARD_S, interval_s: float = 
 
 async def scheduler_stats(stack: LocalStack) -> dict:
     async with grpc.aio.insecure_channel(stack.scheduler_address) as ch:
-        resp = await scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(scheduler_pb2.StatsRequest(), timeout=5)
+        resp = await scheduler_pb2_grpc.SchedulerServiceStub(ch).Stats(
+            scheduler_pb2.StatsRequest(), timeout=5, metadata=call_metadata(stack.service_token))
     return codec.stats_from_pb(resp)
 
 
