@@ -49,10 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-requests", type=int, default=1024,
                         help="requests in flight before RESOURCE_EXHAUSTED / 429")
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight streams get on stop")
+    parser.add_argument("--stream-buffer-tokens", type=int, default=int(_env("STREAM_BUFFER_TOKENS", 512)),
+                        help="tokens the gateway reads ahead of a client that is not reading; then it stops "
+                             "reading the scheduler's stream (env SLAI_GATEWAY_STREAM_BUFFER_TOKENS)")
+    parser.add_argument("--stream-stall-timeout", type=float, default=float(_env("STREAM_STALL_TIMEOUT", 30.0)),
+                        help="abort a request (freeing its KV) whose client took nothing for this many seconds "
+                             "with its buffer full; 0 = never (env SLAI_GATEWAY_STREAM_STALL_TIMEOUT)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    if args.stream_buffer_tokens < 1:
+        raise ValueError(f"--stream-buffer-tokens must be >= 1, got {args.stream_buffer_tokens}")
+    if not args.stream_stall_timeout >= 0:
+        raise ValueError(f"--stream-stall-timeout must be >= 0 (0 = never), got {args.stream_stall_timeout:g}")
     tiers = default_tier_policies()
     tiers["paying"] = dataclasses.replace(tiers["paying"], tbt_slo_s=args.paying_tbt, ttft_slo_s=args.paying_ttft)
     tiers["free"] = dataclasses.replace(tiers["free"], tbt_slo_s=args.free_tbt, ttft_slo_s=args.free_ttft)
@@ -61,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=args.http_port, model_dir=args.model_dir, model_name=args.model_name,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout, default_tier=args.default_tier,
-        tiers=tiers)
+        tiers=tiers, stream_buffer_tokens=args.stream_buffer_tokens, stream_stall_timeout_s=args.stream_stall_timeout)
 
 
 def resolve_model_dir(model_dir: str) -> str:
