@@ -238,6 +238,7 @@ class GenerationService:
         call = None
         reader = None
         finished = False
+        first = True
         try:
             call = self._stub.Submit(prep.submit, timeout=self.config.request_timeout_s, wait_for_ready=False,
                                      metadata=telemetry.grpc_metadata(span) or None)
@@ -246,9 +247,12 @@ class GenerationService:
             # holding the request open without bound: the reader stops at a full buffer and aborts the
             # request once the client has taken nothing for --stream-stall-timeout (docs/gateway.md).
             buf = TokenBuffer(self.config.stream_buffer_tokens, self.config.stream_stall_timeout_s)
-            reader = asyncio.get_running_loop().create_task(self._read(rid, call, buf, tracker, span))
+            reader = asyncio.get_running_loop().create_task(self._read(rid, call, buf, tracker))
             while True:
                 ids, end = await buf.take()
+                if first:
+                    first = False
+                    telemetry.mark_first_token(span)
                 delta_text = ""
                 if ids:
                     num_before = text.num_tokens
@@ -289,15 +293,11 @@ class GenerationService:
                 # the client went away (or an error): cancelling the Submit stream aborts upstream
                 call.cancel()
 
-    async def _read(self, rid: str, call: grpc.aio.UnaryStreamCall, buf: TokenBuffer, tracker: _TimingTracker,
-                    span) -> None:
+    async def _read(self, rid: str, call: grpc.aio.UnaryStreamCall, buf: TokenBuffer,
+                    tracker: _TimingTracker) -> None:
         """Pull ``call``'s events into ``buf`` until the stream ends or the client stalls."""
-        first = True
         try:
             async for ev in call:
-                if first:
-                    first = False
-                    telemetry.mark_first_token(span)
                 tracker.on_event(ev)
                 if ev.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                     buf.close(ev, ev.token_ids)
