@@ -135,7 +135,9 @@ async def test_http_client_that_stops_reading_is_aborted_upstream(flood):
 
     events = await stalled.resume()  # if the client reads again: what waited, coalesced, then the abort
     assert events[-1]["choices"][0]["finish_reason"] == "abort"
-    assert max(len(e["choices"][0]["text"]) for e in events) > 2 * len(events[0]["choices"][0]["text"])
+    # the full buffer (>= BUFFER_TOKENS, more than one event's TOKENS_PER_EVENT) came as one event
+    sentences = events[-1]["choices"][0]["text"].count("fox.")
+    assert sentences >= BUFFER_TOKENS // len(st.fake.reply_ids) - 1 > TOKENS_PER_EVENT // len(st.fake.reply_ids) + 1
 
 
 async def test_grpc_client_that_stops_reading_is_aborted_upstream(flood):
@@ -185,3 +187,23 @@ def test_stall_flags_are_checked_and_named():
                         ("--stream-stall-timeout", "nan")):
         with pytest.raises(ValueError, match=f"^{flag} must be"):
             config_from_args(parser.parse_args([flag, value]))
+
+
+async def test_token_buffer_bounds_coalesces_and_times_out():
+    from gateway.stream_buffer import ABORTED, TokenBuffer
+
+    buf = TokenBuffer(max_tokens=4, stall_timeout_s=0.05)
+    buf.push([1, 2])
+    assert not buf.full and await buf.wait_for_room()  # room: no wait
+    buf.push([3, 4, 5])  # one event may overrun the bound
+    assert buf.full and buf.num_tokens == 5
+    waiter = asyncio.ensure_future(buf.wait_for_room())
+    await asyncio.sleep(0)
+    assert await buf.take() == ([1, 2, 3, 4, 5], None)  # everything at once
+    assert await waiter  # the take made room
+
+    buf.push([6, 7, 8, 9])
+    assert not await buf.wait_for_room()  # nothing taken for stall_timeout_s: stalled
+    buf.close(ABORTED, [10])
+    assert await buf.take() == ([6, 7, 8, 9, 10], ABORTED)
+    assert await buf.take() == ([], ABORTED)  # the end stays
