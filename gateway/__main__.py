@@ -63,11 +63,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-interval", type=float, default=float(_env("HEALTH_INTERVAL", 0.5)),
                         help="seconds between checks of the scheduler's health; the gateway is NOT_SERVING "
                              "while the scheduler is (env SLAI_GATEWAY_HEALTH_INTERVAL)")
+    parser.add_argument("--stream-buffer-tokens", type=int, default=int(_env("STREAM_BUFFER_TOKENS", 512)),
+                        help="tokens the gateway reads ahead of a client that is not reading; then it stops "
+                             "reading the scheduler's stream (env SLAI_GATEWAY_STREAM_BUFFER_TOKENS)")
+    parser.add_argument("--stream-stall-timeout", type=float, default=float(_env("STREAM_STALL_TIMEOUT", 30.0)),
+                        help="abort a request (freeing its KV) whose client took nothing for this many seconds "
+                             "with its buffer full; 0 = never (env SLAI_GATEWAY_STREAM_STALL_TIMEOUT)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     service_auth.add_arguments(parser, listener=False)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    if args.stream_buffer_tokens < 1:
+        raise ValueError(f"--stream-buffer-tokens must be >= 1, got {args.stream_buffer_tokens}")
+    if not args.stream_stall_timeout >= 0:
+        raise ValueError(f"--stream-stall-timeout must be >= 0 (0 = never), got {args.stream_stall_timeout:g}")
     tiers = default_tier_policies()
     tiers["paying"] = dataclasses.replace(tiers["paying"], tbt_slo_s=args.paying_tbt, ttft_slo_s=args.paying_ttft)
     tiers["free"] = dataclasses.replace(tiers["free"], tbt_slo_s=args.free_tbt, ttft_slo_s=args.free_ttft)
@@ -76,7 +86,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=args.http_port, model_dir=args.model_dir, model_name=args.model_name,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout, default_tier=args.default_tier,
-        health_interval_s=args.health_interval,
+        health_interval_s=args.health_interval, stream_buffer_tokens=args.stream_buffer_tokens,
+        stream_stall_timeout_s=args.stream_stall_timeout,
         tiers=tiers, service_token=service_auth.read_service_token(args.service_token_file))
 
 
