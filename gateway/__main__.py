@@ -8,7 +8,9 @@ the service token shared with the scheduler is ``SLAI_SERVICE_TOKEN`` (or the fi
 ``SLAI_SERVICE_TOKEN_FILE`` / ``--service-token-file``), the same variable every service reads.
 Listens on loopback unless ``--host`` says otherwise. The ``--api-keys`` file is
 followed while the gateway runs (gateway/key_file.py). SIGTERM/SIGINT drain: health
-NOT_SERVING, no new calls, in-flight streams get ``--drain-timeout`` seconds.
+NOT_SERVING, no new calls, in-flight streams get ``--drain-timeout`` seconds, then end
+with a "gateway is shutting down" error. Health follows the scheduler's (checked every
+``--health-interval`` seconds).
 """
 
 from __future__ import annotations
@@ -57,12 +59,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=0, help="0 = from the model's config.json")
     parser.add_argument("--max-concurrent-requests", type=int, default=1024,
                         help="requests in flight before RESOURCE_EXHAUSTED / 429")
-    parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight streams get on stop")
+    parser.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", 10.0)),
+                        help="seconds in-flight streams get on SIGTERM; then they end with 'gateway is shutting "
+                             "down' (env SLAI_GATEWAY_DRAIN_TIMEOUT)")
+    parser.add_argument("--health-interval", type=float, default=float(_env("HEALTH_INTERVAL", 0.5)),
+                        help="seconds between checks of the scheduler's health; the gateway is NOT_SERVING "
+                             "while the scheduler is (env SLAI_GATEWAY_HEALTH_INTERVAL)")
+    parser.add_argument("--stream-buffer-tokens", type=int, default=int(_env("STREAM_BUFFER_TOKENS", 512)),
+                        help="tokens the gateway reads ahead of a client that is not reading; then it stops "
+                             "reading the scheduler's stream (env SLAI_GATEWAY_STREAM_BUFFER_TOKENS)")
+    parser.add_argument("--stream-stall-timeout", type=float, default=float(_env("STREAM_STALL_TIMEOUT", 30.0)),
+                        help="abort a request (freeing its KV) whose client took nothing for this many seconds "
+                             "with its buffer full; 0 = never (env SLAI_GATEWAY_STREAM_STALL_TIMEOUT)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     service_auth.add_arguments(parser, listener=False)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    if args.stream_buffer_tokens < 1:
+        raise ValueError(f"--stream-buffer-tokens must be >= 1, got {args.stream_buffer_tokens}")
+    if not args.stream_stall_timeout >= 0:
+        raise ValueError(f"--stream-stall-timeout must be >= 0 (0 = never), got {args.stream_stall_timeout:g}")
     tiers = default_tier_policies()
     tiers["paying"] = dataclasses.replace(tiers["paying"], tbt_slo_s=args.paying_tbt, ttft_slo_s=args.paying_ttft)
     tiers["free"] = dataclasses.replace(tiers["free"], tbt_slo_s=args.free_tbt, ttft_slo_s=args.free_ttft)
@@ -71,6 +88,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=args.http_port, model_dir=args.model_dir, model_name=args.model_name,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout, default_tier=args.default_tier,
+        health_interval_s=args.health_interval, stream_buffer_tokens=args.stream_buffer_tokens,
+        stream_stall_timeout_s=args.stream_stall_timeout,
         tiers=tiers, service_token=service_auth.read_service_token(args.service_token_file))
 
 
@@ -126,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
-    except ValueError as exc:  # bad configuration (e.g. the service token): fail fast with the message
+    except ValueError as exc:  # a bad flag value or configuration (e.g. the service token): say which
         logging.getLogger("gateway").error("%s", exc)
         return 2
     config = dataclasses.replace(config, model_dir=resolve_model_dir(config.model_dir))

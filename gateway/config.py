@@ -53,6 +53,12 @@ class GatewayConfig:
     max_model_len: int = field(default=0, metadata={"help": "prompt + max_tokens limit; 0 = from config.json"})
     request_timeout_s: float = field(default=3600.0, metadata={"help": "deadline of one Submit stream"})
     drain_timeout_s: float = field(default=10.0, metadata={"help": "grace for in-flight streams on SIGTERM"})
+    health_interval_s: float = field(default=0.5, metadata={
+        "help": "how often the gateway checks the scheduler's health (its own readiness follows it)"})
+    stream_buffer_tokens: int = field(default=512, metadata={
+        "help": "tokens read ahead of a client that is not reading, before the gateway stops reading"})
+    stream_stall_timeout_s: float = field(default=30.0, metadata={
+        "help": "abort a request whose client took nothing for this long with its buffer full; 0 = never"})
     default_tier: str = field(default="paying", metadata={"help": "tier of requests without a key file"})
     tiers: dict[str, TierPolicy] = field(default_factory=default_tier_policies)
     # NOTE: repr=False keeps the secret out of logs and tracebacks that print the config
@@ -67,6 +73,14 @@ class GatewayConfig:
             raise ValueError("max_concurrent_requests must be >= 1")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
+        if not self.health_interval_s > 0:
+            raise ValueError(f"health_interval_s must be > 0, got {self.health_interval_s}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.stream_buffer_tokens < 1:
+            raise ValueError("stream_buffer_tokens must be >= 1")
+        if not self.stream_stall_timeout_s >= 0:  # also rejects NaN
+            raise ValueError("stream_stall_timeout_s must be >= 0 (0 = never abort)")
         for name in TIER_NAMES:
             if name not in self.tiers:
                 raise ValueError(f"tier {name!r} has no policy")

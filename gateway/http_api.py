@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``
 as server-sent events ending with ``data: [DONE]``), ``GET /v1/models``,
-``GET /health``. The official ``openai`` client works against it unchanged.
+``GET /health`` (200, or 503 with a ``reason`` while the scheduler is down or the
+gateway drains). The official ``openai`` client works against it unchanged.
 
 Bodies are parsed by hand (not by pydantic models) so every error is a 400 in
 OpenAI's error shape whose ``param`` names the offending field. Status codes:
@@ -246,9 +247,14 @@ def build_app(service: GenerationService, keys: KeyStore) -> FastAPI:
         return parse_body(await request.body())
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": service.model_name, "scheduler": service.scheduler_state(),
+    async def health() -> JSONResponse:
+        # 503 while the scheduler is down or not serving, or while the gateway drains (gateway.readiness)
+        body = {"status": "ok", "model": service.model_name, "scheduler": service.scheduler_state(),
                 "in_flight": service.num_in_flight}
+        why = service.readiness.why_not()
+        if why:
+            return JSONResponse({**body, "status": "unavailable", "reason": why}, status_code=503)
+        return JSONResponse(body)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

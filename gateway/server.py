@@ -21,6 +21,7 @@ from wire.grpc_server import ServiceServer, start_server
 from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import GatewayConfig
+from gateway.readiness import SchedulerWatcher
 from gateway.service import GenerationService
 from gateway.validation import check_request_id
 
@@ -76,9 +77,14 @@ def _bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# NOTE: after the drain deadline the gateway ends the remaining streams itself; this is how long
+# those terminal messages get to reach the clients before the servers close for good.
+CUT_MARGIN_S = 1.0
+
+
 @dataclass
 class RunningGateway:
-    """A started gateway: gRPC server, HTTP server task, and the shared service."""
+    """A started gateway: gRPC server, HTTP server task, the shared service and its scheduler watcher."""
 
     service: GenerationService
     grpc_server: ServiceServer
@@ -86,31 +92,59 @@ class RunningGateway:
     http_port: int | None
     _http_server: object | None = None
     _http_task: asyncio.Task | None = None
+    watcher: SchedulerWatcher | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Drain: NOT_SERVING, refuse new calls, give in-flight streams ``grace_s``."""
+        """Drain, then cut: NOT_SERVING and no new calls at once; in-flight requests get ``grace_s`` to
+        finish. Any still running then end with a "gateway is shutting down" error that the gateway sends
+        itself (gRPC UNAVAILABLE; HTTP 503, or an SSE error event and ``data: [DONE]``) before the servers
+        close, instead of a dropped connection."""
+        if self.watcher is not None:
+            await self.watcher.stop()  # it must not flip health back to SERVING
+        self.service.readiness.draining = True
         await self.grpc_server.set_serving(False)
-        stops = [self.grpc_server.server.stop(grace_s)]
+        # the servers' own limits are only a backstop behind the cut below
+        stops = [self.grpc_server.server.stop(grace_s + CUT_MARGIN_S)]
         if self._http_server is not None:
+            self._http_server.config.timeout_graceful_shutdown = grace_s + CUT_MARGIN_S
             self._http_server.should_exit = True  # uvicorn stops accepting, waits for open responses
-            stops.append(asyncio.wait_for(asyncio.shield(self._http_task), grace_s + 1.0))
+            stops.append(asyncio.wait_for(asyncio.shield(self._http_task), grace_s + CUT_MARGIN_S + 1.0))
+        cut = asyncio.get_running_loop().create_task(self._cut_at(grace_s))
         for res in await asyncio.gather(*stops, return_exceptions=True):
             if isinstance(res, BaseException) and not isinstance(res, asyncio.TimeoutError):
                 log.debug("stop: %r", res)
+        cut.cancel()
         if self._http_task is not None and not self._http_task.done():
             self._http_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._http_task
         await self.service.close()
 
+    async def _cut_at(self, grace_s: float) -> None:
+        """Wait until nothing is in flight or ``grace_s`` has passed; then end what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.service.num_in_flight and loop.time() < deadline:
+            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0.0)))
+        if self.service.num_in_flight:
+            n = self.service.finish_in_flight(
+                f"gateway is shutting down: the drain timeout ({grace_s:g} s) ran out before this request finished")
+            log.warning("drain timeout (%g s): ended %d request(s) still in flight", grace_s, n)
+
 
 async def start_gateway(config: GatewayConfig, service: GenerationService, keys: KeyStore) -> RunningGateway:
-    """Start gRPC (``config.grpc_address``) and, unless ``http_port < 0``, HTTP on this loop."""
+    """Start gRPC (``config.grpc_address``) and, unless ``http_port < 0``, HTTP on this loop.
+
+    Health (gRPC and ``/health``) is SERVING only while the scheduler's is (``gateway.readiness``)."""
     servicer = GatewayServicer(service, keys)
     grpc_server = await start_server(
         [lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME], config.grpc_address)
+        [SERVICE_NAME], config.grpc_address, serving=False)
     running = RunningGateway(service=service, grpc_server=grpc_server, grpc_port=grpc_server.port, http_port=None)
+    # health follows the scheduler's: SERVING only while it is (checked once now, then every interval)
+    running.watcher = SchedulerWatcher(service.scheduler_health, service.readiness, grpc_server.set_serving,
+                                       config.health_interval_s)
+    await running.watcher.check_once()
     if config.http_port >= 0:
         import uvicorn
 
@@ -137,4 +171,5 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
             await asyncio.sleep(0.01)
         if running._http_task.done():
             await running._http_task  # raise its startup error
+    running.watcher.start()
     return running

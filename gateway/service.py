@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import codec
 from telemetry import tracing
@@ -27,6 +28,8 @@ from telemetry.metrics import GatewayMetrics
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from wire import enums
 from gateway.config import GatewayConfig, TierPolicy
+from gateway.readiness import Readiness
+from gateway.stream_buffer import ABORTED, TokenBuffer
 from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput, Timings
 from gateway.validation import check_input, clip
@@ -117,6 +120,8 @@ class GenerationService:
         self._auth = call_metadata(config.service_token)  # proves to the scheduler that this is the gateway
         self._in_flight: dict[str, grpc.aio.UnaryStreamCall | None] = {}
         self.metrics = GatewayMetrics()
+        self.readiness = Readiness()  # kept by gateway.server's SchedulerWatcher; read by /health
+        self._closing: str | None = None  # set by finish_in_flight: why every stream ends now
 
     @property
     def num_in_flight(self) -> int:
@@ -127,6 +132,29 @@ class GenerationService:
 
     def scheduler_state(self) -> str:
         return self._channel.get_state(try_to_connect=True).name
+
+    async def scheduler_health(self, timeout_s: float = 1.0) -> tuple[bool, str]:
+        """``(True, "")`` if the scheduler's grpc.health.v1 says SERVING, else ``(False, why)``."""
+        address = self.config.scheduler_address
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s, wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            return False, f"scheduler {address} is unreachable ({exc.code().name}: {exc.details()})"
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            return False, f"scheduler {address} reports {status} (no executor ready?)"
+        return True, ""
+
+    def finish_in_flight(self, reason: str) -> int:
+        """End every request in flight now with ``ConnectionError(reason)`` (gRPC UNAVAILABLE, HTTP 503 or an
+        SSE error event) and refuse new ones; used by the gateway's drain at its deadline. Cancelling the
+        Submit streams aborts the requests at the scheduler. Returns how many were in flight."""
+        self._closing = reason
+        for call in list(self._in_flight.values()):
+            if call is not None:
+                call.cancel()
+        return len(self._in_flight)
 
     # ------------------------------------------------------------ validation
     def prepare(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
@@ -231,59 +259,101 @@ class GenerationService:
         text = self.tokenizer.detokenizer(prep.prompt_ids, list(inp.stop))
         tracker = _TimingTracker()
         call = None
+        reader = None
         finished = False
         first = True
         try:
+            if self._closing is not None:
+                raise ConnectionError(self._closing)
             call = self._stub.Submit(prep.submit, timeout=self.config.request_timeout_s, wait_for_ready=False,
                                      metadata=call_metadata(self.config.service_token,
                                                             tracing.grpc_metadata(span)))
             self._in_flight[rid] = call
-            try:
-                async for ev in call:
-                    if first:
-                        first = False
-                        tracing.mark_first_token(span)
-                    tracker.on_event(ev)
+            # NOTE: reading the Submit stream in its own task keeps a client that stops reading from
+            # holding the request open without bound: the reader stops at a full buffer and aborts the
+            # request once the client has taken nothing for --stream-stall-timeout (docs/gateway.md).
+            buf = TokenBuffer(self.config.stream_buffer_tokens, self.config.stream_stall_timeout_s)
+            reader = asyncio.get_running_loop().create_task(self._read(rid, call, buf, tracker))
+            while True:
+                ids, end = await buf.take()
+                if first:
+                    first = False
+                    tracing.mark_first_token(span)
+                delta_text = ""
+                if ids:
                     num_before = text.num_tokens
-                    delta_text, stopped = text.add(ev.token_ids)
+                    delta_text, stopped = text.add(ids)
                     if stopped:
                         finished = True
-                        self._abort_upstream(rid, call)
-                        yield Delta(rid, delta_text, tuple(ev.token_ids[:text.num_tokens - num_before]), "stop",
+                        if end is None:  # the request still runs upstream
+                            self._abort_upstream(rid, call)
+                        yield Delta(rid, delta_text, tuple(ids[:text.num_tokens - num_before]), "stop",
                                     len(prep.prompt_ids), text.num_tokens, tracker.timings())
                         return
-                    if ev.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                        finished = True
-                        delta_text += text.finish()
-                        timings = codec.timings_from_pb(ev.timings) if ev.HasField("timings") else tracker.timings()
-                        if timings.ttft_s == 0 and timings.e2e_s == 0:
-                            timings = tracker.timings()
-                        completion = ev.usage.completion_tokens if ev.HasField("usage") else text.num_tokens
-                        yield Delta(rid, delta_text, tuple(ev.token_ids), enums.FINISH_FROM_PB[ev.finish_reason],
-                                    len(prep.prompt_ids), completion or text.num_tokens, timings)
-                        return
-                    if delta_text or ev.token_ids:
-                        yield Delta(rid, delta_text, tuple(ev.token_ids))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.CANCELLED and rid not in self._in_flight:
-                    pass  # aborted through the gateway's Abort
-                else:
-                    raise scheduler_error(exc) from None
-            except asyncio.CancelledError:
-                # NOTE: a locally cancelled call raises CancelledError from its iterator.
-                # Abort() cancels it after dropping rid from _in_flight; a real cancellation
-                # of this task (the client went away) must propagate.
-                task = asyncio.current_task()
-                if rid in self._in_flight or (task is not None and task.cancelling()):
-                    raise
-            # the stream ended without a finish reason: aborted (by Abort) or the scheduler went away
-            finished = True
-            yield Delta(rid, text.finish(), (), "abort", len(prep.prompt_ids), text.num_tokens, tracker.timings())
+                if end is None or isinstance(end, BaseException):
+                    if delta_text or ids:
+                        yield Delta(rid, delta_text, tuple(ids))
+                    if end is not None:
+                        raise end
+                    continue
+                finished = True
+                delta_text += text.finish()
+                if end is ABORTED:  # aborted (Abort, a stalled client) or the scheduler went away
+                    yield Delta(rid, delta_text, tuple(ids), "abort", len(prep.prompt_ids), text.num_tokens,
+                                tracker.timings())
+                    return
+                ev = end
+                timings = codec.timings_from_pb(ev.timings) if ev.HasField("timings") else tracker.timings()
+                if timings.ttft_s == 0 and timings.e2e_s == 0:
+                    timings = tracker.timings()
+                completion = ev.usage.completion_tokens if ev.HasField("usage") else text.num_tokens
+                yield Delta(rid, delta_text, tuple(ids), enums.FINISH_FROM_PB[ev.finish_reason],
+                            len(prep.prompt_ids), completion or text.num_tokens, timings)
+                return
         finally:
-            self._in_flight.pop(rid, None)
+            if reader is not None:
+                reader.cancel()
+            if self._in_flight.get(rid) is call:  # not a newer request that reuses the id after an abort
+                del self._in_flight[rid]
             if not finished and call is not None:
                 # the client went away (or an error): cancelling the Submit stream aborts upstream
                 call.cancel()
+
+    async def _read(self, rid: str, call: grpc.aio.UnaryStreamCall, buf: TokenBuffer,
+                    tracker: _TimingTracker) -> None:
+        """Pull ``call``'s events into ``buf`` until the stream ends or the client stalls."""
+        try:
+            async for ev in call:
+                tracker.on_event(ev)
+                if ev.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    buf.close(ev, ev.token_ids)
+                    return
+                buf.push(ev.token_ids)
+                if buf.full and not await buf.wait_for_room():
+                    log.warning("request %s: the client took nothing for %.1f s with %d tokens waiting; aborting it",
+                                rid, buf.stall_timeout_s, buf.num_tokens)
+                    if self._in_flight.get(rid) is call:
+                        del self._in_flight[rid]  # it no longer counts against --max-concurrent-requests
+                    self._abort_upstream(rid, call)
+                    buf.close(ABORTED)
+                    return
+            buf.close(ABORTED)  # the stream ended without a finish reason
+        except grpc.aio.AioRpcError as exc:
+            if self._closing is not None:
+                buf.close(ConnectionError(self._closing))  # finish_in_flight cancelled the call
+            elif exc.code() == grpc.StatusCode.CANCELLED and self._in_flight.get(rid) is not call:
+                buf.close(ABORTED)  # aborted through the gateway's Abort
+            else:
+                buf.close(scheduler_error(exc))
+        except asyncio.CancelledError:
+            # NOTE: a locally cancelled call raises CancelledError from its iterator (Abort and
+            # finish_in_flight cancel it); a cancellation of this task (the consumer is gone) must propagate.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            buf.close(ConnectionError(self._closing) if self._closing is not None else ABORTED)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            buf.close(exc)
 
     def _abort_upstream(self, rid: str, call: grpc.aio.UnaryStreamCall) -> None:
         # Cancelling the Submit stream is the abort (scheduler.proto); Abort makes it explicit.

@@ -51,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plan each step only after the previous result (lockstep); default: plan ahead")
     p.add_argument("--pipeline-lead-ms", type=float, default=1e3 * d.pipeline_lead_s,
                    help="plan ahead this long before the running step's predicted end")
+    p.add_argument("--stream-buffer-tokens", type=int, default=d.stream_buffer_tokens,
+                   help="tokens a Submit stream may hold that its client has not read before its stall timer runs")
+    p.add_argument("--stream-stall-timeout", type=float, default=d.stream_stall_timeout_s,
+                   help="abort a request (freeing its KV) whose client left --stream-buffer-tokens tokens "
+                        "unread for this many seconds; 0 = never")
     p.add_argument("--grace-s", type=float, default=5.0)
     p.add_argument("--log-level", default="INFO")
 
@@ -59,12 +64,17 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     """The service config, with the service token read from its file or the environment."""
     if args.pipeline_lead_ms < 0:
         raise ValueError(f"--pipeline-lead-ms must be >= 0, got {args.pipeline_lead_ms:g}")
+    if args.stream_buffer_tokens < 1:
+        raise ValueError(f"--stream-buffer-tokens must be >= 1, got {args.stream_buffer_tokens}")
+    if not args.stream_stall_timeout >= 0:
+        raise ValueError(f"--stream-stall-timeout must be >= 0 (0 = never), got {args.stream_stall_timeout:g}")
     return ServiceConfig(
         policy=args.policy, executors=tuple(a.strip() for a in args.executors.split(",") if a.strip()),
         routing=args.routing, overrides=tuple(args.overrides), max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens, paying_tbt_s=args.paying_tbt_s, free_tbt_s=args.free_tbt_s,
         step_timeout_s=args.step_timeout_s, kv_blocks_cap=args.kv_blocks_cap, pipeline=args.pipeline,
-        pipeline_lead_s=args.pipeline_lead_ms / 1e3,
+        pipeline_lead_s=args.pipeline_lead_ms / 1e3, stream_buffer_tokens=args.stream_buffer_tokens,
+        stream_stall_timeout_s=args.stream_stall_timeout,
         service_token=service_auth.read_service_token(args.service_token_file))
 
 

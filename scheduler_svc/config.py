@@ -41,6 +41,10 @@ class ServiceConfig:
     # NOTE: repr=False keeps the secret out of logs and tracebacks that print the config
     service_token: str = field(default="", repr=False, metadata={
         "help": "shared token required from callers and sent to executors (wire.service_auth); '' = none"})
+    stream_buffer_tokens: int = field(default=512, metadata={
+        "help": "untaken tokens of one Submit stream past which its stall timer runs"})
+    stream_stall_timeout_s: float = field(default=30.0, metadata={
+        "help": "abort a request whose stream held stream_buffer_tokens untaken tokens this long; 0 = never"})
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -49,7 +53,9 @@ class ServiceConfig:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.pipeline_lead_s < 0:
             raise ValueError("pipeline_lead_s must be >= 0")
-        for name in ("max_queued_requests", "max_queued_tokens"):
+        if not self.stream_stall_timeout_s >= 0:  # also rejects NaN
+            raise ValueError("stream_stall_timeout_s must be >= 0 (0 = never abort)")
+        for name in ("max_queued_requests", "max_queued_tokens", "stream_buffer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("paying_tbt_s", "free_tbt_s", "step_timeout_s", "connect_timeout_s", "warmup_timeout_s",

@@ -37,12 +37,18 @@ class RequestStream:
     ``base_outputs`` counts tokens streamed by earlier executors (after a
     failover); usage and timings on the final event are in the client's terms.
 
+    Token events the client has not taken yet are coalesced into one pending
+    event (token ids concatenated, the latest counts and time, the largest TBT),
+    so an unread stream holds its undelivered token ids, not one object per step;
+    ``num_pending_tokens`` is what the dispatcher bounds (``stream_buffer_tokens``).
+
     NOTE: a list + one future instead of an ``asyncio.Queue`` (which holds three
     deques and an Event, ~1.5 KB): 10,000 queued requests each hold one of these.
     """
 
     __slots__ = ("req_id", "req", "_items", "_waiter", "driver", "num_prompt_tokens", "base_outputs", "base_preemptions",
-                 "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "max_tbt_s", "done")
+                 "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "max_tbt_s", "done",
+                 "num_pending_tokens", "full_since")
 
     def __init__(self, req: Request) -> None:
         self.req_id = req.req_id
@@ -59,22 +65,49 @@ class RequestStream:
         self.last_token_s: float | None = None
         self.max_tbt_s = 0.0
         self.done = False  # the final item is queued
+        self.num_pending_tokens = 0  # token ids queued and not taken by get()
+        self.full_since: float | None = None  # when the pending tokens reached the bound (the dispatcher's)
 
-    def put(self, item: TokenEvent | BaseException) -> None:
-        self._items.append(item)
+    def put(self, item: TokenEvent | BaseException) -> TokenEvent | None:
+        """Queue an event (or the exception that ends the stream).
+
+        Returns the event as queued: ``ttft_s`` / ``tbt_s`` and ``is_first`` in the client's
+        view (across failovers), before any coalescing."""
+        items = self._items
+        if isinstance(item, BaseException):
+            items.append(item)
+            view = None
+        else:
+            first = self.first_token_s is None and bool(item.token_ids)
+            ttft, tbt = self.observe(item)
+            view = item = TokenEvent(item.req_id, item.token_ids, item.finish_reason, item.time_s, first,
+                                     item.num_prompt_tokens, item.num_output_tokens, ttft, tbt)
+            self.num_pending_tokens += len(item.token_ids)
+            tail = items[-1] if items else None
+            if (item.finish_reason is None and item.token_ids and isinstance(tail, TokenEvent)
+                    and tail.finish_reason is None):
+                items[-1] = _coalesce(tail, item)
+            else:
+                items.append(item)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        return view
 
     async def get(self) -> TokenEvent | BaseException:
-        """The next event (or the exception that ends the stream)."""
+        """The next event (or the exception that ends the stream); token events not taken
+        in time arrive coalesced. ``ttft_s`` / ``tbt_s`` are the client's view."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.pop(0)
+        item = self._items.pop(0)
+        if not isinstance(item, BaseException):
+            self.num_pending_tokens -= len(item.token_ids)
+            self.full_since = None  # the client is reading
+        return item
 
     def observe(self, ev: TokenEvent) -> tuple[float, float]:
         """Record a token event; returns (ttft_s, tbt_s) as the client sees them (0 if n/a)."""
@@ -103,6 +136,17 @@ class RequestStream:
             max_tbt_s=self.max_tbt_s, num_preemptions=self.base_preemptions + req.num_preemptions)
 
 
+def _coalesce(a: TokenEvent, b: TokenEvent) -> TokenEvent:
+    """``a`` then ``b`` as one event (both unfinished, ``b`` later)."""
+    ids = a.token_ids
+    if isinstance(ids, list):  # already a coalesced event's own list: extend in place, no quadratic copying
+        ids.extend(b.token_ids)
+    else:
+        ids = [*ids, *b.token_ids]
+    return TokenEvent(a.req_id, ids, None, b.time_s, a.is_first, b.num_prompt_tokens, b.num_output_tokens,
+                      a.ttft_s, max(a.tbt_s or 0.0, b.tbt_s or 0.0))
+
+
 class Dispatcher:
     def __init__(self, config: ServiceConfig, clock: Clock = time.monotonic,
                  client_factory: Callable[[str], ExecutorClient] | None = None,
@@ -121,6 +165,7 @@ class Dispatcher:
         self._on_health = on_health
         self._any_ready = asyncio.Event()
         self.num_failovers = 0
+        self.num_stalled = 0  # streams aborted because their client stopped reading
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -202,10 +247,32 @@ class Dispatcher:
                 self._deliver(s, ev)
 
     def _deliver(self, s: RequestStream, ev: TokenEvent) -> None:
-        s.put(ev)
+        view = s.put(ev)
         if ev.finish_reason is not None:
             s.done = True
             self.streams.pop(s.req_id, None)
+        elif s.num_pending_tokens >= self.config.stream_buffer_tokens:
+            self._check_stall(s)
+        if self.metrics is not None and ev.token_ids:
+            # NOTE: recorded as tokens are made, not as the client takes them (they may arrive coalesced)
+            first = view.is_first
+            self.metrics.record_token_event(s.req.tier, view.ttft_s if first else None,
+                                            None if first else view.tbt_s, s.req.tbt_slo_s)
+
+    def _check_stall(self, s: RequestStream) -> None:
+        """``s`` holds at least ``stream_buffer_tokens`` untaken tokens: abort it once it has
+        for ``stream_stall_timeout_s`` (its client stopped reading; docs/scheduler.md)."""
+        timeout_s = self.config.stream_stall_timeout_s
+        if timeout_s <= 0:
+            return
+        now = self.clock()
+        if s.full_since is None:
+            s.full_since = now
+        elif now - s.full_since >= timeout_s:
+            log.warning("request %s: its client took nothing for %.1f s with %d tokens waiting; aborting it",
+                        s.req_id, now - s.full_since, s.num_pending_tokens)
+            self.num_stalled += 1
+            self.abort(s.req_id)
 
     def _fail(self, s: RequestStream, exc: BaseException) -> None:
         if self.spans is not None:

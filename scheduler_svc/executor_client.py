@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 
@@ -42,6 +42,7 @@ class ExecutorClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: executor_pb2_grpc.ExecutorServiceStub | None = None
         self._call = None  # the open Step stream
+        self.on_closed: Callable[[], None] | None = None  # called when the Step stream ends (e.g. the executor died)
 
     async def connect(self, max_num_blocks: int | None, max_batch_tokens: int) -> ExecutorInfo:
         """Open a channel, check Info, drop stale state, warm up; returns the KV geometry."""
@@ -60,10 +61,23 @@ class ExecutorClient:
             info = executor_codec.info_from_pb(await self._stub.Warmup(
                 executor_codec.warmup_to_pb(max_num_blocks, max_batch_tokens), timeout=self.warmup_timeout_s, metadata=meta))
             self._call = self._stub.Step(metadata=meta)
+            # NOTE: an idle driver reads nothing from the stream, so it learns of a dead executor only
+            # through this callback (otherwise not until the next plan fails, which could fail a request
+            # that a restarted executor could run).
+            self._call.add_done_callback(self._stream_ended)
         except grpc.aio.AioRpcError as exc:
             await self.close()
             raise ExecutorLost(f"executor {self.address}: {exc.code().name}: {exc.details()}") from None
         return info
+
+    def _stream_ended(self, call) -> None:
+        if call is self._call and self.on_closed is not None:
+            self.on_closed()
+
+    @property
+    def stream_closed(self) -> bool:
+        """No open Step stream (never connected, closed, or ended by the executor or the network)."""
+        return self._call is None or self._call.done()
 
     async def step(self, plan: BatchPlan, traceparent: str = "") -> StepResult:
         """Send one plan and wait for its result."""

@@ -40,18 +40,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                           prompt_tokens=req.num_prompt_tokens, tbt_slo_s=req.tbt_slo_s, ttft_slo_s=req.ttft_slo_s)
         try:
             while True:
-                item = await stream.get()
+                item = await stream.get()  # ttft_s / tbt_s: the client's view, across failovers
                 if isinstance(item, BaseException):
                     raise item
-                is_first = stream.first_token_s is None
-                ttft, tbt = stream.observe(item)
-                if metrics is not None and item.token_ids:
-                    metrics.record_token_event(req.tier, ttft if is_first else None, None if is_first else tbt,
-                                               req.tbt_slo_s)
                 if item.finish_reason is None:
-                    msg = submit_codec.token_event_to_pb(item)
-                    msg.ttft_s, msg.tbt_s = ttft, tbt  # the client's view, across failovers
-                    yield msg
+                    yield submit_codec.token_event_to_pb(item)
                     continue
                 final = stream.final_fields(item)
                 if metrics is not None:
@@ -59,9 +52,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                           prompt_tokens=final["prompt_tokens"],
                                           completion_tokens=final["completion_tokens"],
                                           finish_reason=item.finish_reason)
-                msg = submit_codec.final_token_event_to_pb(item, **final)
-                msg.ttft_s, msg.tbt_s = ttft, tbt
-                yield msg
+                yield submit_codec.final_token_event_to_pb(item, **final)
                 return
         finally:
             if not stream.done:  # the client went away: free the request's KV

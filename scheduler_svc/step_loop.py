@@ -99,6 +99,7 @@ class ExecutorDriver:
         self.metrics = metrics  # telemetry.metrics.SchedulerMetrics or None
         self.spans = spans  # telemetry.tracing.RequestSpans or None (tracing on)
         self._last_result_perf = 0.0  # perf_counter when the last step result arrived
+        client.on_closed = self._wake.set  # a stream that ends while idle wakes the loop (it then reconnects)
 
     # ------------------------------------------------------------------ inputs (synchronous, from the dispatcher)
     def submit(self, req: Request) -> TokenEvent | None:
@@ -206,8 +207,10 @@ class ExecutorDriver:
             while True:
                 if not inflight:
                     sent = await self._plan_and_send(busy) if self.core.has_work else None
-                    if sent is None:  # nothing runnable until a submit or an abort
+                    if sent is None:  # nothing runnable until a submit, an abort or the stream's end
                         self._wake.clear()
+                        if self.client.stream_closed:
+                            raise ExecutorLost(f"executor {self.address}: step stream ended while idle")
                         await self._wake.wait()
                         busy = False
                         continue

@@ -7,10 +7,16 @@
 Processes start on loopback (or ``--host``, which their /metrics ports follow too) in
 dependency order, each awaited until its ``grpc.health.v1`` status is SERVING. They
 share one service token (``SLAI_SERVICE_TOKEN`` if set, else a random one per run),
-handed over in their environment, never in argv (docs/gateway.md, *Security*). Ctrl-C / SIGTERM stop them in reverse
-order (gateway first, so in-flight streams drain), each with ``--drain-timeout``
+handed over in their environment, never in argv (docs/gateway.md, *Security*). Then
+``up`` supervises them (:meth:`LocalStack.supervise`): a child that dies is restarted
+on the same address after a backoff (``--restart-backoff``, doubling per recent death
+up to ``--restart-backoff-max``); the others reconnect to it by themselves (the
+scheduler's drivers, the gateway's channel). A child that dies more than
+``--crash-loop-restarts`` times within ``--crash-loop-window`` seconds stops the
+stack with a non-zero exit. Ctrl-C / SIGTERM stop everything in reverse order
+(gateway first, so in-flight streams drain), each with ``--drain-timeout``
 seconds before SIGKILL. :class:`LocalStack` is the same thing as a context
-manager for tests and ``bench-serve``.
+manager for tests and ``bench-serve`` (which do not supervise).
 """
 
 from __future__ import annotations
@@ -40,6 +46,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_port_block(host: str = "127.0.0.1", n: int = 1, attempts: int = 200) -> int:
+    """The first of ``n`` consecutive ports that are all free now (executor *i* listens on first + *i*)."""
+    def can_bind(port: int) -> bool:
+        try:
+            with socket.socket() as s:
+                s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+    for _ in range(attempts):
+        first = free_port(host)
+        if first + n - 1 <= 65535 and all(can_bind(first + k) for k in range(1, n)):
+            return first
+    raise OSError(f"no {n} consecutive free ports on {host}")
 
 
 def ensure_model_dir() -> Path:
@@ -77,6 +100,34 @@ def wait_healthy(address: str, service: str = "", timeout_s: float = 60.0, proc:
             time.sleep(0.2)
 
 
+DEFAULT_RESTART_BACKOFF_S = 0.5
+DEFAULT_RESTART_BACKOFF_MAX_S = 10.0
+DEFAULT_CRASH_LOOP_RESTARTS = 5
+DEFAULT_CRASH_LOOP_WINDOW_S = 60.0
+
+
+def describe_exit(code: int | None) -> str:
+    """``-9`` -> ``"-9 (SIGKILL)"``: a negative code is the signal that ended the process."""
+    if code is not None and code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
+
+
+class CrashLoop(RuntimeError):
+    """A child died more often than the stack's crash-loop limit allows."""
+
+    def __init__(self, name: str, codes: list[int], window_s: float, max_restarts: int) -> None:
+        times = f"{len(codes)} time{'s' if len(codes) != 1 else ''}"
+        super().__init__(f"{name} is crash-looping: it exited {times} within {window_s:g} s "
+                         f"(exit codes {', '.join(describe_exit(c) for c in codes)}; at most {max_restarts} "
+                         f"restarts allowed, --crash-loop-restarts)")
+        self.name = name
+        self.codes = codes
+
+
 @dataclass
 class Proc:
     name: str
@@ -85,6 +136,9 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen | None = None
     log_path: Path | None = None
+    deaths: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, exit code) within the window
+    restart_at: float | None = None  # dead, to be restarted at this monotonic time
+    num_restarts: int = 0
 
 
 @dataclass
@@ -112,7 +166,23 @@ class LocalStack:
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every service (e.g. OTEL_*)
     # shared by the three services; "" = SLAI_SERVICE_TOKEN(_FILE) if set, else a random one at start()
     service_token: str = field(default="", repr=False)
+    # supervision (only when supervise() is called, as ``up`` does)
+    restart_backoff_s: float = DEFAULT_RESTART_BACKOFF_S
+    restart_backoff_max_s: float = DEFAULT_RESTART_BACKOFF_MAX_S
+    crash_loop_restarts: int = DEFAULT_CRASH_LOOP_RESTARTS
+    crash_loop_window_s: float = DEFAULT_CRASH_LOOP_WINDOW_S
     procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.restart_backoff_s > 0:
+            raise ValueError(f"--restart-backoff: must be > 0, got {self.restart_backoff_s:g}")
+        if not self.restart_backoff_max_s >= self.restart_backoff_s:
+            raise ValueError(f"--restart-backoff-max: must be >= --restart-backoff ({self.restart_backoff_s:g}), "
+                             f"got {self.restart_backoff_max_s:g}")
+        if self.crash_loop_restarts < 0:
+            raise ValueError(f"--crash-loop-restarts: must be >= 0, got {self.crash_loop_restarts}")
+        if not self.crash_loop_window_s > 0:
+            raise ValueError(f"--crash-loop-window: must be > 0, got {self.crash_loop_window_s:g}")
 
     # ------------------------------------------------------------ addresses
     @property
@@ -142,11 +212,11 @@ class LocalStack:
             self.http_port = free_port(self.host)
         if self.scheduler_port == 0:
             self.scheduler_port = free_port(self.host)
+        # NOTE: executors (and their metrics ports, after the scheduler's) use consecutive ports
         if self.executor_port == 0:
-            # NOTE: executors use consecutive ports; take the first free one and hope for its neighbours
-            self.executor_port = free_port(self.host)
+            self.executor_port = free_port_block(self.host, self.num_executors)
         if self.metrics_port == 0:
-            self.metrics_port = free_port(self.host)
+            self.metrics_port = free_port_block(self.host, self.num_executors + 1)
 
     def _spawn(self, proc: Proc) -> None:
         # NOTE: per-service settings (OTEL_SERVICE_NAME, SLAI_METRICS_PORT) win over the stack-wide ``env``
@@ -169,7 +239,8 @@ class LocalStack:
                                       start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
         if out is not None:
             out.close()
-        self.procs.append(proc)
+        if not any(p is proc for p in self.procs):  # a restart reuses its entry
+            self.procs.append(proc)
 
     def _wait(self, proc: Proc, service: str, deadline: float) -> None:
         try:
@@ -222,6 +293,38 @@ class LocalStack:
         """The first process that has exited, if any."""
         return next((p for p in self.procs if p.popen is not None and p.popen.poll() is not None), None)
 
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One supervision pass (``up`` runs it every 0.2 s): restart children that died, with backoff.
+
+        A dead child is restarted with the same command line and address after
+        ``restart_backoff_s * 2**(deaths in the window - 1)`` seconds (at most ``restart_backoff_max_s``);
+        the rest of the stack reconnects to it by itself. Nothing here blocks: a restarted child is not
+        awaited until healthy. Returns one line per thing that happened; raises :class:`CrashLoop` when a
+        child has died more than ``crash_loop_restarts`` times within ``crash_loop_window_s``.
+        """
+        now = time.monotonic() if now is None else now
+        events: list[str] = []
+        for p in self.procs:
+            if p.popen is None:
+                continue
+            if p.restart_at is not None:
+                if now >= p.restart_at:
+                    p.restart_at = None
+                    p.num_restarts += 1
+                    self._spawn(p)
+                    events.append(f"{p.name} restarted (pid {p.popen.pid}, restart {p.num_restarts})")
+                continue
+            code = p.popen.poll()
+            if code is None:
+                continue
+            p.deaths = [(t, c) for t, c in p.deaths if now - t <= self.crash_loop_window_s] + [(now, code)]
+            if len(p.deaths) > self.crash_loop_restarts:
+                raise CrashLoop(p.name, [c for _, c in p.deaths], self.crash_loop_window_s, self.crash_loop_restarts)
+            delay = min(self.restart_backoff_s * 2 ** (len(p.deaths) - 1), self.restart_backoff_max_s)
+            p.restart_at = now + delay
+            events.append(f"{p.name} exited with code {describe_exit(code)}; restarting in {delay:.1f} s")
+        return events
+
     def stop(self) -> dict[str, int | None]:
         """SIGTERM in reverse start order (gateway, scheduler, executors); SIGKILL after the drain timeout."""
         codes: dict[str, int | None] = {}
@@ -268,6 +371,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor-arg", action="append", default=[], help="extra executor flag (repeatable)")
     parser.add_argument("--scheduler-arg", action="append", default=[], help="extra scheduler flag (repeatable)")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra gateway flag (repeatable)")
+    parser.add_argument("--restart-backoff", type=float, default=DEFAULT_RESTART_BACKOFF_S,
+                        help="seconds before a child that died is restarted; doubles with each recent death")
+    parser.add_argument("--restart-backoff-max", type=float, default=DEFAULT_RESTART_BACKOFF_MAX_S,
+                        help="longest restart backoff, seconds")
+    parser.add_argument("--crash-loop-restarts", type=int, default=DEFAULT_CRASH_LOOP_RESTARTS,
+                        help="stop the stack (exit 1) when a child dies more often than this within "
+                             "--crash-loop-window (0: stop at the first death)")
+    parser.add_argument("--crash-loop-window", type=float, default=DEFAULT_CRASH_LOOP_WINDOW_S,
+                        help="seconds over which a child's deaths are counted")
 
 
 def stack_from_args(args: argparse.Namespace) -> LocalStack:
@@ -277,7 +389,9 @@ def stack_from_args(args: argparse.Namespace) -> LocalStack:
                       metrics_port=args.metrics_port, api_keys=args.api_keys, drain_timeout_s=args.drain_timeout,
                       startup_timeout_s=args.startup_timeout, log_dir=args.log_dir,
                       executor_args=args.executor_arg, scheduler_args=args.scheduler_arg,
-                      gateway_args=args.gateway_arg)
+                      gateway_args=args.gateway_arg, restart_backoff_s=args.restart_backoff,
+                      restart_backoff_max_s=args.restart_backoff_max, crash_loop_restarts=args.crash_loop_restarts,
+                      crash_loop_window_s=args.crash_loop_window)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,7 +402,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stack = stack_from_args(args)
+    try:
+        stack = stack_from_args(args)
+    except ValueError as exc:  # a bad flag value
+        print(f"slai-serve up: {exc}", file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     try:
         stack.start()
@@ -299,17 +417,26 @@ def run(args: argparse.Namespace) -> int:
           f"policy {args.policy}):")
     for name, addr in stack.endpoints().items():
         print(f"  {name:14s} {addr}")
+    print("pids: " + ", ".join(f"{p.name}={p.popen.pid}" for p in stack.procs))
     print(f'try:  slai-serve client "What is the capital of France?" --chat --gateway {stack.gateway_address}')
     if stack.log_dir:
         print(f"logs: {stack.log_dir}")
     print("Ctrl-C to stop.", flush=True)
     rc = 0
     while stop["signal"] is None:
-        dead = stack.poll()
-        if dead is not None:
-            print(f"slai-serve up: {dead.name} exited with code {dead.popen.returncode}; stopping", file=sys.stderr)
+        try:
+            events = stack.supervise()
+        except CrashLoop as exc:
+            print(f"slai-serve up: {exc}; stopping the stack", file=sys.stderr, flush=True)
             rc = 1
             break
+        except Exception as exc:  # noqa: BLE001 - e.g. a restart that cannot spawn: never orphan the others
+            print(f"slai-serve up: supervising failed ({type(exc).__name__}: {exc}); stopping the stack",
+                  file=sys.stderr, flush=True)
+            rc = 1
+            break
+        for line in events:
+            print(f"slai-serve up: {line}", file=sys.stderr, flush=True)
         time.sleep(0.2)
     codes = stack.stop()
     print("stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()), flush=True)

@@ -124,3 +124,30 @@ async def collect_rest(call):
     while (ev := await call.read()) is not grpc.aio.EOF:
         out.append(ev)
     return out
+
+
+async def test_idle_executor_death_is_noticed_and_a_restarted_one_is_used_again(stack):
+    """With nothing to run the driver reads nothing from the stream: it must still notice the executor
+    died (Stats, health) and reconnect once it is back, so the next request is not sent to a dead stream."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    st = await stack([RecordingRunner()])
+    srv = st.executors[0][0]
+    port = srv.port
+    health = health_pb2_grpc.HealthStub(st.channel)
+
+    async def scheduler_status() -> int:
+        return (await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)).status
+
+    assert len(tokens_of(await collect(st.stub, submit_msg("before", 8, 3)))) == 3
+    await srv.stop(0)  # idle: no step in flight
+    await wait_for(lambda: not st.dispatcher.drivers[0].healthy, 30)
+    assert not stats(st.dispatcher)["executors"][0]["healthy"]
+    assert await scheduler_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    runner = RecordingRunner()
+    srv2, servicer = await serve_executor(runner, f"127.0.0.1:{port}")
+    st.executors.append((srv2, servicer, runner))
+    await st.dispatcher.wait_ready(30, all_executors=True)
+    assert await scheduler_status() == health_pb2.HealthCheckResponse.SERVING
+    events = await asyncio.wait_for(collect(st.stub, submit_msg("after", 8, 5)), 30)
+    assert tokens_of(events) == expected_tokens("after", 8, 5) and runner.plans

@@ -56,6 +56,8 @@ class LocalClient:
     """The executor client's interface over an in-process FakeRunner (no gRPC)."""
 
     address = "local"
+    stream_closed = False  # an in-process runner's "stream" never ends by itself
+    on_closed = None
 
     def __init__(self, runner: FakeRunner) -> None:
         self.runner = runner
