@@ -1,7 +1,7 @@
 """The scheduler's side of the gateway <-> scheduler boundary: Submit, TokenEvent and Stats as protobuf.
 
 Converts to and from the core's values (``Request``, ``TokenEvent``); the gateway's side of the
-same messages is ``gateway/scheduler_client.py``. Round trips: tests/services/test_submit_codec.py.
+same messages is ``gateway/scheduler_client.py``. Round trips: tests/scheduler_svc/test_submit_codec.py.
 """
 
 from __future__ import annotations

@@ -111,9 +111,9 @@ def test_healthchecks_probe_the_serving_port():
         _, args = parse_command(svc)
         port = args.grpc_port if name == "gateway" else args.port
         test = svc["healthcheck"]["test"]
-        assert test[:4] == ["CMD", "python", "-m", "slai_serve.launch"], name
+        assert test[:4] == ["CMD", "python", "-m", "slai_serve.health"], name
         assert _port_of(test[4]) == port, name
-    from slai_serve.launch import health_main
+    from slai_serve.health import health_main
     assert callable(health_main)
 
 

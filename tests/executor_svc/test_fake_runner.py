@@ -13,7 +13,7 @@ from executor_svc.fake_runner import FakeRunner, fake_token
 from executor_svc.runner_api import PlanError, Runner
 from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 
-from tests.executor.helpers import Driver
+from tests.executor_svc.helpers import Driver
 
 
 def test_protocol_and_tokens():

@@ -18,7 +18,7 @@ from simulator.sim import Simulator, build_core
 from simulator.workloads import WorkloadItem
 from scheduler_svc import submit_codec
 from wire.pb.slai.v1 import common_pb2
-from tests.services.helpers import VirtualClock, VirtualTimeRunner, start_stack, submit_msg
+from tests.scheduler_svc.helpers import VirtualClock, VirtualTimeRunner, start_stack, submit_msg
 
 
 def wire_cost(plan) -> float:
@@ -150,7 +150,7 @@ async def test_wall_clock_service_matches_simulator_token_counts():
     Plans differ in detail (real step times include RPC and scheduling jitter, and arrivals are spread
     over the Submit calls), but every request gets exactly the tokens the simulator gives it.
     """
-    from tests.services.helpers import RecordingRunner, collect, tokens_of
+    from tests.scheduler_svc.helpers import RecordingRunner, collect, tokens_of
 
     items = workload()[:12]
     _, sim_tokens, _ = simulate("slai", items, 4096, ["token_budget=256"])

@@ -6,8 +6,8 @@ from telemetry import names as N
 from telemetry import tracing, step_tracing
 from scheduler_svc.core import make_core
 from tests.builders import make_requests
-from tests.observability.otlp_receiver import OtlpReceiver
-from tests.observability.test_tracing import run_traced
+from tests.telemetry.otlp_receiver import OtlpReceiver
+from tests.telemetry.test_tracing import run_traced
 
 
 def test_otlp_exporter_delivers_step_and_request_spans():

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.executor.helpers import MAX_NEW, Driver, hf_greedy, same_prefix
+from tests.executor_svc.helpers import MAX_NEW, Driver, hf_greedy, same_prefix
 
 
 def test_bench_executor_smoke(tmp_path):
@@ -36,7 +36,7 @@ def test_gpu_paged_equals_generate(backend):
     from executor_svc import attention
     from executor_svc.models import load_model
     from executor_svc.runner import ModelRunner
-    from tests.executor.helpers import random_prompt
+    from tests.executor_svc.helpers import random_prompt
 
     if backend == "flash-attn" and not attention.HAS_FLASH_ATTN:
         pytest.skip("flash_attn is not installed")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.services.helpers import collect, start_stack, submit_msg, tokens_of
+from tests.scheduler_svc.helpers import collect, start_stack, submit_msg, tokens_of
 
 runner_mod = pytest.importorskip("executor_svc.runner", reason="executor_svc.runner (torch) not importable")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.executor.helpers import MAX_NEW, Driver, same_prefix
+from tests.executor_svc.helpers import MAX_NEW, Driver, same_prefix
 
 
 def _check(done: dict[str, list[int]], references: dict[str, list[int]]) -> None:

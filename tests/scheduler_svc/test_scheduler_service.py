@@ -9,7 +9,7 @@ import pytest
 
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 from executor_svc.fake_runner import fake_token
-from tests.services.helpers import (RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of,
+from tests.scheduler_svc.helpers import (RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of,
                                     wait_for)
 
 

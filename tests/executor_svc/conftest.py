@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.executor.helpers import MAX_NEW, PROMPT_LENGTHS, hf_greedy, random_prompt
+from tests.executor_svc.helpers import MAX_NEW, PROMPT_LENGTHS, hf_greedy, random_prompt
 
 try:
     import torch

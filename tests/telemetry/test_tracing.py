@@ -16,7 +16,7 @@ from telemetry import names as N
 from telemetry import tracing, step_tracing
 from scheduler_svc.core import EventKind, LifecycleEvent, StepResult, Tier, make_core
 from tests.builders import fake_step_result, make_requests
-from tests.observability.conftest import spans_named
+from tests.telemetry.conftest import spans_named
 
 
 def run_traced(core, spans: step_tracing.RequestSpans, dt: float = 0.05, forward_ns: int = 20_000_000,

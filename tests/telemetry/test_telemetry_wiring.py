@@ -11,7 +11,7 @@ from telemetry import names as N
 from telemetry import tracing
 from telemetry.metrics import ExecutorMetrics, SchedulerMetrics
 from wire.pb.slai.v1 import common_pb2
-from tests.services.helpers import RecordingRunner, collect, start_stack, submit_msg, tokens_of, wait_for
+from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, submit_msg, tokens_of, wait_for
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 from executor_svc.sampler import Sampler, mix_seed
 from contract.sampling import SamplingParams
 
-from tests.executor.helpers import MAX_NEW, Driver, same_prefix
+from tests.executor_svc.helpers import MAX_NEW, Driver, same_prefix
 
 HOT = SamplingParams(temperature=1.5, top_p=0.95, seed=7)
 

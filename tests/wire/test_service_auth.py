@@ -1,6 +1,6 @@
 """The service token: scheduler and executors refuse callers without it; health and reflection stay open.
 
-In-process servers on 127.0.0.1:0 (tests/services/helpers.py); the token's sources and the
+In-process servers on 127.0.0.1:0 (tests/scheduler_svc/helpers.py); the token's sources and the
 refusal to listen beyond loopback without one are unit-tested on ``wire.service_auth``.
 """
 
@@ -20,7 +20,7 @@ from wire.service_auth import call_metadata, check_exposure, is_loopback_host, r
 from executor_svc.server import serve as serve_executor
 from contract.plan import BatchPlan
 from scheduler_svc.executor_client import ExecutorClient, ExecutorLost
-from tests.services.helpers import RecordingRunner, start_stack, submit_msg, tokens_of
+from tests.scheduler_svc.helpers import RecordingRunner, start_stack, submit_msg, tokens_of
 
 TOKEN = "test-service-token-0123456789abcdef"
 WRONG = "not-the-service-token-0123456789ab"

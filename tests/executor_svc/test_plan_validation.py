@@ -11,7 +11,7 @@ import torch
 from executor_svc.runner_api import PlanError
 from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 
-from tests.executor.helpers import MAX_NEW, Driver, same_prefix
+from tests.executor_svc.helpers import MAX_NEW, Driver, same_prefix
 
 
 def _new(rid: str, tokens, blocks, n=None, **kw) -> NewRequestSlice:

@@ -14,7 +14,7 @@ from scheduler_svc.__main__ import add_arguments, config_from_args
 from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.core.request import Request
 from scheduler_svc.dispatcher import RequestStream
-from tests.services.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
+from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
 
 # NOTE: gRPC C-core grows a stream's receive window to megabytes (BDP probing) while the application does
 # not read; a small fixed window makes this client's transport full after a few dozen events.

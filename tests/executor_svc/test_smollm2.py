@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from executor_svc import models
-from tests.executor.helpers import Driver, hf_greedy, same_prefix
+from tests.executor_svc.helpers import Driver, hf_greedy, same_prefix
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.",
              "Write one sentence about the sea, please, using at least twelve words."]

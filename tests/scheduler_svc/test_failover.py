@@ -11,7 +11,7 @@ import pytest
 from wire.pb.slai.v1 import common_pb2
 from executor_svc.fake_runner import fake_token
 from executor_svc.server import serve as serve_executor
-from tests.services.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
+from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
 
 
 @pytest.fixture
