@@ -121,8 +121,9 @@ async def start_server(add_servicers: Iterable[Callable[[grpc.aio.Server], None]
                        address: str = "127.0.0.1:0", interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
                        serving: bool = True, options: Iterable[tuple[str, Any]] = ()) -> ServiceServer:
     """Start a grpc.aio server on ``address`` (``host:port``; port 0 picks one, or ``unix:PATH``)."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=[
-        ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), *options])
+    # NOTE: gRPC core keeps the first of two equal keys, so ``options`` must replace the defaults, not follow them.
+    merged = {"grpc.max_send_message_length": 64 << 20, "grpc.max_receive_message_length": 64 << 20, **dict(options)}
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=list(merged.items()))
     for add in add_servicers:
         add(server)
     health_servicer = health.aio.HealthServicer()

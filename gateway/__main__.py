@@ -49,6 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-requests", type=int, default=1024,
                         help="requests in flight before RESOURCE_EXHAUSTED / 429")
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight streams get on stop")
+    parser.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", 4 << 20)),
+                        help="largest HTTP request body and gRPC request message; larger gets 413 / "
+                             "RESOURCE_EXHAUSTED (env SLAI_GATEWAY_MAX_BODY_BYTES)")
+    parser.add_argument("--header-timeout", type=float, default=float(_env("HEADER_TIMEOUT", 10.0)),
+                        help="seconds an HTTP request's headers may take; then 408 and close "
+                             "(env SLAI_GATEWAY_HEADER_TIMEOUT)")
+    parser.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", 30.0)),
+                        help="seconds an HTTP request body may take after its headers; then 408 and close "
+                             "(env SLAI_GATEWAY_BODY_TIMEOUT)")
+    parser.add_argument("--max-connections", type=int, default=int(_env("MAX_CONNECTIONS", 2048)),
+                        help="open HTTP connections; one more gets 503 and is closed (env SLAI_GATEWAY_MAX_CONNECTIONS)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
 
@@ -61,7 +72,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=args.http_port, model_dir=args.model_dir, model_name=args.model_name,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout, default_tier=args.default_tier,
-        tiers=tiers)
+        tiers=tiers, max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, max_connections=args.max_connections)
 
 
 def resolve_model_dir(model_dir: str) -> str:

@@ -55,6 +55,12 @@ class GatewayConfig:
     drain_timeout_s: float = field(default=10.0, metadata={"help": "grace for in-flight streams on SIGTERM"})
     default_tier: str = field(default="paying", metadata={"help": "tier of requests without a key file"})
     tiers: dict[str, TierPolicy] = field(default_factory=default_tier_policies)
+    # transport limits (docs/gateway.md, "Transport limits")
+    max_body_bytes: int = field(default=4 << 20, metadata={"help": "largest HTTP body / gRPC message (413 / "
+                                                                     "RESOURCE_EXHAUSTED above)"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "an HTTP request's headers must arrive within"})
+    body_timeout_s: float = field(default=30.0, metadata={"help": "an HTTP body must arrive within, after headers"})
+    max_connections: int = field(default=2048, metadata={"help": "open HTTP connections before 503"})
 
     def __post_init__(self) -> None:
         parse_tier(self.default_tier)
@@ -64,6 +70,12 @@ class GatewayConfig:
             raise ValueError("max_concurrent_requests must be >= 1")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("header_timeout_s and body_timeout_s must be > 0")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         for name in TIER_NAMES:
             if name not in self.tiers:
                 raise ValueError(f"tier {name!r} has no policy")

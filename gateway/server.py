@@ -63,7 +63,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 def _bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # NOTE: proto IPPROTO_TCP (not 0), inherited by accepted sockets, is what makes asyncio set
+    # TCP_NODELAY on them. Without it a response's body write waits behind its header write for
+    # the client's delayed ACK: +40 ms on every keep-alive request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
@@ -104,12 +107,16 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
     servicer = GatewayServicer(service, keys)
     grpc_server = await start_server(
         [lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME], config.grpc_address)
+        [SERVICE_NAME], config.grpc_address,
+        # a larger request fails RESOURCE_EXHAUSTED "Received message larger than max" before the servicer runs
+        options=[("grpc.max_receive_message_length", config.max_body_bytes)])
     running = RunningGateway(service=service, grpc_server=grpc_server, grpc_port=grpc_server.port, http_port=None)
     if config.http_port >= 0:
         import uvicorn
 
         from gateway.http_api import build_app
+        from gateway.http_guard import guard_app
+        from gateway.http_transport import ConnectionLimits, protocol_class
 
         class _Server(uvicorn.Server):
             # NOTE: the gateway process owns SIGINT/SIGTERM (it drains gRPC too);
@@ -118,9 +125,14 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
             def capture_signals(self):
                 yield
 
-        app = build_app(service, keys)
+        # body limit and admission run before FastAPI; read deadlines and the connection
+        # limit in the protocol (docs/gateway.md, "Transport limits")
+        app = guard_app(build_app(service, keys), service.admission, keys, config.max_body_bytes,
+                        on_reject=lambda tier: service.metrics.record_request(tier, "rejected"))
+        limits = ConnectionLimits(config.header_timeout_s, config.body_timeout_s, config.max_connections)
         sock = _bind_socket(config.http_host, config.http_port)
-        uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+        uv_config = uvicorn.Config(app, http=protocol_class(limits), interface="asgi3", log_level="warning",
+                                   access_log=False, lifespan="off",
                                    timeout_graceful_shutdown=int(max(config.drain_timeout_s, 1)))
         http = _Server(uv_config)
         running._http_server = http

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -24,6 +26,7 @@ from common import codec, telemetry
 from common.grpc_server import AdmissionRejected
 from common.metrics import GatewayMetrics
 from common.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from gateway.admission import Admission, Slot, current_slot
 from gateway.config import GatewayConfig, TierPolicy
 from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput, Timings
@@ -33,6 +36,12 @@ log = logging.getLogger(__name__)
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_SEED = 2**64 - 1
+# Inputs up to this many characters are validated and tokenized on the event loop (well under a
+# millisecond); longer ones on a worker thread, so a long prompt never stalls other streams.
+# docs/gateway.md ("Transport limits") has the measurements behind the number.
+INLINE_PREPARE_CHARS = 4096
+# Worker threads for long inputs: leave a core to the event loop (encode_batch releases the GIL).
+PREPARE_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 # NOTE: wait_for_ready=False makes an RPC fail at once while the channel is in
 # TRANSIENT_FAILURE; these bound how long a connection attempt to a silent host
@@ -112,6 +121,11 @@ class GenerationService:
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         self._in_flight: dict[str, grpc.aio.UnaryStreamCall | None] = {}
         self.metrics = GatewayMetrics()
+        self.admission = Admission(config.max_concurrent_requests)
+        # A prompt longer than this cannot fit max_model_len tokens: no token is longer than
+        # max_token_chars characters. Checked before tokenizing, so rejecting it costs nothing.
+        self.max_prompt_chars = self.max_model_len * tokenizer.max_token_chars
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="gateway-prepare")
 
     @property
     def num_in_flight(self) -> int:
@@ -119,11 +133,49 @@ class GenerationService:
 
     async def close(self) -> None:
         await self._channel.close()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def scheduler_state(self) -> str:
         return self._channel.get_state(try_to_connect=True).name
 
     # ------------------------------------------------------------ validation
+    def check_input_size(self, inp: GenerationInput) -> int:
+        """Reject an input that cannot fit the model, without tokenizing it; its size in characters.
+
+        Cheap (no pass over the text), so it runs before the costly work and on the event loop.
+        """
+        limit = self.max_model_len
+        if inp.prompt_token_ids is not None:
+            n = len(inp.prompt_token_ids)
+            if n >= limit:
+                raise ValueError(f"prompt: {n} tokens; this model allows at most {limit - 1} prompt tokens "
+                                 f"({limit} in all)")
+            return n
+        if inp.messages is not None:
+            if len(inp.messages) >= limit:  # every message adds at least one token
+                raise ValueError(f"messages: {len(inp.messages)} messages cannot fit this model's {limit}-token "
+                                 f"limit")
+            size = sum(len(r) + len(c) for r, c in inp.messages if isinstance(r, str) and isinstance(c, str))
+            field, cost = "messages", size + 32 * len(inp.messages)  # the template's work per message
+        else:
+            size = len(inp.prompt or "")
+            field, cost = "prompt", size
+        if size > self.max_prompt_chars:
+            raise ValueError(f"{field}: {size} characters cannot fit this model's {limit}-token limit (a token "
+                             f"has at most {self.tokenizer.max_token_chars} characters, so at most "
+                             f"{self.max_prompt_chars} characters)")
+        return cost
+
+    async def prepare_async(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
+        """:meth:`prepare` after the cheap size check; a long input is prepared on a worker thread."""
+        if self.check_input_size(inp) <= INLINE_PREPARE_CHARS:
+            return self.prepare(inp, tier)
+        loop = asyncio.get_running_loop()
+        prep = await loop.run_in_executor(self._prepare_pool, self.prepare, inp, tier)
+        if prep.request_id in self._in_flight:  # prepare checked it, but the loop ran on meanwhile
+            raise ValueError(f"request_id: {prep.request_id!r} is already in flight")
+        return prep
+
     def prepare(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
         """Validate and tokenize; raises ValueError naming the offending field."""
         if inp.model and inp.model != self.model_name:
@@ -187,12 +239,13 @@ class GenerationService:
 
         ``carrier``: the caller's gRPC metadata or HTTP headers (trace context).
         """
-        # NOTE: admission first, before any tokenizing work (design habit 13).
-        if len(self._in_flight) >= self.config.max_concurrent_requests:
-            self.metrics.record_request(tier.tier, "rejected")
-            raise AdmissionRejected(f"gateway is full ({self.config.max_concurrent_requests} requests in flight)",
-                                    retry_after_s=1.0)
-        prep = self.prepare(inp, tier)
+        # NOTE: admission first, before any costly work (docs/gateway.md, "Transport limits").
+        slot = self._admit(tier)
+        try:
+            prep = await self.prepare_async(inp, tier)
+        except BaseException:
+            slot.release()
+            raise
         rid = prep.request_id
         self._in_flight[rid] = None
         self.metrics.in_flight.inc()
@@ -221,6 +274,7 @@ class GenerationService:
             raise
         finally:
             await stream.aclose()  # now, not at garbage collection: it cancels the Submit call
+            slot.release()
             self.metrics.in_flight.dec()
             self.metrics.record_request(tier.tier, outcome)
             t = last.timings if last is not None and last.timings is not None else None
@@ -229,6 +283,20 @@ class GenerationService:
                 completion_tokens=last.completion_tokens if last and last.finish_reason else None,
                 ttft_s=t.ttft_s if t else None, e2e_s=t.e2e_s if t else None, queue_s=t.queue_s if t else None,
                 max_tbt_s=t.max_tbt_s if t else None, num_preemptions=t.num_preemptions if t else None, error=error)
+
+    def _admit(self, tier: TierPolicy) -> Slot:
+        """The slot the HTTP front end took for this request, or a new one (gRPC)."""
+        slot = current_slot()
+        if slot is not None and not slot.claimed:
+            slot.claimed = True
+            return slot
+        try:
+            slot = self.admission.acquire()
+        except AdmissionRejected:
+            self.metrics.record_request(tier.tier, "rejected")
+            raise
+        slot.claimed = True
+        return slot
 
     async def _stream(self, prep: _Prepared, inp: GenerationInput, span) -> AsyncIterator[Delta]:
         rid = prep.request_id
