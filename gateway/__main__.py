@@ -26,6 +26,19 @@ def _env(name: str, default):
     return os.environ.get(f"SLAI_GATEWAY_{name}", default)
 
 
+def _at_least(kind, low):
+    """An argparse type: ``kind`` values >= ``low`` (argparse names the flag in the error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=_env("SCHEDULER", "127.0.0.1:50061"),
                         help="scheduler address host:port (env SLAI_GATEWAY_SCHEDULER)")
@@ -49,17 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-requests", type=int, default=1024,
                         help="requests in flight before RESOURCE_EXHAUSTED / 429")
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight streams get on stop")
-    parser.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", 4 << 20)),
+    # NOTE: string defaults go through ``type`` too, so a bad SLAI_GATEWAY_* value is named like a bad flag.
+    parser.add_argument("--max-body-bytes", type=_at_least(int, 1024), default=_env("MAX_BODY_BYTES", str(4 << 20)),
                         help="largest HTTP request body and gRPC request message; larger gets 413 / "
                              "RESOURCE_EXHAUSTED (env SLAI_GATEWAY_MAX_BODY_BYTES)")
-    parser.add_argument("--header-timeout", type=float, default=float(_env("HEADER_TIMEOUT", 10.0)),
-                        help="seconds an HTTP request's headers may take; then 408 and close "
+    parser.add_argument("--header-timeout", type=_at_least(float, 0.01), default=_env("HEADER_TIMEOUT", "10"),
+                        help="seconds an HTTP request's headers may take, then 408 and close "
                              "(env SLAI_GATEWAY_HEADER_TIMEOUT)")
-    parser.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", 30.0)),
-                        help="seconds an HTTP request body may take after its headers; then 408 and close "
+    parser.add_argument("--body-timeout", type=_at_least(float, 0.01), default=_env("BODY_TIMEOUT", "30"),
+                        help="seconds an HTTP request's body may take after its headers, then 408 and close "
                              "(env SLAI_GATEWAY_BODY_TIMEOUT)")
-    parser.add_argument("--max-connections", type=int, default=int(_env("MAX_CONNECTIONS", 2048)),
-                        help="open HTTP connections; one more gets 503 and is closed (env SLAI_GATEWAY_MAX_CONNECTIONS)")
+    parser.add_argument("--max-connections", type=_at_least(int, 1), default=_env("MAX_CONNECTIONS", "2048"),
+                        help="open HTTP connections; one more gets 503 and is closed "
+                             "(env SLAI_GATEWAY_MAX_CONNECTIONS)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
 

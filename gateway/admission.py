@@ -54,10 +54,14 @@ class Admission:
     def in_use(self) -> int:
         return self._in_use
 
-    def acquire(self) -> Slot:
-        """A slot, or ``AdmissionRejected`` when all ``limit`` are taken."""
+    def check(self) -> None:
+        """``AdmissionRejected`` when all ``limit`` slots are taken."""
         if self._in_use >= self.limit:
             raise AdmissionRejected(f"gateway is full ({self.limit} requests in flight)", retry_after_s=RETRY_AFTER_S)
+
+    def acquire(self) -> Slot:
+        """A slot, or ``AdmissionRejected`` when all ``limit`` are taken."""
+        self.check()
         self._in_use += 1
         return Slot(self)
 

@@ -8,6 +8,8 @@ the body than it must (docs/gateway.md, "Transport limits"):
   body is cut off at the limit instead of being buffered whole.
 * :class:`AdmissionGate` takes the request's admission slot before the body is
   read or parsed; a full gateway answers 429 with ``Retry-After`` right away.
+  :func:`full_gateway_answer` gives the same 429 one step earlier, from the
+  connection itself (``gateway.http_transport``), while the gateway is full.
 
 Errors have OpenAI's shape, like every other gateway error.
 """
@@ -29,6 +31,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_GENERATION_TARGETS = frozenset(p.encode() for p in GENERATION_PATHS)
 
 
 def error_body(message: str, kind: str, param: str | None = None) -> bytes:
@@ -110,6 +113,19 @@ class BodyLimit:
             await self._too_large(send, "the request body")
 
 
+def retry_after(exc: AdmissionRejected) -> tuple[tuple[bytes, bytes], ...]:
+    """The 429's ``Retry-After`` header (whole seconds, rounded up)."""
+    return ((b"retry-after", str(max(1, math.ceil(exc.retry_after_s))).encode()),)
+
+
+def _resolve(keys: KeyStore, authorization: bytes | None) -> Any | None:
+    """The tier policy of an ``Authorization`` value; None for a bad key (the app answers 401)."""
+    try:
+        return keys.resolve(authorization.decode("latin-1") if authorization is not None else None)
+    except Unauthenticated:
+        return None
+
+
 class AdmissionGate:
     """Takes a generation request's admission slot first; 429 when the gateway is full.
 
@@ -130,21 +146,43 @@ class AdmissionGate:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
             await self.app(scope, receive, send)
             return
-        auth = header(scope, b"authorization")
-        try:
-            tier = self.keys.resolve(auth.decode("latin-1") if auth is not None else None)
-        except Unauthenticated:
+        tier = _resolve(self.keys, header(scope, b"authorization"))
+        if tier is None:
             await self.app(scope, receive, send)
             return
         try:
             slot = self.admission.acquire()
         except AdmissionRejected as exc:
             self.on_reject(tier.tier)
-            retry = str(max(1, math.ceil(exc.retry_after_s))).encode()
-            await send_error(send, 429, str(exc), "rate_limit_error", headers=((b"retry-after", retry),))
+            await send_error(send, 429, str(exc), "rate_limit_error", headers=retry_after(exc))
             return
         with holding(slot):
             await self.app(scope, receive, send)
+
+
+def full_gateway_answer(admission: Admission, keys: KeyStore, on_reject: Callable[[Any], None] = lambda tier: None):
+    """A hook for ``gateway.http_transport``: the 429 for a generation request while every slot is taken.
+
+    It runs when the request's headers have been parsed, before the request becomes
+    an ASGI task, so under a burst each rejection costs only the header parse. It
+    takes no slot: while slots are free it answers None and :class:`AdmissionGate`
+    decides.
+    """
+
+    def answer(method: bytes, target: bytes, headers: Any) -> tuple[int, bytes, tuple] | None:
+        if method != b"POST" or target.partition(b"?")[0] not in _GENERATION_TARGETS:
+            return None
+        try:
+            admission.check()
+            return None
+        except AdmissionRejected as exc:
+            tier = _resolve(keys, next((v for k, v in headers if k == b"authorization"), None))
+            if tier is None:
+                return None  # the app answers 401
+            on_reject(tier.tier)
+            return 429, error_body(str(exc), "rate_limit_error"), retry_after(exc)
+
+    return answer
 
 
 def guard_app(app: ASGIApp, admission: Admission, keys: KeyStore, max_body_bytes: int,

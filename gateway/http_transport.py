@@ -15,6 +15,11 @@ one byte at a time keeps its connection, and its file descriptor, forever.
   bounds how long the rest of a body is read and dropped after an early answer.
 * a **connection limit**: a connection beyond ``max_connections`` open ones gets
   503 at once and is closed.
+* an **early answer** hook: a request can be answered as soon as its headers are
+  parsed, before uvicorn makes it an ASGI task (the gateway answers 429 there while
+  it is full: ``gateway.http_guard.full_gateway_answer``). Answered in the same
+  callback that read it, a burst of rejected requests gets its answers while the
+  burst is still being read, not after all of it has been parsed.
 * a **lingering close**: closing a socket that still has unread input makes the
   kernel send RST, and a client still busy writing its body may then lose the
   answer (413, 408, 503) waiting in its receive buffer. So when the client may
@@ -28,15 +33,19 @@ from __future__ import annotations
 import asyncio
 import http
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import h11
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.http_guard import error_body
 
 LINGER_S = 3.0
 LINGER_MAX_BYTES = 64 << 20
+
+# (method, target, headers) -> None, or (status, JSON body, extra headers) to answer with now
+EarlyAnswer = Callable[[bytes, bytes, Any], "tuple[int, bytes, tuple[tuple[bytes, bytes], ...]] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +100,37 @@ class _LingeringTransport:
         self._transport.close()
 
 
+class _Connection(h11.Connection):
+    """uvicorn's h11 connection, showing each request to the protocol before uvicorn sees it."""
+
+    def __init__(self, protocol: GuardedH11Protocol, max_incomplete_event_size: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size)
+        self._protocol = protocol
+
+    def next_event(self) -> Any:
+        while True:
+            event = super().next_event()
+            if type(event) is not h11.Request or not self._protocol.answer_early(event):
+                return event
+            # Answered: uvicorn drops the request's body (our side is DONE) and then starts the
+            # next cycle, as after any early response; unless the client asked us to close.
+            if self.our_state is not h11.DONE:
+                return h11.NEED_DATA
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus the deadlines and limits of this module.
 
-    ``limits`` is set on a subclass per server (:func:`protocol_class`).
+    ``limits`` and ``early_answer`` are set on a subclass per server (:func:`protocol_class`).
     """
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+    early_answer: ClassVar[EarlyAnswer | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        max_event = self.config.h11_max_incomplete_event_size
+        self.conn = _Connection(self, DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if max_event is None else max_event)
         self._deadline: asyncio.TimerHandle | None = None
         self._deadline_kind = ""  # "header" | "body" | "linger" | ""
         self._rejected = False  # over the connection limit: answered 503 before any request
@@ -144,6 +174,22 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.abort_linger()  # type: ignore[attr-defined]
             return
         super().shutdown()
+
+    def answer_early(self, request: h11.Request) -> bool:
+        """Answer ``request`` now if the ``early_answer`` hook says so (then True)."""
+        hook = type(self).early_answer
+        answer = hook(request.method, request.target, request.headers) if hook is not None else None
+        if answer is None:
+            return False
+        status, body, extra = answer
+        head = h11.Response(status_code=status, reason=http.HTTPStatus(status).phrase.encode(), headers=[
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra])
+        self.transport.write(self.conn.send(head) + self.conn.send(h11.Data(data=body))
+                             + self.conn.send(h11.EndOfMessage()))
+        self.server_state.total_requests += 1
+        if self.conn.our_state is not h11.DONE:  # the client asked to close (or HTTP/1.0)
+            self.transport.close()
+        return True
 
     # ------------------------------------------------------------ deadlines
     def peer_may_send(self) -> bool:
@@ -204,6 +250,7 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def protocol_class(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
+def protocol_class(limits: ConnectionLimits, early_answer: EarlyAnswer | None = None) -> type[GuardedH11Protocol]:
     """A :class:`GuardedH11Protocol` subclass bound to ``limits``, for ``uvicorn.Config(http=...)``."""
-    return type("GatewayH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+    return type("GatewayH11Protocol", (GuardedH11Protocol,),
+                {"limits": limits, "early_answer": staticmethod(early_answer) if early_answer else None})

@@ -115,7 +115,7 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
         import uvicorn
 
         from gateway.http_api import build_app
-        from gateway.http_guard import guard_app
+        from gateway.http_guard import full_gateway_answer, guard_app
         from gateway.http_transport import ConnectionLimits, protocol_class
 
         class _Server(uvicorn.Server):
@@ -127,11 +127,14 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
 
         # body limit and admission run before FastAPI; read deadlines and the connection
         # limit in the protocol (docs/gateway.md, "Transport limits")
-        app = guard_app(build_app(service, keys), service.admission, keys, config.max_body_bytes,
-                        on_reject=lambda tier: service.metrics.record_request(tier, "rejected"))
+        def rejected(tier) -> None:
+            service.metrics.record_request(tier, "rejected")
+
+        app = guard_app(build_app(service, keys), service.admission, keys, config.max_body_bytes, rejected)
         limits = ConnectionLimits(config.header_timeout_s, config.body_timeout_s, config.max_connections)
+        protocol = protocol_class(limits, full_gateway_answer(service.admission, keys, rejected))
         sock = _bind_socket(config.http_host, config.http_port)
-        uv_config = uvicorn.Config(app, http=protocol_class(limits), interface="asgi3", log_level="warning",
+        uv_config = uvicorn.Config(app, http=protocol, interface="asgi3", log_level="warning",
                                    access_log=False, lifespan="off",
                                    timeout_graceful_shutdown=int(max(config.drain_timeout_s, 1)))
         http = _Server(uv_config)
