@@ -134,6 +134,7 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._deadline_kind = ""  # "header" | "body" | "linger" | ""
         self._rejected = False  # over the connection limit: answered 503 before any request
+        self._stopping = False  # the server is shutting down: close without lingering
         self._dropped = 0  # bytes read and dropped while lingering
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -170,6 +171,7 @@ class GuardedH11Protocol(H11Protocol):
             self._follow_request()
 
     def shutdown(self) -> None:
+        self._stopping = True
         if self._deadline_kind == "linger":
             self.transport.abort_linger()  # type: ignore[attr-defined]
             return
@@ -194,7 +196,7 @@ class GuardedH11Protocol(H11Protocol):
     # ------------------------------------------------------------ deadlines
     def peer_may_send(self) -> bool:
         """The client may still be writing: in a request's body, or not yet heard (503 at connect)."""
-        return self._rejected or self.conn.their_state is h11.SEND_BODY
+        return not self._stopping and (self._rejected or self.conn.their_state is h11.SEND_BODY)
 
     def start_linger(self) -> None:
         self._arm("linger", LINGER_S)

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from common.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.tokenizer import LONG_TEXT_CHARS
 
 from .conftest import start_stack
 
@@ -96,7 +97,7 @@ class TimedStream:
 async def test_oversized_bodies_get_413_at_once_while_a_stream_flows(tiny_model_dir):
     limit = 64 << 10
     async with running_stack(tiny_model_dir, delay_s=0.01, max_body_bytes=limit) as st:
-        stream = TimedStream(st.http_base, max_tokens=120)
+        stream = TimedStream(st.http_base, max_tokens=200)  # about 2 s: it runs through what follows
         await wait_until(lambda: len(stream.times) >= 15)
         usual = statistics.median(b - a for a, b in zip(stream.times, stream.times[1:]))
         t0 = time.monotonic()
@@ -236,6 +237,13 @@ async def test_connections_beyond_the_limit_get_503_and_are_closed(tiny_model_di
 
 
 # ---------------------------------------------------------------- admission
+def rejected_count(service) -> float:
+    from common import names
+
+    return service.metrics.registry.get_sample_value(
+        names.M_GATEWAY_REQUESTS + "_total", {names.L_TIER: "paying", names.L_OUTCOME: "rejected"}) or 0.0
+
+
 class TokenizerSpy:
     """Counts the tokenizer's encode calls and the threads they ran on."""
 
@@ -273,12 +281,12 @@ async def test_full_gateway_answers_429_before_reading_or_tokenizing(tiny_model_
             assert (await http.get("/health")).status_code == 200
         async with grpc.aio.insecure_channel(st.grpc_address) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in gateway_pb2_grpc.GatewayServiceStub(ch).Generate(gateway_pb2.GenerateRequest(prompt="Hi")):
+                stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+                async for _ in stub.Generate(gateway_pb2.GenerateRequest(prompt="Hi")):
                     pass
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert spy.calls == 0
-        rejected = service.metrics.requests.labels("paying", "rejected")._value.get()
-        assert rejected == 5
+        assert rejected_count(service) == 5
         for s in streams:
             s.task.cancel()
         await asyncio.gather(*(s.task for s in streams), return_exceptions=True)
@@ -353,7 +361,9 @@ async def test_prompt_too_long_for_the_model_is_400_without_tokenizing(tiny_mode
             assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
             assert spy.calls == 0
             # a long prompt within the bound is tokenized on a worker thread, a short one inline
-            r = await http.post("/v1/completions", json={"prompt": "the " * 600})
+            long_prompt = "the " * 300
+            assert LONG_TEXT_CHARS < len(long_prompt) <= service.max_prompt_chars
+            r = await http.post("/v1/completions", json={"prompt": long_prompt})
             assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
             r = await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 200
