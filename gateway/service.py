@@ -191,8 +191,10 @@ class GenerationService:
             if len(inp.messages) >= limit:  # every message adds at least one token
                 raise ValueError(f"messages: {len(inp.messages)} messages cannot fit this model's {limit}-token "
                                  f"limit")
-            size = sum(len(r) + len(c) for r, c in inp.messages if isinstance(r, str) and isinstance(c, str))
-            field, cost = "messages", size + 32 * len(inp.messages)  # the template's work per message
+            # NOTE: contents only: a role is one of a few names (checked later, naming messages[i].role)
+            size = sum(len(c) for _, c in inp.messages if isinstance(c, str))
+            roles = sum(len(r) for r, _ in inp.messages if isinstance(r, str))
+            field, cost = "messages", size + roles + 32 * len(inp.messages)  # the template's work per message
         else:
             size = len(inp.prompt or "")
             field, cost = "prompt", size
