@@ -35,6 +35,19 @@ def _env(name: str, default):
     return os.environ.get(f"SLAI_GATEWAY_{name}", default)
 
 
+def _at_least(kind, low):
+    """An argparse type: ``kind`` values >= ``low`` (argparse names the flag in the error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=_env("SCHEDULER", "127.0.0.1:50061"),
                         help="scheduler address host:port (env SLAI_GATEWAY_SCHEDULER)")
@@ -71,6 +84,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-stall-timeout", type=float, default=float(_env("STREAM_STALL_TIMEOUT", 30.0)),
                         help="abort a request (freeing its KV) whose client took nothing for this many seconds "
                              "with its buffer full; 0 = never (env SLAI_GATEWAY_STREAM_STALL_TIMEOUT)")
+    # NOTE: string defaults go through ``type`` too, so a bad SLAI_GATEWAY_* value is named like a bad flag.
+    parser.add_argument("--max-body-bytes", type=_at_least(int, 1024), default=_env("MAX_BODY_BYTES", str(4 << 20)),
+                        help="largest HTTP request body and gRPC request message; larger gets 413 / "
+                             "RESOURCE_EXHAUSTED (env SLAI_GATEWAY_MAX_BODY_BYTES)")
+    parser.add_argument("--header-timeout", type=_at_least(float, 0.01), default=_env("HEADER_TIMEOUT", "10"),
+                        help="seconds an HTTP request's headers may take, then 408 and close "
+                             "(env SLAI_GATEWAY_HEADER_TIMEOUT)")
+    parser.add_argument("--body-timeout", type=_at_least(float, 0.01), default=_env("BODY_TIMEOUT", "30"),
+                        help="seconds an HTTP request's body may take after its headers, then 408 and close "
+                             "(env SLAI_GATEWAY_BODY_TIMEOUT)")
+    parser.add_argument("--max-connections", type=_at_least(int, 1), default=_env("MAX_CONNECTIONS", "2048"),
+                        help="open HTTP connections; one more gets 503 and is closed "
+                             "(env SLAI_GATEWAY_MAX_CONNECTIONS)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     service_auth.add_arguments(parser, listener=False)
 
@@ -89,7 +115,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout, default_tier=args.default_tier,
         health_interval_s=args.health_interval, stream_buffer_tokens=args.stream_buffer_tokens,
-        stream_stall_timeout_s=args.stream_stall_timeout,
+        stream_stall_timeout_s=args.stream_stall_timeout, max_body_bytes=args.max_body_bytes,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections,
         tiers=tiers, service_token=service_auth.read_service_token(args.service_token_file))
 
 

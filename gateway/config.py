@@ -64,6 +64,12 @@ class GatewayConfig:
     # NOTE: repr=False keeps the secret out of logs and tracebacks that print the config
     service_token: str = field(default="", repr=False, metadata={
         "help": "shared token sent on every scheduler call (wire.service_auth); '' = none"})
+    # transport limits (docs/gateway.md, "Transport limits")
+    max_body_bytes: int = field(default=4 << 20, metadata={"help": "largest HTTP body / gRPC message (413 / "
+                                                                     "RESOURCE_EXHAUSTED above)"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "an HTTP request's headers must arrive within"})
+    body_timeout_s: float = field(default=30.0, metadata={"help": "an HTTP body must arrive within, after headers"})
+    max_connections: int = field(default=2048, metadata={"help": "open HTTP connections before 503"})
 
     def __post_init__(self) -> None:
         parse_tier(self.default_tier)
@@ -81,6 +87,12 @@ class GatewayConfig:
             raise ValueError("stream_buffer_tokens must be >= 1")
         if not self.stream_stall_timeout_s >= 0:  # also rejects NaN
             raise ValueError("stream_stall_timeout_s must be >= 0 (0 = never abort)")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("header_timeout_s and body_timeout_s must be > 0")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         for name in TIER_NAMES:
             if name not in self.tiers:
                 raise ValueError(f"tier {name!r} has no policy")

@@ -244,7 +244,12 @@ def build_app(service: GenerationService, keys: KeyStore) -> FastAPI:
     add_metrics_route(app, service.metrics.registry)  # GET /metrics (Prometheus)
 
     async def read_json(request: Request) -> dict:
-        return parse_body(await request.body())
+        # NOTE: stream(), not body(): body() keeps its copy on the Request while the response
+        # streams. Its size is bounded before this (gateway.http_guard.BodyLimit).
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+        return parse_body(bytes(raw))
 
     @app.get("/health")
     async def health() -> JSONResponse:

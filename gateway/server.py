@@ -139,7 +139,9 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
     servicer = GatewayServicer(service, keys)
     grpc_server = await start_server(
         [lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME], config.grpc_address, serving=False)
+        [SERVICE_NAME], config.grpc_address, serving=False,
+        # a larger request fails RESOURCE_EXHAUSTED "Received message larger than max" before the servicer runs
+        options=[("grpc.max_receive_message_length", config.max_body_bytes)])
     running = RunningGateway(service=service, grpc_server=grpc_server, grpc_port=grpc_server.port, http_port=None)
     # health follows the scheduler's: SERVING only while it is (checked once now, then every interval)
     running.watcher = SchedulerWatcher(service.scheduler_health, service.readiness, grpc_server.set_serving,
@@ -149,6 +151,8 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
         import uvicorn
 
         from gateway.http_api import build_app
+        from gateway.http_guard import full_gateway_answer, guard_app
+        from gateway.http_transport import ConnectionLimits, protocol_class
 
         class _Server(uvicorn.Server):
             # NOTE: the gateway process owns SIGINT/SIGTERM (it drains gRPC too);
@@ -157,9 +161,17 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
             def capture_signals(self):
                 yield
 
-        app = build_app(service, keys)
+        # body limit and admission run before FastAPI; read deadlines and the connection
+        # limit in the protocol (docs/gateway.md, "Transport limits")
+        def rejected(tier) -> None:
+            service.metrics.record_request(tier, "rejected")
+
+        app = guard_app(build_app(service, keys), service.admission, keys, config.max_body_bytes, rejected)
+        limits = ConnectionLimits(config.header_timeout_s, config.body_timeout_s, config.max_connections)
+        protocol = protocol_class(limits, full_gateway_answer(service.admission, keys, rejected))
         sock = _bind_socket(config.http_host, config.http_port)
-        uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+        uv_config = uvicorn.Config(app, http=protocol, interface="asgi3", log_level="warning",
+                                   access_log=False, lifespan="off",
                                    timeout_graceful_shutdown=int(max(config.drain_timeout_s, 1)))
         http = _Server(uv_config)
         running._http_server = http

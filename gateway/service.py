@@ -12,8 +12,12 @@ The gateway keeps no request state beyond the calls in flight (for Abort).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
+import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -27,14 +31,24 @@ from wire.service_auth import call_metadata
 from telemetry.metrics import GatewayMetrics
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from wire import enums
+from gateway.admission import Admission, Slot, current_slot
 from gateway.config import GatewayConfig, TierPolicy
 from gateway.readiness import Readiness
 from gateway.stream_buffer import ABORTED, TokenBuffer
-from gateway.tokenizer import ModelTokenizer
+from gateway.tokenizer import LONG_TEXT_CHARS, ModelTokenizer
 from gateway.types import Delta, GenerationInput, Timings
 from gateway.validation import check_input, clip
 
 log = logging.getLogger(__name__)
+
+# Inputs up to this many characters are validated and tokenized on the event loop (under a
+# millisecond); longer ones on a worker thread, so a long prompt never stalls other streams.
+# docs/gateway.md ("Transport limits") has the measurements behind the number.
+INLINE_PREPARE_CHARS = LONG_TEXT_CHARS
+# Worker threads for long inputs: leave a core to the event loop (encode_batch releases the GIL).
+PREPARE_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
+# After an input this long, hand the tokenizer's freed scratch memory back to the OS (see _trim_heap).
+TRIM_AFTER_CHARS = 64 << 10
 
 # NOTE: wait_for_ready=False makes an RPC fail at once while the channel is in
 # TRANSIENT_FAILURE; these bound how long a connection attempt to a silent host
@@ -122,6 +136,11 @@ class GenerationService:
         self.metrics = GatewayMetrics()
         self.readiness = Readiness()  # kept by gateway.server's SchedulerWatcher; read by /health
         self._closing: str | None = None  # set by finish_in_flight: why every stream ends now
+        self.admission = Admission(config.max_concurrent_requests)
+        # A prompt longer than this cannot fit max_model_len tokens: no token is longer than
+        # max_token_chars characters. Checked before tokenizing, so rejecting it costs nothing.
+        self.max_prompt_chars = self.max_model_len * tokenizer.max_token_chars
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="gateway-prepare")
 
     @property
     def num_in_flight(self) -> int:
@@ -129,6 +148,7 @@ class GenerationService:
 
     async def close(self) -> None:
         await self._channel.close()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def scheduler_state(self) -> str:
         return self._channel.get_state(try_to_connect=True).name
@@ -157,6 +177,53 @@ class GenerationService:
         return len(self._in_flight)
 
     # ------------------------------------------------------------ validation
+    def check_input_size(self, inp: GenerationInput) -> int:
+        """Reject an input that cannot fit the model, without tokenizing it; its size in characters.
+
+        Cheap (no pass over the text), so it runs before the costly work and on the event loop.
+        """
+        limit = self.max_model_len
+        if inp.prompt_token_ids is not None:
+            n = len(inp.prompt_token_ids)
+            if n >= limit:
+                raise ValueError(f"prompt: {n} tokens; this model allows at most {limit - 1} prompt tokens "
+                                 f"({limit} in all)")
+            return n
+        if inp.messages is not None:
+            if len(inp.messages) >= limit:  # every message adds at least one token
+                raise ValueError(f"messages: {len(inp.messages)} messages cannot fit this model's {limit}-token "
+                                 f"limit")
+            # NOTE: contents only: a role is one of a few names (checked later, naming messages[i].role)
+            size = sum(len(c) for _, c in inp.messages if isinstance(c, str))
+            roles = sum(len(r) for r, _ in inp.messages if isinstance(r, str))
+            field, cost = "messages", size + roles + 32 * len(inp.messages)  # the template's work per message
+        else:
+            size = len(inp.prompt or "")
+            field, cost = "prompt", size
+        if size > self.max_prompt_chars:
+            raise ValueError(f"{field}: {size} characters cannot fit this model's {limit}-token limit (a token "
+                             f"has at most {self.tokenizer.max_token_chars} characters, so at most "
+                             f"{self.max_prompt_chars} characters)")
+        return cost
+
+    async def prepare_async(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
+        """:meth:`prepare` after the cheap size check; a long input is prepared on a worker thread."""
+        size = self.check_input_size(inp)
+        if size <= INLINE_PREPARE_CHARS:
+            return self.prepare(inp, tier)
+        loop = asyncio.get_running_loop()
+        prep = await loop.run_in_executor(self._prepare_pool, self._prepare_long, inp, tier, size)
+        if prep.request_id in self._in_flight:  # prepare checked it, but the loop ran on meanwhile
+            raise ValueError(f"request_id: {prep.request_id!r} is already in flight")
+        return prep
+
+    def _prepare_long(self, inp: GenerationInput, tier: TierPolicy, size: int) -> _Prepared:
+        try:
+            return self.prepare(inp, tier)
+        finally:
+            if size > TRIM_AFTER_CHARS:
+                _trim_heap()
+
     def prepare(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
         """Validate and tokenize; raises ValueError naming the offending field."""
         check_input(inp, self.model_name, self.max_model_len)
@@ -211,12 +278,13 @@ class GenerationService:
 
         ``carrier``: the caller's gRPC metadata or HTTP headers (trace context).
         """
-        # NOTE: admission first, before any tokenizing work (design habit 13).
-        if len(self._in_flight) >= self.config.max_concurrent_requests:
-            self.metrics.record_request(tier.tier, "rejected")
-            raise AdmissionRejected(f"gateway is full ({self.config.max_concurrent_requests} requests in flight)",
-                                    retry_after_s=1.0)
-        prep = self.prepare(inp, tier)
+        # NOTE: admission first, before any costly work (docs/gateway.md, "Transport limits").
+        slot = self._admit(tier)
+        try:
+            prep = await self.prepare_async(inp, tier)
+        except BaseException:
+            slot.release()
+            raise
         rid = prep.request_id
         self._in_flight[rid] = None
         self.metrics.in_flight.inc()
@@ -245,6 +313,7 @@ class GenerationService:
             raise
         finally:
             await stream.aclose()  # now, not at garbage collection: it cancels the Submit call
+            slot.release()
             self.metrics.in_flight.dec()
             self.metrics.record_request(tier.tier, outcome)
             t = last.timings if last is not None and last.timings is not None else None
@@ -253,6 +322,20 @@ class GenerationService:
                 completion_tokens=last.completion_tokens if last and last.finish_reason else None,
                 ttft_s=t.ttft_s if t else None, e2e_s=t.e2e_s if t else None, queue_s=t.queue_s if t else None,
                 max_tbt_s=t.max_tbt_s if t else None, num_preemptions=t.num_preemptions if t else None, error=error)
+
+    def _admit(self, tier: TierPolicy) -> Slot:
+        """The slot the HTTP front end took for this request, or a new one (gRPC)."""
+        slot = current_slot()
+        if slot is not None and not slot.claimed:
+            slot.claimed = True
+            return slot
+        try:
+            slot = self.admission.acquire()
+        except AdmissionRejected:
+            self.metrics.record_request(tier.tier, "rejected")
+            raise
+        slot.claimed = True
+        return slot
 
     async def _stream(self, prep: _Prepared, inp: GenerationInput, span) -> AsyncIterator[Delta]:
         rid = prep.request_id
@@ -384,3 +467,23 @@ class GenerationService:
                                           metadata=self._auth)
         except grpc.aio.AioRpcError as exc:
             raise scheduler_error(exc) from None
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _trim_heap() -> None:
+    """Return free heap memory to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    Tokenizing a long text allocates tens of MB of scratch (a 600 K-character prompt:
+    about 90 MB) that glibc keeps in its free lists, and in the worker thread's own
+    arena, after it is freed. Trimming takes about 10 ms, on the worker thread.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

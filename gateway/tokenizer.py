@@ -15,6 +15,7 @@ a stop string is held back, and a matched stop string is cut off.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +28,11 @@ REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens kept as decoding context: leading-space rules of SentencePiece-style
 # decoders depend on the previous token (vLLM uses the same 5).
 _INITIAL_CONTEXT = 5
+# A text longer than this is "long": the gateway prepares it on a worker thread (about 0.4 ms
+# to tokenize inline at this size; a thread hop costs about as much), and it is encoded with
+# encode_batch, which releases the GIL while it works (Tokenizer.encode holds it, so the event
+# loop would stall all the same). Both give the same ids.
+LONG_TEXT_CHARS = 1024
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -89,8 +95,19 @@ class ModelTokenizer:
         return cls(tokenizer=tokenizer, name=name or path.name, eos_token_ids=tuple(eos),
                    max_model_len=max_len or 2048, chat_template=template, special_tokens=special)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the vocabulary's longest token (special tokens included).
+
+        A text of more than ``n * max_token_chars`` characters encodes to more than ``n``
+        tokens (no token covers more text), which bounds a prompt before tokenizing it.
+        """
+        return max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
     # ------------------------------------------------------------ encode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

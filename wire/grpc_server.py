@@ -192,8 +192,9 @@ async def start_server(add_servicers: Iterable[Callable[[grpc.aio.Server], None]
     ``service_token``: require it on every RPC but health and reflection ("" = no check).
     """
     auth = [ServiceTokenInterceptor(service_token)] if service_token else []
-    server = grpc.aio.server(interceptors=[*auth, ErrorInterceptor(), *interceptors], options=[
-        ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), *options])
+    # NOTE: gRPC core keeps the first of two equal keys, so ``options`` must replace the defaults, not follow them.
+    merged = {"grpc.max_send_message_length": 64 << 20, "grpc.max_receive_message_length": 64 << 20, **dict(options)}
+    server = grpc.aio.server(interceptors=[*auth, ErrorInterceptor(), *interceptors], options=list(merged.items()))
     for add in add_servicers:
         add(server)
     health_servicer = health.aio.HealthServicer()
