@@ -118,7 +118,9 @@ class CostModel:
 
 PAPER_MODEL = CostModel(
     name="paper-rtx6000ada-mistral7b", a0_ms=23.4, a1_ms=6.95, b_ms_per_token=0.0912,
-    description="fit to the paper's Fig. 5(a): T = max(23.4, 6.95 + 0.0912 x tokens) ms, Mistral-7B fp16 on RTX 6000 Ada")
+    # NOTE: this label is part of `sim --json` output, kept byte-for-byte so results stay comparable
+    # across versions; "paper.md 10.2" names the authors' Fig. 5(a) fit of the RTX 6000 Ada step time.
+    description="paper.md 10.2: T = max(23.4, 6.95 + 0.0912 x tokens) ms, Mistral-7B fp16 on RTX 6000 Ada")
 
 BUILTIN_MODELS = {"paper": PAPER_MODEL}
 
