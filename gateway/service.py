@@ -12,111 +12,24 @@ The gateway keeps no request state beyond the calls in flight (for Abort).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import functools
 import logging
-import os
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import codec
-from telemetry import tracing
-from wire.grpc_server import AdmissionRejected
-from wire.service_auth import call_metadata
-from telemetry.metrics import GatewayMetrics
-from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from wire import enums
 from gateway.admission import Admission, Slot, current_slot
 from gateway.config import GatewayConfig, TierPolicy
+from gateway.prepare import Prepared, Preparer
 from gateway.readiness import Readiness
+from gateway.scheduler_client import SchedulerClient, TimingTracker, is_final, scheduler_error
 from gateway.stream_buffer import ABORTED, TokenBuffer
-from gateway.tokenizer import LONG_TEXT_CHARS, ModelTokenizer
-from gateway.types import Delta, GenerationInput, Timings
-from gateway.validation import check_input, clip
+from gateway.tokenizer import ModelTokenizer
+from gateway.types import Delta, GenerationInput
+from telemetry import tracing
+from telemetry.metrics import GatewayMetrics
+from wire.grpc_server import AdmissionRejected
 
 log = logging.getLogger(__name__)
-
-# Inputs up to this many characters are validated and tokenized on the event loop (under a
-# millisecond); longer ones on a worker thread, so a long prompt never stalls other streams.
-# docs/gateway.md ("Transport limits") has the measurements behind the number.
-INLINE_PREPARE_CHARS = LONG_TEXT_CHARS
-# Worker threads for long inputs: leave a core to the event loop (encode_batch releases the GIL).
-PREPARE_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
-# After an input this long, hand the tokenizer's freed scratch memory back to the OS (see _trim_heap).
-TRIM_AFTER_CHARS = 64 << 10
-
-# NOTE: wait_for_ready=False makes an RPC fail at once while the channel is in
-# TRANSIENT_FAILURE; these bound how long a connection attempt to a silent host
-# can take (the default connect timeout is 20 s) and how soon a restarted
-# scheduler is picked up again.
-SCHEDULER_CHANNEL_OPTIONS = (
-    ("grpc.min_reconnect_backoff_ms", 2000),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-)
-
-
-def scheduler_error(exc: grpc.aio.AioRpcError) -> Exception:
-    """Translate the scheduler's status into the gateway's exception of the same meaning."""
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        retry = 1.0
-        for key, value in (exc.trailing_metadata() or ()):
-            if key == "retry-after-s":
-                try:
-                    retry = float(value)
-                except ValueError:
-                    pass
-        return AdmissionRejected(f"scheduler is full: {details}", retry_after_s=retry)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ValueError(details)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ConnectionError(f"scheduler unavailable: {details}")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return LookupError(details)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        # the gateway's own configuration is wrong, not the client's request: a 503 naming the fix
-        log.error("the scheduler refused the gateway: %s", details)
-        return ConnectionError(f"scheduler unavailable: it refused this gateway's service token ({details}); "
-                               "give the gateway the scheduler's SLAI_SERVICE_TOKEN")
-    return RuntimeError(f"scheduler error {code.name}: {details}")
-
-
-@dataclass(slots=True)
-class _Prepared:
-    request_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    submit: scheduler_pb2.SubmitRequest
-
-
-class _TimingTracker:
-    """Rebuilds a request's timings from its token events (used when we stop it early)."""
-
-    def __init__(self) -> None:
-        self.arrival_s: float | None = None
-        self.last_s = 0.0
-        self.ttft_s = 0.0
-        self.max_tbt_s = 0.0
-
-    def on_event(self, ev: scheduler_pb2.TokenEvent) -> None:
-        if ev.ttft_s > 0 and self.arrival_s is None:
-            self.ttft_s = ev.ttft_s
-            self.arrival_s = ev.time_s - ev.ttft_s
-        self.max_tbt_s = max(self.max_tbt_s, ev.tbt_s)
-        if ev.time_s > 0:
-            self.last_s = ev.time_s
-
-    def timings(self) -> Timings:
-        e2e = self.last_s - self.arrival_s if self.arrival_s is not None else 0.0
-        return Timings(ttft_s=self.ttft_s, e2e_s=max(e2e, 0.0), max_tbt_s=self.max_tbt_s)
 
 
 class GenerationService:
@@ -128,43 +41,34 @@ class GenerationService:
         self.tokenizer = tokenizer
         self.model_name = config.model_name or tokenizer.name
         self.max_model_len = config.max_model_len or tokenizer.max_model_len
-        self._channel = channel or grpc.aio.insecure_channel(config.scheduler_address,
-                                                             options=SCHEDULER_CHANNEL_OPTIONS)
-        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
-        self._auth = call_metadata(config.service_token)  # proves to the scheduler that this is the gateway
+        self.scheduler = SchedulerClient(config, channel)
         self._in_flight: dict[str, grpc.aio.UnaryStreamCall | None] = {}
         self.metrics = GatewayMetrics()
         self.readiness = Readiness()  # kept by gateway.server's SchedulerWatcher; read by /health
         self._closing: str | None = None  # set by finish_in_flight: why every stream ends now
         self.admission = Admission(config.max_concurrent_requests)
-        # A prompt longer than this cannot fit max_model_len tokens: no token is longer than
-        # max_token_chars characters. Checked before tokenizing, so rejecting it costs nothing.
-        self.max_prompt_chars = self.max_model_len * tokenizer.max_token_chars
-        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="gateway-prepare")
+        self.preparer = Preparer(config, tokenizer, self.model_name, self.max_model_len,
+                                 in_flight=lambda rid: rid in self._in_flight)
 
     @property
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """Longest prompt, in characters, that could fit the model (checked before tokenizing)."""
+        return self.preparer.max_prompt_chars
+
     async def close(self) -> None:
-        await self._channel.close()
-        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        await self.scheduler.close()
+        self.preparer.close()
 
     def scheduler_state(self) -> str:
-        return self._channel.get_state(try_to_connect=True).name
+        return self.scheduler.state()
 
     async def scheduler_health(self, timeout_s: float = 1.0) -> tuple[bool, str]:
         """``(True, "")`` if the scheduler's grpc.health.v1 says SERVING, else ``(False, why)``."""
-        address = self.config.scheduler_address
-        try:
-            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s, wait_for_ready=False)
-        except grpc.aio.AioRpcError as exc:
-            return False, f"scheduler {address} is unreachable ({exc.code().name}: {exc.details()})"
-        if resp.status != health_pb2.HealthCheckResponse.SERVING:
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-            return False, f"scheduler {address} reports {status} (no executor ready?)"
-        return True, ""
+        return await self.scheduler.health(timeout_s)
 
     def finish_in_flight(self, reason: str) -> int:
         """End every request in flight now with ``ConnectionError(reason)`` (gRPC UNAVAILABLE, HTTP 503 or an
@@ -176,101 +80,9 @@ class GenerationService:
                 call.cancel()
         return len(self._in_flight)
 
-    # ------------------------------------------------------------ validation
-    def check_input_size(self, inp: GenerationInput) -> int:
-        """Reject an input that cannot fit the model, without tokenizing it; its size in characters.
-
-        Cheap (no pass over the text), so it runs before the costly work and on the event loop.
-        """
-        limit = self.max_model_len
-        if inp.prompt_token_ids is not None:
-            n = len(inp.prompt_token_ids)
-            if n >= limit:
-                raise ValueError(f"prompt: {n} tokens; this model allows at most {limit - 1} prompt tokens "
-                                 f"({limit} in all)")
-            return n
-        if inp.messages is not None:
-            if len(inp.messages) >= limit:  # every message adds at least one token
-                raise ValueError(f"messages: {len(inp.messages)} messages cannot fit this model's {limit}-token "
-                                 f"limit")
-            # NOTE: contents only: a role is one of a few names (checked later, naming messages[i].role)
-            size = sum(len(c) for _, c in inp.messages if isinstance(c, str))
-            roles = sum(len(r) for r, _ in inp.messages if isinstance(r, str))
-            field, cost = "messages", size + roles + 32 * len(inp.messages)  # the template's work per message
-        else:
-            size = len(inp.prompt or "")
-            field, cost = "prompt", size
-        if size > self.max_prompt_chars:
-            raise ValueError(f"{field}: {size} characters cannot fit this model's {limit}-token limit (a token "
-                             f"has at most {self.tokenizer.max_token_chars} characters, so at most "
-                             f"{self.max_prompt_chars} characters)")
-        return cost
-
-    async def prepare_async(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
-        """:meth:`prepare` after the cheap size check; a long input is prepared on a worker thread."""
-        size = self.check_input_size(inp)
-        if size <= INLINE_PREPARE_CHARS:
-            return self.prepare(inp, tier)
-        loop = asyncio.get_running_loop()
-        prep = await loop.run_in_executor(self._prepare_pool, self._prepare_long, inp, tier, size)
-        if prep.request_id in self._in_flight:  # prepare checked it, but the loop ran on meanwhile
-            raise ValueError(f"request_id: {prep.request_id!r} is already in flight")
-        return prep
-
-    def _prepare_long(self, inp: GenerationInput, tier: TierPolicy, size: int) -> _Prepared:
-        try:
-            return self.prepare(inp, tier)
-        finally:
-            if size > TRIM_AFTER_CHARS:
-                _trim_heap()
-
-    def prepare(self, inp: GenerationInput, tier: TierPolicy) -> _Prepared:
-        """Validate and tokenize; raises ValueError naming the offending field."""
-        check_input(inp, self.model_name, self.max_model_len)
-        if inp.messages is not None:
-            try:
-                prompt_ids = self.tokenizer.encode_chat([{"role": r, "content": c} for r, c in inp.messages])
-            except ValueError:
-                raise
-            except Exception as exc:  # jinja2 TemplateError from raise_exception in the template
-                raise ValueError(f"messages: {exc}") from exc
-        elif inp.prompt_token_ids is not None:
-            prompt_ids = list(inp.prompt_token_ids)
-            vocab = self.tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
-            if any(not 0 <= t < vocab for t in prompt_ids):
-                raise ValueError(f"prompt: token ids must be in [0, {vocab})")
-        else:
-            if not inp.prompt:
-                raise ValueError("prompt: must not be empty")
-            prompt_ids = self.tokenizer.encode(inp.prompt)
-        if not prompt_ids:
-            raise ValueError("prompt: must not be empty (it encodes to no tokens)")
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            field = "messages" if inp.messages is not None else "prompt"
-            raise ValueError(f"{field}: {len(prompt_ids)} tokens; this model allows at most "
-                             f"{self.max_model_len - 1} prompt tokens ({self.max_model_len} in all)")
-        if inp.max_tokens < 0:
-            raise ValueError(f"max_tokens: must be >= 1, got {inp.max_tokens}")
-        if inp.max_tokens == 0:
-            max_tokens = min(self.config.default_max_tokens, room)
-        elif inp.max_tokens > room:
-            raise ValueError(f"max_tokens: {inp.max_tokens} plus {len(prompt_ids)} prompt tokens exceeds the "
-                             f"model's {self.max_model_len}-token limit (at most {room} here)")
-        else:
-            max_tokens = inp.max_tokens
-        request_id = inp.request_id or f"gw-{uuid.uuid4().hex}"
-        if request_id in self._in_flight:
-            raise ValueError(f"request_id: {clip(request_id)} is already in flight")
-        sampling = common_pb2.SamplingParams(
-            temperature=inp.temperature, top_p=inp.top_p, top_k=inp.top_k,
-            stop_token_ids=self.tokenizer.eos_token_ids, ignore_eos=inp.ignore_eos)
-        if inp.seed is not None:
-            sampling.seed = inp.seed
-        submit = scheduler_pb2.SubmitRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
-            tier=enums.TIER_TO_PB[tier.tier], tbt_slo_s=tier.tbt_slo_s, ttft_slo_s=tier.ttft_slo_s)
-        return _Prepared(request_id, prompt_ids, max_tokens, submit)
+    def prepare(self, inp: GenerationInput, tier: TierPolicy) -> Prepared:
+        """Validate and tokenize on this thread; raises ValueError naming the offending field."""
+        return self.preparer.prepare(inp, tier)
 
     # ------------------------------------------------------------ streaming
     async def generate(self, inp: GenerationInput, tier: TierPolicy, carrier=None) -> AsyncIterator[Delta]:
@@ -281,7 +93,7 @@ class GenerationService:
         # NOTE: admission first, before any costly work (docs/gateway.md, "Transport limits").
         slot = self._admit(tier)
         try:
-            prep = await self.prepare_async(inp, tier)
+            prep = await self.preparer.prepare_async(inp, tier)
         except BaseException:
             slot.release()
             raise
@@ -337,10 +149,10 @@ class GenerationService:
         slot.claimed = True
         return slot
 
-    async def _stream(self, prep: _Prepared, inp: GenerationInput, span) -> AsyncIterator[Delta]:
+    async def _stream(self, prep: Prepared, inp: GenerationInput, span) -> AsyncIterator[Delta]:
         rid = prep.request_id
         text = self.tokenizer.detokenizer(prep.prompt_ids, list(inp.stop))
-        tracker = _TimingTracker()
+        tracker = TimingTracker()
         call = None
         reader = None
         finished = False
@@ -348,9 +160,7 @@ class GenerationService:
         try:
             if self._closing is not None:
                 raise ConnectionError(self._closing)
-            call = self._stub.Submit(prep.submit, timeout=self.config.request_timeout_s, wait_for_ready=False,
-                                     metadata=call_metadata(self.config.service_token,
-                                                            tracing.grpc_metadata(span)))
+            call = self.scheduler.submit(prep.submit, self.config.request_timeout_s, tracing.grpc_metadata(span))
             self._in_flight[rid] = call
             # NOTE: reading the Submit stream in its own task keeps a client that stops reading from
             # holding the request open without bound: the reader stops at a full buffer and aborts the
@@ -385,13 +195,9 @@ class GenerationService:
                     yield Delta(rid, delta_text, tuple(ids), "abort", len(prep.prompt_ids), text.num_tokens,
                                 tracker.timings())
                     return
-                ev = end
-                timings = codec.timings_from_pb(ev.timings) if ev.HasField("timings") else tracker.timings()
-                if timings.ttft_s == 0 and timings.e2e_s == 0:
-                    timings = tracker.timings()
-                completion = ev.usage.completion_tokens if ev.HasField("usage") else text.num_tokens
-                yield Delta(rid, delta_text, tuple(ids), enums.FINISH_FROM_PB[ev.finish_reason],
-                            len(prep.prompt_ids), completion or text.num_tokens, timings)
+                reason, completion, timings = tracker.final(end)
+                yield Delta(rid, delta_text, tuple(ids), reason, len(prep.prompt_ids),
+                            completion or text.num_tokens, timings)
                 return
         finally:
             if reader is not None:
@@ -403,12 +209,12 @@ class GenerationService:
                 call.cancel()
 
     async def _read(self, rid: str, call: grpc.aio.UnaryStreamCall, buf: TokenBuffer,
-                    tracker: _TimingTracker) -> None:
+                    tracker: TimingTracker) -> None:
         """Pull ``call``'s events into ``buf`` until the stream ends or the client stalls."""
         try:
             async for ev in call:
                 tracker.on_event(ev)
-                if ev.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                if is_final(ev):
                     buf.close(ev, ev.token_ids)
                     return
                 buf.push(ev.token_ids)
@@ -444,13 +250,7 @@ class GenerationService:
         asyncio.get_running_loop().create_task(self._send_abort(rid))
 
     async def _send_abort(self, rid: str) -> bool:
-        try:
-            resp = await self._stub.Abort(scheduler_pb2.AbortRequest(request_id=rid), timeout=2.0,
-                                          wait_for_ready=False, metadata=self._auth)
-            return resp.found
-        except grpc.aio.AioRpcError as exc:
-            log.debug("abort of %s failed: %s", rid, exc.code())
-            return False
+        return await self.scheduler.abort(rid)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request (the local stream if it runs here, and at the scheduler)."""
@@ -461,29 +261,6 @@ class GenerationService:
         upstream = await self._send_abort(request_id)
         return local or upstream
 
-    async def stats(self) -> scheduler_pb2.StatsResponse:
-        try:
-            return await self._stub.Stats(scheduler_pb2.StatsRequest(), timeout=2.0, wait_for_ready=False,
-                                          metadata=self._auth)
-        except grpc.aio.AioRpcError as exc:
-            raise scheduler_error(exc) from None
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _trim_heap() -> None:
-    """Return free heap memory to the OS (glibc ``malloc_trim``; elsewhere nothing).
-
-    Tokenizing a long text allocates tens of MB of scratch (a 600 K-character prompt:
-    about 90 MB) that glibc keeps in its free lists, and in the worker thread's own
-    arena, after it is freed. Trimming takes about 10 ms, on the worker thread.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    async def stats(self):
+        """The scheduler's ``StatsResponse``."""
+        return await self.scheduler.stats()

@@ -18,6 +18,7 @@ import grpc
 
 from wire import executor_codec
 from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+from wire.grpc_server import message_size_options
 from wire.service_auth import call_metadata
 from contract.executor_info import ExecutorInfo
 
@@ -47,8 +48,7 @@ class ExecutorClient:
     async def connect(self, max_num_blocks: int | None, max_batch_tokens: int) -> ExecutorInfo:
         """Open a channel, check Info, drop stale state, warm up; returns the KV geometry."""
         await self.close()
-        self._channel = grpc.aio.insecure_channel(self.address, options=[
-            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self._channel = grpc.aio.insecure_channel(self.address, options=message_size_options())
         self._stub = executor_pb2_grpc.ExecutorServiceStub(self._channel)
         try:
             meta = self._metadata

@@ -107,7 +107,9 @@ async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[s
     collector = MetricsCollector()
     errors: Counter = Counter()
     records: list[dict] = []
-    channel = grpc.aio.insecure_channel(gateway, options=[("grpc.max_receive_message_length", 64 << 20)])
+    from wire.grpc_server import message_size_options
+
+    channel = grpc.aio.insecure_channel(gateway, options=message_size_options())
     stub = gateway_pb2_grpc.GatewayServiceStub(channel)
     meta = {t: (("authorization", f"Bearer {k}"),) if k else None for t, k in keys.items()}
     t0 = time.monotonic() + 0.2  # a little slack to build the first requests

@@ -28,6 +28,17 @@ from wire.service_auth import ServiceTokenInterceptor
 log = logging.getLogger(__name__)
 
 
+# The largest gRPC message any of our services sends or accepts by default: a 64 Ki-token plan or
+# prompt is ~0.3 MB, so this leaves room for long prompts while bounding a malformed peer.
+# The gateway's public receive limit is its --max-body-bytes instead.
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+def message_size_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel/server options that set both directions' message size limit."""
+    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+
+
 class AdmissionRejected(Exception):
     """The service is full; the client should retry after ``retry_after_s``."""
 
@@ -193,7 +204,7 @@ async def start_server(add_servicers: Iterable[Callable[[grpc.aio.Server], None]
     """
     auth = [ServiceTokenInterceptor(service_token)] if service_token else []
     # NOTE: gRPC core keeps the first of two equal keys, so ``options`` must replace the defaults, not follow them.
-    merged = {"grpc.max_send_message_length": 64 << 20, "grpc.max_receive_message_length": 64 << 20, **dict(options)}
+    merged = {**dict(message_size_options()), **dict(options)}
     server = grpc.aio.server(interceptors=[*auth, ErrorInterceptor(), *interceptors], options=list(merged.items()))
     for add in add_servicers:
         add(server)

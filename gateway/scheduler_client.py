@@ -1,0 +1,162 @@
+"""The gateway's side of the gateway <-> scheduler boundary: one channel, its calls, and the only place
+the gateway reads or builds scheduler protobuf (``SubmitRequest`` out, ``TokenEvent`` in).
+
+The scheduler's side of the same messages is ``scheduler_svc/submit_codec.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway import codec
+from gateway.config import GatewayConfig, TierPolicy
+from gateway.types import GenerationInput, Timings
+from wire import enums
+from wire.grpc_server import AdmissionRejected, message_size_options
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from wire.service_auth import call_metadata
+
+log = logging.getLogger(__name__)
+
+# NOTE: wait_for_ready=False makes an RPC fail at once while the channel is in
+# TRANSIENT_FAILURE; these bound how long a connection attempt to a silent host
+# can take (the default connect timeout is 20 s) and how soon a restarted
+# scheduler is picked up again.
+SCHEDULER_CHANNEL_OPTIONS = (
+    ("grpc.min_reconnect_backoff_ms", 2000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    *message_size_options(),
+)
+
+
+def scheduler_error(exc: grpc.aio.AioRpcError) -> Exception:
+    """Translate the scheduler's status into the gateway's exception of the same meaning."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry = 1.0
+        for key, value in (exc.trailing_metadata() or ()):
+            if key == "retry-after-s":
+                try:
+                    retry = float(value)
+                except ValueError:
+                    pass
+        return AdmissionRejected(f"scheduler is full: {details}", retry_after_s=retry)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(details)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ConnectionError(f"scheduler unavailable: {details}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return LookupError(details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        # the gateway's own configuration is wrong, not the client's request: a 503 naming the fix
+        log.error("the scheduler refused the gateway: %s", details)
+        return ConnectionError(f"scheduler unavailable: it refused this gateway's service token ({details}); "
+                               "give the gateway the scheduler's SLAI_SERVICE_TOKEN")
+    return RuntimeError(f"scheduler error {code.name}: {details}")
+
+
+def submit_request(request_id: str, prompt_ids: list[int], max_tokens: int, inp: GenerationInput,
+                   tier: TierPolicy, eos_token_ids) -> scheduler_pb2.SubmitRequest:
+    """The ``SubmitRequest`` for a validated, tokenized input; the tier's objectives ride along."""
+    sampling = common_pb2.SamplingParams(
+        temperature=inp.temperature, top_p=inp.top_p, top_k=inp.top_k,
+        stop_token_ids=eos_token_ids, ignore_eos=inp.ignore_eos)
+    if inp.seed is not None:
+        sampling.seed = inp.seed
+    return scheduler_pb2.SubmitRequest(
+        request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
+        tier=enums.TIER_TO_PB[tier.tier], tbt_slo_s=tier.tbt_slo_s, ttft_slo_s=tier.ttft_slo_s)
+
+
+def is_final(ev: scheduler_pb2.TokenEvent) -> bool:
+    """The event that ends a request's stream (it carries the finish reason, usage and timings)."""
+    return ev.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+class TimingTracker:
+    """Rebuilds a request's timings from its token events (used when the gateway stops it early)."""
+
+    def __init__(self) -> None:
+        self.arrival_s: float | None = None
+        self.last_s = 0.0
+        self.ttft_s = 0.0
+        self.max_tbt_s = 0.0
+
+    def on_event(self, ev: scheduler_pb2.TokenEvent) -> None:
+        if ev.ttft_s > 0 and self.arrival_s is None:
+            self.ttft_s = ev.ttft_s
+            self.arrival_s = ev.time_s - ev.ttft_s
+        self.max_tbt_s = max(self.max_tbt_s, ev.tbt_s)
+        if ev.time_s > 0:
+            self.last_s = ev.time_s
+
+    def timings(self) -> Timings:
+        e2e = self.last_s - self.arrival_s if self.arrival_s is not None else 0.0
+        return Timings(ttft_s=self.ttft_s, e2e_s=max(e2e, 0.0), max_tbt_s=self.max_tbt_s)
+
+    def final(self, ev: scheduler_pb2.TokenEvent) -> tuple[str, int | None, Timings]:
+        """``(finish reason, completion tokens or None, timings)`` of a final event; the tracker's own
+        timings where the event carries none."""
+        timings = codec.timings_from_pb(ev.timings) if ev.HasField("timings") else self.timings()
+        if timings.ttft_s == 0 and timings.e2e_s == 0:
+            timings = self.timings()
+        completion = ev.usage.completion_tokens if ev.HasField("usage") else None
+        return enums.FINISH_FROM_PB[ev.finish_reason], completion, timings
+
+
+class SchedulerClient:
+    """The gateway's channel to its scheduler. Every call carries the service token."""
+
+    def __init__(self, config: GatewayConfig, channel: grpc.aio.Channel | None = None) -> None:
+        self.address = config.scheduler_address
+        self._channel = channel or grpc.aio.insecure_channel(config.scheduler_address,
+                                                             options=SCHEDULER_CHANNEL_OPTIONS)
+        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        self._token = config.service_token
+        self._auth = call_metadata(config.service_token)  # proves to the scheduler that this is the gateway
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def state(self) -> str:
+        """The channel's connectivity state (``READY``, ``TRANSIENT_FAILURE``, ...)."""
+        return self._channel.get_state(try_to_connect=True).name
+
+    def submit(self, msg: scheduler_pb2.SubmitRequest, timeout_s: float,
+               trace_metadata=()) -> grpc.aio.UnaryStreamCall:
+        """Start a request; the call streams its ``TokenEvent`` messages. Cancelling it aborts the request."""
+        return self._stub.Submit(msg, timeout=timeout_s, wait_for_ready=False,
+                                 metadata=call_metadata(self._token, tuple(trace_metadata or ())))
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request at the scheduler; True if it was running there."""
+        try:
+            resp = await self._stub.Abort(scheduler_pb2.AbortRequest(request_id=request_id), timeout=2.0,
+                                          wait_for_ready=False, metadata=self._auth)
+            return resp.found
+        except grpc.aio.AioRpcError as exc:
+            log.debug("abort of %s failed: %s", request_id, exc.code())
+            return False
+
+    async def stats(self) -> scheduler_pb2.StatsResponse:
+        try:
+            return await self._stub.Stats(scheduler_pb2.StatsRequest(), timeout=2.0, wait_for_ready=False,
+                                          metadata=self._auth)
+        except grpc.aio.AioRpcError as exc:
+            raise scheduler_error(exc) from None
+
+    async def health(self, timeout_s: float = 1.0) -> tuple[bool, str]:
+        """``(True, "")`` if the scheduler's grpc.health.v1 says SERVING, else ``(False, why)``."""
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s, wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            return False, f"scheduler {self.address} is unreachable ({exc.code().name}: {exc.details()})"
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            return False, f"scheduler {self.address} reports {status} (no executor ready?)"
+        return True, ""
