@@ -17,11 +17,10 @@ non-loopback ``--host`` needs ``--insecure-no-auth`` (wire/service_auth.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from wire import service_auth
-from wire.grpc_server import wait_for_stop_signal
+from wire.service_main import run_service, serve_until_signal
 
 log = logging.getLogger("executor_svc")
 
@@ -92,20 +91,12 @@ async def _main(args: argparse.Namespace) -> int:
     log.info("executor serving on %s: model=%s device=%s dtype=%s backend=%s blocks=%d x %d",
              address if args.uds else f"{args.host}:{srv.port}", info.model, info.device, info.dtype,
              info.attention_backend, servicer.state.num_blocks, info.block_size)
-    await wait_for_stop_signal()
-    log.info("draining (%.1f s)", args.grace_s)
-    await srv.stop(args.grace_s)
-    tracing.shutdown_tracing()
+    await serve_until_signal(lambda: srv.stop(args.grace_s), log, args.grace_s)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        return asyncio.run(_main(args))
-    except ValueError as exc:  # bad configuration (e.g. the service token or its exposure): fail fast with the message
-        log.error("%s", exc)
-        return 2
+    return run_service(args.log_level, lambda: _main(args), log)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ with a "gateway is shutting down" error. Health follows the scheduler's (checked
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import os
 import sys
 
 from wire import service_auth
-from wire.grpc_server import wait_for_stop_signal
+from wire.service_main import run_service, serve_until_signal
 from gateway.auth import open_store
 from gateway.config import GatewayConfig, default_tier_policies
 from gateway.key_file import ReloadingKeyStore
@@ -150,10 +149,7 @@ async def serve(config: GatewayConfig, api_keys: str = "") -> None:
     log.info("gateway up: gRPC :%d, HTTP %s, model %s (max_model_len %d), scheduler %s, keys %s",
              running.grpc_port, running.http_port, service.model_name, service.max_model_len,
              config.scheduler_address, "on" if keys.enabled else "off")
-    await wait_for_stop_signal()
-    log.info("draining (%.0f s)", config.drain_timeout_s)
-    await running.stop(config.drain_timeout_s)
-    tracing.shutdown_tracing()
+    await serve_until_signal(lambda: running.stop(config.drain_timeout_s), log, config.drain_timeout_s)
 
 
 def _warn_exposure(log: logging.Logger, config: GatewayConfig, keys_enabled: bool) -> None:
@@ -169,15 +165,13 @@ def _warn_exposure(log: logging.Logger, config: GatewayConfig, keys_enabled: boo
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:  # a bad flag value or configuration (e.g. the service token): say which
-        logging.getLogger("gateway").error("%s", exc)
-        return 2
-    config = dataclasses.replace(config, model_dir=resolve_model_dir(config.model_dir))
-    asyncio.run(serve(config, args.api_keys))
-    return 0
+    async def main() -> int:
+        config = config_from_args(args)  # a bad flag value or configuration (e.g. the service token): exit 2
+        config = dataclasses.replace(config, model_dir=resolve_model_dir(config.model_dir))
+        await serve(config, args.api_keys)
+        return 0
+
+    return run_service(args.log_level, main, logging.getLogger("gateway"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,11 +17,10 @@ too; without one a non-loopback ``--host`` needs ``--insecure-no-auth``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from wire import service_auth
-from wire.grpc_server import wait_for_stop_signal
+from wire.service_main import run_service, serve_until_signal
 from scheduler_svc.config import ROUTINGS, ServiceConfig
 from scheduler_svc.core.policies.registry import POLICIES
 
@@ -96,21 +95,17 @@ async def _main(args: argparse.Namespace) -> int:
     srv, dispatcher = await serve(config, address, metrics=metrics)
     log.info("scheduler (%s, routing %s) on %s, executors %s", config.policy, config.routing,
              address if args.uds else f"{args.host}:{srv.port}", ", ".join(config.executors))
-    await wait_for_stop_signal()
-    log.info("draining (%.1f s)", args.grace_s)
-    await srv.stop(args.grace_s)
-    await dispatcher.close()
-    tracing.shutdown_tracing()
+
+    async def stop() -> None:
+        await srv.stop(args.grace_s)
+        await dispatcher.close()
+
+    await serve_until_signal(stop, log, args.grace_s)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        return asyncio.run(_main(args))
-    except ValueError as exc:  # bad configuration: fail fast with the message
-        log.error("%s", exc)
-        return 2
+    return run_service(args.log_level, lambda: _main(args), log)
 
 
 if __name__ == "__main__":

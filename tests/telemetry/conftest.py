@@ -69,7 +69,9 @@ class TracedStack:
 # every paying TBT sample misses its deadline (deterministic SLO metrics); the free one is never missed. "Far":
 # tokens are stamped when the scheduler handles a result, and with planning ahead (the default) a result
 # handled a few ms late is followed by the next one sooner than a full step.
-PAYING_TBT_S, FREE_TBT_S = 0.005, 0.5
+# NOTE: paying below any step (every gap misses), free far above one (a miss needs a stall of seconds,
+# so a loaded CI machine does not turn the attainment checks into a timing test)
+PAYING_TBT_S, FREE_TBT_S = 0.005, 2.0
 STACK_KEYS = {"paying": "k-pay", "free": "k-free"}
 
 

@@ -118,7 +118,7 @@ def test_metrics_of_all_three_services_after_requests(traced_stack):
     assert PAYING_TBT_S < STEP_FLOOR_S < FREE_TBT_S
     assert sched.get(N.M_TBT_DEADLINE_MISSES + "_total", tier="paying") == paying_samples  # every gap > 5 ms
     free_misses = sched.get(N.M_TBT_DEADLINE_MISSES + "_total", tier="free")
-    assert free_misses <= 0.1 * free_samples  # a 0.5 s gap takes a badly stalled machine
+    assert free_misses <= 0.1 * free_samples  # a 2 s gap takes a badly stalled machine
     assert sched.get(N.M_TBT_SLO_ATTAINMENT_CUMULATIVE, tier="paying") == 0.0
     assert sched.get(N.M_TBT_SLO_ATTAINMENT_CUMULATIVE, tier="free") == pytest.approx(1 - free_misses / free_samples)
     assert sched.get(N.M_TBT_SLO_ATTAINMENT, tier="paying") == 0.0  # sliding window: same traffic
