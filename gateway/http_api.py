@@ -277,11 +277,12 @@ def build_app(service: GenerationService, keys: KeyStore) -> FastAPI:
             body = await read_json(request)
             inp = parse_chat(body) if chat else parse_completion(body)
             stream, include_usage = parse_stream(body)
+            with_ids = _get(body, "return_token_ids", (bool,), False)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             return error_response(exc)
         if stream:
-            return await _stream(service, inp, tier, chat, include_usage, request.headers)
-        return await _complete(service, inp, tier, chat, request.headers)
+            return await _stream(service, inp, tier, chat, include_usage, request.headers, with_ids)
+        return await _complete(service, inp, tier, chat, request.headers, with_ids)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -300,12 +301,14 @@ def _usage(d: Delta) -> dict:
 
 
 async def _complete(service: GenerationService, inp: GenerationInput, tier: TierPolicy, chat: bool,
-                    headers=None) -> Response:
+                    headers=None, with_ids: bool = False) -> Response:
     parts: list[str] = []
+    ids: list[int] = []
     last: Delta | None = None
     try:
         async for d in service.generate(inp, tier, headers):
             parts.append(d.text)
+            ids.extend(d.token_ids)
             last = d
     except Exception as exc:  # noqa: BLE001
         return error_response(exc)
@@ -317,13 +320,15 @@ async def _complete(service: GenerationService, inp: GenerationInput, tier: Tier
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": finish}
-        return JSONResponse({**base, "object": "chat.completion", "choices": [choice]})
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    return JSONResponse({**base, "object": "text_completion", "choices": [choice]})
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if with_ids:
+        choice["token_ids"] = ids
+    return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion", "choices": [choice]})
 
 
 async def _stream(service: GenerationService, inp: GenerationInput, tier: TierPolicy, chat: bool,
-                  include_usage: bool, headers=None) -> Response:
+                  include_usage: bool, headers=None, with_ids: bool = False) -> Response:
     agen = service.generate(inp, tier, headers)
     try:
         first = await agen.__anext__()
@@ -343,9 +348,13 @@ async def _stream(service: GenerationService, inp: GenerationInput, tier: TierPo
     def choice(d: Delta) -> dict:
         finish = FINISH_TO_OPENAI.get(d.finish_reason, d.finish_reason) if d.finish_reason else None
         if chat:
-            return {"index": 0, "delta": {"content": d.text} if d.text else {}, "logprobs": None,
-                    "finish_reason": finish}
-        return {"index": 0, "text": d.text, "logprobs": None, "finish_reason": finish}
+            out = {"index": 0, "delta": {"content": d.text} if d.text else {}, "logprobs": None,
+                   "finish_reason": finish}
+        else:
+            out = {"index": 0, "text": d.text, "logprobs": None, "finish_reason": finish}
+        if with_ids:
+            out["token_ids"] = list(d.token_ids)
+        return out
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -354,7 +363,7 @@ async def _stream(service: GenerationService, inp: GenerationInput, tier: TierPo
                               "finish_reason": None}])
             d: Delta | None = first
             while d is not None:
-                if d.text or d.finish_reason:
+                if d.text or d.finish_reason or (with_ids and d.token_ids):
                     yield event([choice(d)])
                 if d.finish_reason:
                     if include_usage:

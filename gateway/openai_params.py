@@ -99,6 +99,8 @@ ROWS: tuple[Param, ...] = (
     Param("top_k", _BOTH, HONOURED, note="vLLM extra; 0 or -1 = disabled"),
     Param("ignore_eos", _BOTH, HONOURED, note="vLLM extra"),
     Param("request_id", _BOTH, HONOURED, note="vLLM extra; <= 128 characters of letters, digits and ._:@/+=~-"),
+    Param("return_token_ids", _BOTH, HONOURED, check=_boolean,
+          note="vLLM extra; each choice (and each streamed chunk) also carries its generated token_ids"),
     # ---- ignored: cannot change the output
     Param("user", _BOTH, IGNORED, check=_identifier, note="end-user identifier for the provider's abuse tracking"),
     Param("safety_identifier", _BOTH, IGNORED, check=_identifier, note="the newer name of user"),
@@ -155,7 +157,6 @@ ROWS: tuple[Param, ...] = (
     Param("guided_grammar", _BOTH, UNSUPPORTED),
     Param("priority", _BOTH, UNSUPPORTED, (0,), note="priority comes from the API key's tier"),
     Param("return_tokens_as_token_ids", _BOTH, UNSUPPORTED, (False,)),
-    Param("return_token_ids", _BOTH, UNSUPPORTED, (False,)),
     Param("cache_salt", _BOTH, UNSUPPORTED),
     Param("kv_transfer_params", _BOTH, UNSUPPORTED),
     Param("vllm_xargs", _BOTH, UNSUPPORTED),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -166,3 +167,23 @@ async def test_http_client_disconnect_aborts_upstream(stack):
     await stack.fake.wait_until(lambda: bool(stack.fake.cancelled))
     assert len(stack.fake.cancelled) == 1
     assert EOS_ID not in stack.fake.submits[-1].prompt_token_ids
+
+
+async def test_return_token_ids_streamed_and_not(stack):
+    """vLLM's return_token_ids: every token the scheduler sent reaches the client, once, in order."""
+    reply = stack.fake.reply_ids
+    body = {"prompt": "hi", "max_tokens": 12, "ignore_eos": True, "return_token_ids": True, "temperature": 0}
+    async with httpx.AsyncClient(base_url=stack.http_base, timeout=30) as http:
+        r = await http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == [reply[i % len(reply)] for i in range(12)]
+        ids = []
+        async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    ids.extend(json.loads(line[6:])["choices"][0]["token_ids"])
+        assert ids == [reply[i % len(reply)] for i in range(12)]
+        plain = await http.post("/v1/completions", json={**body, "return_token_ids": False})
+        assert "token_ids" not in plain.json()["choices"][0]
+        bad = await http.post("/v1/completions", json={**body, "return_token_ids": 1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "return_token_ids"
