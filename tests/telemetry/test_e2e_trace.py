@@ -66,6 +66,18 @@ class TraceView:
     def children_of(self, span) -> list:
         return [(svc, s) for svc, s in self.all if s.trace_id == span.trace_id and s.parent_span_id == span.span_id]
 
+    def reaches(self, client_span_id: bytes) -> bool:
+        """The gateway span's parent chain has arrived, up to the client's span (HTTP's server spans end,
+        and are exported, after the gateway's own)."""
+        found = [s for _, s in self.in_trace if s.name == N.SPAN_GATEWAY_REQUEST]
+        if not found:
+            return False
+        by_id = {s.span_id: s for _, s in self.in_trace}
+        node = found[0]
+        while node.parent_span_id in by_id:
+            node = by_id[node.parent_span_id]
+        return node.parent_span_id == client_span_id
+
     def complete(self) -> bool:
         names = {s.name for _, s in self.in_trace}
         if not {N.SPAN_GATEWAY_REQUEST, N.SPAN_SCHEDULER_REQUEST} <= names:
@@ -165,7 +177,8 @@ def test_http_request_continues_the_traceparent_header(traced_stack):
     body = resp.json()
     assert body["usage"]["completion_tokens"] == MAX_TOKENS
 
-    spans = traced_stack.wait_for_spans(lambda got: TraceView(got, trace_id).complete())
+    spans = traced_stack.wait_for_spans(
+        lambda got: TraceView(got, trace_id).complete() and TraceView(got, trace_id).reaches(client_span))
     view = TraceView(spans, trace_id)
     _, gw = view.one(N.SPAN_GATEWAY_REQUEST)
     a = attrs(gw)
