@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=_at_least(int, 1), default=_env("MAX_CONNECTIONS", "2048"),
                         help="open HTTP connections; one more gets 503 and is closed "
                              "(env SLAI_GATEWAY_MAX_CONNECTIONS)")
+    parser.add_argument("--keep-alive-timeout", type=_at_least(float, 0.01), default=_env("KEEP_ALIVE_TIMEOUT", "30"),
+                        help="seconds an idle HTTP keep-alive connection stays open; above clients' own 5 s so a "
+                             "reused connection is never closed under a request (env SLAI_GATEWAY_KEEP_ALIVE_TIMEOUT)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     service_auth.add_arguments(parser, listener=False)
 
@@ -116,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         health_interval_s=args.health_interval, stream_buffer_tokens=args.stream_buffer_tokens,
         stream_stall_timeout_s=args.stream_stall_timeout, max_body_bytes=args.max_body_bytes,
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+        keep_alive_timeout_s=args.keep_alive_timeout,
         tiers=tiers, service_token=service_auth.read_service_token(args.service_token_file))
 
 

@@ -70,6 +70,9 @@ class GatewayConfig:
     header_timeout_s: float = field(default=10.0, metadata={"help": "an HTTP request's headers must arrive within"})
     body_timeout_s: float = field(default=30.0, metadata={"help": "an HTTP body must arrive within, after headers"})
     max_connections: int = field(default=2048, metadata={"help": "open HTTP connections before 503"})
+    # NOTE: longer than common clients' own idle expiry (httpx, and so the openai client: 5 s), so a
+    # client never sends a request on a connection the server is closing at that moment
+    keep_alive_timeout_s: float = field(default=30.0, metadata={"help": "an idle keep-alive connection closes after"})
 
     def __post_init__(self) -> None:
         parse_tier(self.default_tier)
@@ -93,6 +96,8 @@ class GatewayConfig:
             raise ValueError("header_timeout_s and body_timeout_s must be > 0")
         if self.max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        if not self.keep_alive_timeout_s > 0:
+            raise ValueError("keep_alive_timeout_s must be > 0")
         for name in TIER_NAMES:
             if name not in self.tiers:
                 raise ValueError(f"tier {name!r} has no policy")

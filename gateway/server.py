@@ -172,6 +172,7 @@ async def start_gateway(config: GatewayConfig, service: GenerationService, keys:
         sock = _bind_socket(config.http_host, config.http_port)
         uv_config = uvicorn.Config(app, http=protocol, interface="asgi3", log_level="warning",
                                    access_log=False, lifespan="off",
+                                   timeout_keep_alive=config.keep_alive_timeout_s,
                                    timeout_graceful_shutdown=int(max(config.drain_timeout_s, 1)))
         http = _Server(uv_config)
         running._http_server = http

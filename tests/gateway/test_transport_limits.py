@@ -414,7 +414,10 @@ def test_transport_flags(capsys):
                                                  "--body-timeout", "7", "--max-connections", "10"]))
     assert (config.max_body_bytes, config.header_timeout_s, config.body_timeout_s, config.max_connections) == (
         65536, 2.5, 7.0, 10)
-    for flag, value in (("--max-body-bytes", "12"), ("--header-timeout", "0"), ("--max-connections", "x")):
+    assert config_from_args(parser.parse_args([])).keep_alive_timeout_s == 30.0  # above httpx's own 5 s
+    assert config_from_args(parser.parse_args(["--keep-alive-timeout", "3"])).keep_alive_timeout_s == 3.0
+    for flag, value in (("--max-body-bytes", "12"), ("--header-timeout", "0"), ("--max-connections", "x"),
+                        ("--keep-alive-timeout", "0")):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([flag, value])
         assert exc.value.code == 2 and flag in capsys.readouterr().err
