@@ -1,4 +1,5 @@
-"""ExecutorService: runs exactly the plans it is sent and reports timings (design habits 7, 8, 12).
+"""ExecutorService: runs exactly the plans it is sent and reports timings; it decides
+nothing (the scheduler owns KV placement) and reads no clock for the scheduler (durations only).
 
 * ``Info``: model, device, dtype, KV geometry.
 * ``Warmup``: caps ``num_blocks`` (the scheduler then only places KV in blocks

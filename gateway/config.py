@@ -1,6 +1,6 @@
 """Gateway configuration: frozen dataclasses, validated on construction, no I/O.
 
-Tiers (design habit 13): a tier is a named pair of objectives (TBT, optional
+Tiers: a tier is a named pair of objectives (TBT, optional
 TTFT) that the gateway stamps on every request it forwards. The client never
 chooses its tier: the API key does (:mod:`gateway.auth`).
 """

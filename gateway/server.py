@@ -1,6 +1,6 @@
 """GatewayService over gRPC, plus the process that serves gRPC and HTTP on one loop.
 
-The servicer is thin (design habit 12): authenticate, decode, call
+The servicer is thin: authenticate, decode, call
 :class:`~gateway.service.GenerationService`, encode. Exceptions become statuses
 in ``wire.grpc_server``'s interceptor; only UNAUTHENTICATED is raised here.
 """

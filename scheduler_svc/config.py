@@ -1,4 +1,4 @@
-"""Scheduler service configuration: one frozen dataclass, validated, no I/O (design habit 17).
+"""Scheduler service configuration: one frozen dataclass, validated, no I/O.
 
 The scheduling knobs themselves live in ``scheduler_svc.core.config.SchedulerConfig``
 (set with ``--set name=value``); this file holds the service's own: executors,

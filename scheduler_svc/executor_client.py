@@ -1,7 +1,7 @@
 """One executor as the scheduler sees it: a channel, Info/Warmup, and one bidi Step stream.
 
 ``step(plan)`` writes one ``StepRequest`` and reads its ``StepResponse`` (ping-pong
-on a persistent stream: ~0.3 ms on loopback, ecosystem.md section 11); ``send`` and
+on a persistent stream: about 0.3 ms on loopback, docs/scheduler.md); ``send`` and
 ``receive`` split it so a second plan can be queued while the first runs. Any
 stream error, a timeout or a rejected plan raises ``ExecutorLost`` so the driver
 can take its requests back.

@@ -1,4 +1,4 @@
-"""SchedulerService: a thin servicer over the dispatcher (design habit 12).
+"""SchedulerService: a thin servicer over the dispatcher: decode, call it, encode.
 
 Submit decodes and validates (ValueError -> INVALID_ARGUMENT naming the field),
 admits (AdmissionRejected -> RESOURCE_EXHAUSTED), routes, then streams the

@@ -1,4 +1,4 @@
-"""Build a grpc.aio server the same way in every service (design habit 12).
+"""Build a grpc.aio server the same way in every service: one error interceptor, health, reflection, drain.
 
 * one interceptor maps exceptions to status codes: ``ValueError`` ->
   INVALID_ARGUMENT, ``AdmissionRejected`` -> RESOURCE_EXHAUSTED (with a
