@@ -16,7 +16,7 @@ nothing (the scheduler owns KV placement) and reads no clock for the scheduler (
 * ``Release``: drop per-request state outside a step (a scheduler reconnecting
   sends ``all=true``).
 
-The servicer is thin: every protobuf conversion is in ``wire.codec``.
+The servicer is thin: every protobuf conversion is in ``wire.executor_codec``.
 Telemetry (optional): ``ExecutorMetrics`` per step, and an ``executor.step``
 span as the child of the scheduler's step span when the plan carries a
 ``traceparent`` (both no-ops when off).
@@ -38,7 +38,7 @@ from telemetry import step_tracing
 from wire.grpc_server import ServiceServer, start_server
 from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
 
-if TYPE_CHECKING:  # only wire.codec imports both the wire types and the core
+if TYPE_CHECKING:  # plan values for annotations; their protobuf form is wire.executor_codec's job
     from contract.plan import BatchPlan
 
 log = logging.getLogger(__name__)

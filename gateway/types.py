@@ -1,7 +1,7 @@
 """The gateway's wire-neutral values: one request in, a stream of deltas out.
 
 Both front ends (gRPC ``GatewayService`` and the OpenAI-compatible HTTP API)
-convert to and from these; ``wire.codec`` holds the protobuf conversions.
+convert to and from these; ``gateway.codec`` holds their protobuf conversions.
 Pure dataclasses: no grpc, no tokenizer.
 """
 

@@ -22,7 +22,7 @@ from wire.grpc_server import message_size_options
 from wire.service_auth import call_metadata
 from contract.executor_info import ExecutorInfo
 
-if TYPE_CHECKING:  # only wire.codec imports both the wire types and the core
+if TYPE_CHECKING:  # plan values for annotations; their protobuf form is wire.executor_codec's job
     from contract.plan import BatchPlan, StepResult
 
 log = logging.getLogger(__name__)

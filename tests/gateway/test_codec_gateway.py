@@ -1,4 +1,4 @@
-"""Round trips of the gateway conversions in wire.codec."""
+"""Round trips of the gateway conversions in gateway.codec."""
 
 from __future__ import annotations
 
