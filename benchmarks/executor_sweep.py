@@ -19,11 +19,11 @@ prompts (timing does not depend on KV values): see ``_place_decodes``.
 from __future__ import annotations
 
 import argparse
-import sys
 import csv
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -73,7 +73,6 @@ def _place_decodes(runner, alloc: _BumpAlloc, n: int, context: int, extra: int, 
     # prompts had been computed (check + apply + commit, no forward), so sweeping
     # 64 decodes at context 512 does not cost 32 k prefill tokens per point.
     from contract.plan import BatchPlan, NewRequestSlice
-
     from executor_svc.request_cache import RequestCache
 
     reqs = {}

@@ -52,8 +52,8 @@ async def _fake_scheduler(port: int, step_ms: float, vocab_ids: list[int]) -> No
 async def _client(address: str, streams: int, tokens: int) -> dict:
     import grpc
 
-    from wire.pb.slai.v1 import gateway_pb2_grpc
     from gateway.client import build_request
+    from wire.pb.slai.v1 import gateway_pb2_grpc
 
     gaps: list[float] = []
     counts: list[int] = []
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_fake_scheduler(args.fake_scheduler_port, args.step_ms, ids))
         return 0
 
-    from slai_serve.launch import free_port, wait_healthy
     from contract.model_files import default_model_dir
+    from slai_serve.launch import free_port, wait_healthy
 
     model_dir = args.model_dir or str(default_model_dir())
     sp, gp = free_port(), free_port()

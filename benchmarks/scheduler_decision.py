@@ -37,12 +37,12 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from wire.service_auth import SERVICE_TOKEN_ENV, SERVICE_TOKEN_FILE_ENV, call_metadata, read_service_token
+from contract.tiers import Tier
 from scheduler_svc.core import SchedulerConfig, StepResult
 from scheduler_svc.core.policies.registry import POLICIES
-from contract.tiers import Tier
 from scheduler_svc.core.request import Request
 from scheduler_svc.core.scheduler import SchedulerCore
+from wire.service_auth import SERVICE_TOKEN_ENV, SERVICE_TOKEN_FILE_ENV, call_metadata, read_service_token
 
 ROOT = Path(__file__).resolve().parents[1]
 # the service processes require a service token, as under `slai-serve up`, so the numbers include its check
@@ -108,8 +108,8 @@ def bench_decision(policy: str, num_running: int, num_queued: int, steps: int, s
 def bench_memory(num_queued: int = 10_000, num_running: int = 256, prompt_len: int = 512) -> dict:
     """Bytes held by the scheduler for queued + running requests, built like the service builds them."""
     from scheduler_svc import submit_codec
-    from wire.pb.slai.v1 import common_pb2, scheduler_pb2
     from scheduler_svc.dispatcher import RequestStream
+    from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 
     msgs = [scheduler_pb2.SubmitRequest(request_id=f"req-{i:06d}", prompt_token_ids=range(1000, 1000 + prompt_len),
                                         max_tokens=256, tier=common_pb2.TIER_FREE,
@@ -146,9 +146,9 @@ def bench_memory(num_queued: int = 10_000, num_running: int = 256, prompt_len: i
 
 async def _bench_rpc(address: str, num_running: int, steps: int) -> dict:
     from scheduler_svc import submit_codec
-    from wire.pb.slai.v1 import common_pb2, scheduler_pb2
     from scheduler_svc.config import ServiceConfig
     from scheduler_svc.dispatcher import Dispatcher
+    from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 
     cfg = ServiceConfig(executors=(address,), pipeline=False,  # lockstep: a step here is pure round trip
                         overrides=(f"max_num_seqs={num_running}", f"max_decodes={num_running}"), service_token=_TOKEN)

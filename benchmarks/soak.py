@@ -35,8 +35,8 @@ import grpc
 import httpx
 import psutil
 
-from slai_serve.launch import LocalStack
 from gateway.client import GatewayClient
+from slai_serve.launch import LocalStack
 
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 

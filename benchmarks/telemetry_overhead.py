@@ -26,10 +26,9 @@ import argparse
 import multiprocessing as mp
 import time
 
-
-from telemetry import tracing, step_tracing
-from telemetry.metrics import ExecutorMetrics, SchedulerMetrics
 from scheduler_svc.core import Request, StepResult, Tier, make_core
+from telemetry import step_tracing, tracing
+from telemetry.metrics import ExecutorMetrics, SchedulerMetrics
 
 
 def _receiver(conn) -> None:  # child process: an OTLP/gRPC receiver that counts spans

@@ -37,9 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-
-from slai_serve.launch import LocalStack
 from contract.model_files import default_model_dir
+from slai_serve.launch import LocalStack
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -108,8 +107,8 @@ async def replay(address: str, workload: list, builder: Any) -> list[float]:
     """Send every request at its arrival time; returns the client-measured TTFTs (seconds)."""
     import grpc
 
-    from wire.pb.slai.v1 import gateway_pb2_grpc
     from gateway.client import build_request
+    from wire.pb.slai.v1 import gateway_pb2_grpc
 
     ttfts: list[float] = []
     async with grpc.aio.insecure_channel(address) as channel:

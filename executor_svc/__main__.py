@@ -73,10 +73,9 @@ def build_runner(args: argparse.Namespace):
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from telemetry import names
-    from telemetry import tracing
-    from telemetry.metrics import ExecutorMetrics, metrics_port, start_metrics_server
     from executor_svc.server import serve
+    from telemetry import names, tracing
+    from telemetry.metrics import ExecutorMetrics, metrics_port, start_metrics_server
     token = service_auth.read_service_token(args.service_token_file)
     service_auth.check_exposure("executor", None if args.uds else args.host, token, args.insecure_no_auth)
     tracing.init_tracing(names.SERVICE_EXECUTOR)  # no-op unless OTEL_* is set

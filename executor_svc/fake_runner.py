@@ -19,10 +19,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from contract.plan import BatchPlan, StepResult
-
-from executor_svc.request_cache import RequestCache
 from contract.executor_info import ExecutorInfo
+from contract.plan import BatchPlan, StepResult
+from executor_svc.request_cache import RequestCache
 
 
 def fake_token(req_id: str, position: int, vocab_size: int) -> int:

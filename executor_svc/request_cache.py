@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 from contract.sampling import SamplingParams
-
 from executor_svc.runner_api import PlanError
 
 

@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import grpc
 
-from wire import executor_codec
-
 from telemetry import step_tracing
+from wire import executor_codec
 from wire.grpc_server import ServiceServer, start_server
 from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
 

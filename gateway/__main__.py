@@ -21,13 +21,13 @@ import logging
 import os
 import sys
 
-from wire import service_auth
-from wire.service_main import run_service, serve_until_signal
+from contract.model_files import default_model_dir, is_converted
+from contract.tiers import FREE_TBT_S, PAYING_TBT_S
 from gateway.auth import open_store
 from gateway.config import GatewayConfig, default_tier_policies
 from gateway.key_file import ReloadingKeyStore
-from contract.model_files import default_model_dir, is_converted
-from contract.tiers import FREE_TBT_S, PAYING_TBT_S
+from wire import service_auth
+from wire.service_main import run_service, serve_until_signal
 
 
 def _env(name: str, default):
@@ -138,10 +138,7 @@ async def serve(config: GatewayConfig, api_keys: str = "") -> None:
     from gateway.server import start_gateway
     from gateway.service import GenerationService
     from gateway.tokenizer import ModelTokenizer
-
-    from telemetry import names
-
-    from telemetry import tracing
+    from telemetry import names, tracing
     log = logging.getLogger("gateway")
     tracing.init_tracing(names.SERVICE_GATEWAY)  # no-op unless OTEL_* is set
     tokenizer = ModelTokenizer.from_dir(config.model_dir, name=config.model_name)

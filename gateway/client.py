@@ -20,8 +20,8 @@ from typing import AsyncIterator, Iterator, Sequence
 import grpc
 
 from gateway import codec
-from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.types import Delta, GenerationInput, Timings
+from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 
 Messages = Sequence[tuple[str, str]] | Sequence[dict]
 

@@ -22,15 +22,22 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from wire.grpc_server import AdmissionRejected
-from telemetry.metrics_http import add_metrics_route
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import TierPolicy
-from gateway.openai_params import (CHAT, COMPLETIONS, check_message_keys, check_params, check_stream_options,
-                                   JSON_TYPE_NAMES, json_type)
+from gateway.openai_params import (
+    CHAT,
+    COMPLETIONS,
+    JSON_TYPE_NAMES,
+    check_message_keys,
+    check_params,
+    check_stream_options,
+    json_type,
+)
 from gateway.service import GenerationService
 from gateway.types import Delta, GenerationInput
 from gateway.validation import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_STOP_STRINGS, clip
+from telemetry.metrics_http import add_metrics_route
+from wire.grpc_server import AdmissionRejected
 
 FINISH_TO_OPENAI = {"stop": "stop", "length": "length", "ignored": "length", "abort": "abort", "error": "error"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

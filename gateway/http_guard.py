@@ -20,9 +20,9 @@ import json
 import math
 from typing import Any, Awaitable, Callable
 
-from wire.grpc_server import AdmissionRejected
 from gateway.admission import Admission, holding
 from gateway.auth import KeyStore, Unauthenticated
+from wire.grpc_server import AdmissionRejected
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

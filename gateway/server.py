@@ -17,13 +17,13 @@ from typing import AsyncIterator
 import grpc
 
 from gateway import codec
-from wire.grpc_server import ServiceServer, start_server
-from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import GatewayConfig
 from gateway.readiness import SchedulerWatcher
 from gateway.service import GenerationService
 from gateway.validation import check_request_id
+from wire.grpc_server import ServiceServer, start_server
+from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from wire import service_auth
-from wire.service_main import run_service, serve_until_signal
 from scheduler_svc.config import ROUTINGS, ServiceConfig
 from scheduler_svc.core.policies.registry import POLICIES
+from wire import service_auth
+from wire.service_main import run_service, serve_until_signal
 
 log = logging.getLogger("scheduler_svc")
 
@@ -78,10 +78,9 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from telemetry import names
-    from telemetry import tracing
-    from telemetry.metrics import SchedulerMetrics, metrics_port, start_metrics_server
     from scheduler_svc.server import serve
+    from telemetry import names, tracing
+    from telemetry.metrics import SchedulerMetrics, metrics_port, start_metrics_server
     config = config_from_args(args)
     if not config.executors:
         raise SystemExit("--executors: give at least one address")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from contract.tiers import FREE_TBT_S, PAYING_TBT_S, Tier
-
 from scheduler_svc.core.config import SchedulerConfig
 from scheduler_svc.core.policies.registry import POLICIES, policy_config
 

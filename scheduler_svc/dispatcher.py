@@ -19,14 +19,14 @@ import logging
 import time
 from typing import Callable
 
-from wire.grpc_server import AdmissionRejected
 from scheduler_svc.config import ServiceConfig
-from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.core.request import Request
-from scheduler_svc.executor_client import ExecutorClient
-from scheduler_svc.step_loop import Clock, ExecutorDriver
 from scheduler_svc.core.router import Router
+from scheduler_svc.core.token_event import TokenEvent
+from scheduler_svc.executor_client import ExecutorClient
 from scheduler_svc.stats import ExecutorStatsView
+from scheduler_svc.step_loop import Clock, ExecutorDriver
+from wire.grpc_server import AdmissionRejected
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Callable
 
 import grpc
 
-from wire import executor_codec
-from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
-from wire.grpc_server import message_size_options
-from wire.service_auth import call_metadata
 from contract.executor_info import ExecutorInfo
+from wire import executor_codec
+from wire.grpc_server import message_size_options
+from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+from wire.service_auth import call_metadata
 
 if TYPE_CHECKING:  # plan values for annotations; their protobuf form is wire.executor_codec's job
     from contract.plan import BatchPlan, StepResult

@@ -14,12 +14,12 @@ import logging
 import time
 
 from scheduler_svc import submit_codec
-from telemetry import tracing, step_tracing
-from wire.grpc_server import ServiceServer, start_server
-from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import ServiceConfig
 from scheduler_svc.dispatcher import Dispatcher
 from scheduler_svc.step_loop import Clock
+from telemetry import step_tracing, tracing
+from wire.grpc_server import ServiceServer, start_server
+from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -38,16 +38,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from telemetry import step_tracing
-from scheduler_svc.config import ServiceConfig
 from contract.plan import BatchPlan, StepResult
-from scheduler_svc.core.token_event import TokenEvent
-from scheduler_svc.core.request import Request
+from scheduler_svc.config import ServiceConfig
 from scheduler_svc.core import SchedulerCore, core_for
+from scheduler_svc.core.request import Request
+from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.executor_client import ExecutorClient, ExecutorLost
 from scheduler_svc.stats import DriverStats
 from scheduler_svc.step_predictor import StepTimePredictor
 from scheduler_svc.work_ledger import WorkLedger
+from telemetry import step_tracing
 
 log = logging.getLogger(__name__)
 

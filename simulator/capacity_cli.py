@@ -7,9 +7,9 @@ import json
 import sys
 from functools import partial
 
+from scheduler_svc.core.policies.registry import POLICIES
 from simulator.cli_args import RunSpec, add_workload_arguments, clean_json, stability_bound
 from simulator.metrics import SloCriterion
-from scheduler_svc.core.policies.registry import POLICIES
 
 
 def add_criterion_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,10 +7,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from contract.tiers import FREE_TBT_S, PAYING_TBT_S
 from contract.cost_models import CostModel, resolve_cost_model
-from simulator.workloads import (PAPER_TRACE, clip_workload, clipped_rate_factor, make_workload, mean_lengths,
-                             resolve_trace)
+from contract.tiers import FREE_TBT_S, PAYING_TBT_S
+from simulator.workloads import (
+    PAPER_TRACE,
+    clip_workload,
+    clipped_rate_factor,
+    make_workload,
+    mean_lengths,
+    resolve_trace,
+)
 
 
 def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048) -> None:

@@ -31,12 +31,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.cost_models import CostModel, PAPER_MODEL
+from contract.cost_models import PAPER_MODEL, CostModel
+from scheduler_svc.core import SchedulerCore
+from scheduler_svc.core.router import Router
 from simulator.metrics import MetricsCollector, SloCriterion
 from simulator.sim import SimExecutor, build_core, run_events
 from simulator.workloads import WorkloadItem, effective_qps
-from scheduler_svc.core import SchedulerCore
-from scheduler_svc.core.router import Router
 
 ROUTINGS = ("round-robin", "least-work", "power-of-two")
 

@@ -25,10 +25,10 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.cost_models import CostModel, PAPER_MODEL
+from contract.cost_models import PAPER_MODEL, CostModel
+from scheduler_svc.core import SchedulerConfig, SchedulerCore, StepResult, make_core
 from simulator.metrics import MetricsCollector
 from simulator.workloads import WorkloadItem
-from scheduler_svc.core import SchedulerConfig, SchedulerCore, StepResult, make_core
 
 # event kinds: the value is the tie-break at equal times
 ARRIVAL, STEP_END, SCHEDULE = 0, 1, 2

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
+from scheduler_svc.core.policies.registry import POLICIES
 from simulator.cli_args import RunSpec, add_cluster_arguments, add_workload_arguments, clean_json, stability_bound
 from simulator.metrics import SloCriterion
-from scheduler_svc.core.policies.registry import POLICIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator.workloads import clip_lengths  # shared with ``sim --max-prompt-len/--max-output-len``
 from contract.tiers import FREE_TBT_S, PAYING_TBT_S
+from simulator.workloads import clip_lengths  # shared with ``sim --max-prompt-len/--max-output-len``
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,10 +99,10 @@ async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[s
     """Send every item at its arrival time; return (MetricsCollector, extra counters)."""
     import grpc
 
+    from gateway.client import build_request
     from simulator.metrics import MetricsCollector
     from wire import enums
     from wire.pb.slai.v1 import common_pb2, gateway_pb2_grpc
-    from gateway.client import build_request
 
     collector = MetricsCollector()
     errors: Counter = Counter()

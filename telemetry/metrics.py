@@ -18,8 +18,8 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from telemetry import names as N
-from telemetry.tracing import tier_label
 from telemetry.token_metrics import SloWindow, TokenLatencyCollector
+from telemetry.tracing import tier_label
 
 TIERS = ("paying", "free")
 # NOTE: vLLM's TTFT/ITL/E2E buckets, trimmed; ITL gets extra resolution around the 0.1 s / 0.5 s TBT SLOs.

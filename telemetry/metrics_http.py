@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, start_http_server
 
 from telemetry import names as N
+
 log = logging.getLogger(__name__)
 
 

@@ -24,8 +24,16 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.trace import (Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode,
-                                 set_span_in_context)
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    set_span_in_context,
+)
 
 from scheduler_svc.core.events import EventKind
 from telemetry import names as N

@@ -23,6 +23,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from telemetry import names as N
+
+
 class SloWindow:
     """Share of TBT samples within SLO over roughly the last ``window_s`` seconds.
 

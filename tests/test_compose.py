@@ -17,6 +17,7 @@ import yaml
 
 from slai_serve.cli import SUBCOMMANDS
 from telemetry import names
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -6,11 +6,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from wire import executor_codec
-from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
+from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 from executor_svc.fake_runner import FakeRunner, fake_token
 from executor_svc.server import SERVICE_NAME, serve
-from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
+from wire import executor_codec
+from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
 
 
 @pytest.fixture

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 from executor_svc.fake_runner import FakeRunner, fake_token
 from executor_svc.runner_api import PlanError, Runner
-from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
-
 from tests.executor_svc.helpers import Driver
 
 

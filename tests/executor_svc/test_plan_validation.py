@@ -8,9 +8,8 @@ import re
 import pytest
 import torch
 
-from executor_svc.runner_api import PlanError
 from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
-
+from executor_svc.runner_api import PlanError
 from tests.executor_svc.helpers import MAX_NEW, Driver, same_prefix
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from executor_svc.sampler import Sampler, mix_seed
 from contract.sampling import SamplingParams
-
+from executor_svc.sampler import Sampler, mix_seed
 from tests.executor_svc.helpers import MAX_NEW, Driver, same_prefix
 
 HOT = SamplingParams(temperature=1.5, top_p=0.95, seed=7)

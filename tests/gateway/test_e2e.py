@@ -15,8 +15,8 @@ import importlib.util
 
 import pytest
 
-from slai_serve.launch import LocalStack
 from contract.model_files import default_model_dir
+from slai_serve.launch import LocalStack
 
 pytestmark = pytest.mark.slow
 
@@ -92,8 +92,8 @@ def test_32_concurrent_streams_exact_token_counts_fake_executor(fake_stack):
 def test_bench_serve_reports_sim_keys(fake_stack, monkeypatch):
     import argparse
 
-    from slai_serve import bench_serve as loadgen
     from simulator.metrics import MetricsCollector
+    from slai_serve import bench_serve as loadgen
     from wire.service_auth import SERVICE_TOKEN_ENV, SERVICE_TOKEN_FILE_ENV
 
     monkeypatch.delenv(SERVICE_TOKEN_FILE_ENV, raising=False)

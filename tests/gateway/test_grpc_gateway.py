@@ -9,9 +9,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.auth import parse_key_data
 from gateway.tokenizer import REPLACEMENT_CHAR
+from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .conftest import EOS_ID, MAX_MODEL_LEN, start_stack
 

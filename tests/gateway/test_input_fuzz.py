@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.openai_params import MESSAGE_ROWS, ROWS
+from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 # Messages repeat at most 64 characters of client input, as repr (<= 10 characters each), so they stay
 # well under the 1,024-character backstop cap (gateway/http_api.py, wire/grpc_server.py).

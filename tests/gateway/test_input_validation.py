@@ -14,9 +14,9 @@ import grpc
 import httpx
 import pytest
 
-from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.openai_params import CHAT, COMPLETIONS, ROWS, UNSUPPORTED
 from gateway.validation import MAX_CONTENT_PARTS, MAX_MESSAGES
+from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .conftest import MAX_MODEL_LEN
 

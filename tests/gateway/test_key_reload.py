@@ -13,10 +13,10 @@ import grpc
 import httpx
 import pytest
 
-from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import Unauthenticated, key_digest, parse_key_data
 from gateway.config import TIER_NAMES
 from gateway.key_file import ReloadingKeyStore
+from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .conftest import start_stack
 

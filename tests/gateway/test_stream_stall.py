@@ -16,8 +16,8 @@ import grpc
 import httpx
 import pytest
 
-from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.__main__ import add_arguments, config_from_args
+from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .conftest import start_stack
 

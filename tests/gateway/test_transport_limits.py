@@ -18,8 +18,8 @@ import grpc
 import httpx
 import pytest
 
-from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.tokenizer import LONG_TEXT_CHARS
+from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .conftest import start_stack
 

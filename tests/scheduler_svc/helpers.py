@@ -8,15 +8,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-
-from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from wire.service_auth import call_metadata
-from scheduler_svc import submit_codec
+from contract.plan import BatchPlan, StepResult
 from executor_svc.fake_runner import FakeRunner
 from executor_svc.server import serve as serve_executor
+from scheduler_svc import submit_codec
 from scheduler_svc.config import ServiceConfig
-from contract.plan import BatchPlan, StepResult
 from scheduler_svc.server import serve as serve_scheduler
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from wire.service_auth import call_metadata
 
 
 class RecordingRunner(FakeRunner):

@@ -8,10 +8,10 @@ import threading
 import grpc
 import pytest
 
-from wire.pb.slai.v1 import common_pb2
 from executor_svc.fake_runner import fake_token
 from executor_svc.server import serve as serve_executor
 from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
+from wire.pb.slai.v1 import common_pb2
 
 
 @pytest.fixture

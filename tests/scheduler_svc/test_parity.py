@@ -14,11 +14,11 @@ import asyncio
 import pytest
 
 from contract.cost_models import PAPER_MODEL, plan_features
+from scheduler_svc import submit_codec
 from simulator.sim import Simulator, build_core
 from simulator.workloads import WorkloadItem
-from scheduler_svc import submit_codec
-from wire.pb.slai.v1 import common_pb2
 from tests.scheduler_svc.helpers import VirtualClock, VirtualTimeRunner, start_stack, submit_msg
+from wire.pb.slai.v1 import common_pb2
 
 
 def wire_cost(plan) -> float:

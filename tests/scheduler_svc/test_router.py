@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import pytest
 
 from contract.executor_info import ExecutorInfo
+from contract.sampling import SamplingParams
 from executor_svc.fake_runner import FakeRunner
 from scheduler_svc.config import ServiceConfig
-from contract.sampling import SamplingParams
 from scheduler_svc.core.request import Request
-from scheduler_svc.step_loop import ExecutorDriver
 from scheduler_svc.core.router import Router
+from scheduler_svc.step_loop import ExecutorDriver
 
 
 @dataclass

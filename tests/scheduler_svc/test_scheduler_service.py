@@ -7,10 +7,9 @@ import asyncio
 import grpc
 import pytest
 
-from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 from executor_svc.fake_runner import fake_token
-from tests.scheduler_svc.helpers import (RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of,
-                                    wait_for)
+from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 
 
 @pytest.fixture

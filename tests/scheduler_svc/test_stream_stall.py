@@ -8,13 +8,13 @@ import asyncio
 import grpc
 import pytest
 
-from wire.pb.slai.v1 import common_pb2, scheduler_pb2_grpc
 from executor_svc.fake_runner import fake_token
 from scheduler_svc.__main__ import add_arguments, config_from_args
-from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.core.request import Request
+from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.dispatcher import RequestStream
 from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2_grpc
 
 # NOTE: gRPC C-core grows a stream's receive window to megabytes (BDP probing) while the application does
 # not read; a small fixed window makes this client's transport full after a few dozen events.

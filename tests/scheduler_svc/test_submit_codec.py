@@ -7,18 +7,18 @@ import sys
 
 import pytest
 
-from gateway import codec
-from scheduler_svc import submit_codec
-from wire import executor_codec
-from scheduler_svc.core.token_ids import TokenIds
-from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 from contract.executor_info import ExecutorInfo
 from contract.plan import BatchPlan, NewRequestSlice
-from scheduler_svc.core.token_event import TokenEvent
 from contract.sampling import SamplingParams
 from contract.tiers import Tier
+from gateway import codec
+from scheduler_svc import submit_codec
 from scheduler_svc.core.request import Request
+from scheduler_svc.core.token_event import TokenEvent
+from scheduler_svc.core.token_ids import TokenIds
 from scheduler_svc.stats import ExecutorStatsView
+from wire import executor_codec
+from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 
 
 def test_submit_round_trip():

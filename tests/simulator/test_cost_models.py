@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from contract.cost_models import (CostModel, PAPER_MODEL, fit_cost_model, load_timings, plan_features, resolve_cost_model)
+from contract.cost_models import PAPER_MODEL, CostModel, fit_cost_model, load_timings, plan_features, resolve_cost_model
 from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice, PlanStats
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from simulator.metrics import MetricsCollector, SloCriterion, from_timestamps
 from scheduler_svc.core.token_event import TokenEvent
+from simulator.metrics import MetricsCollector, SloCriterion, from_timestamps
 
 FREE = {"req_id": "f", "arrival_s": 0.0, "tier": "free", "tbt_slo_s": 0.5, "prompt_len": 10,
         "token_times": [0.5, 0.6, 0.8, 1.8]}

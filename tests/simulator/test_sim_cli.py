@@ -5,8 +5,8 @@ import json
 import pytest
 
 from simulator.capacity import find_capacity
-from slai_serve.cli import main
 from simulator.metrics import SloCriterion
+from slai_serve.cli import main
 
 REQUIRED = ("policy", "qps", "num_requests", "ttft_p50_s", "ttft_p99_s", "ttft_p50_s_by_tier", "tbt_p99_s_by_tier",
             "throughput_tokens_per_s", "num_preemptions", "sim_time_s", "wall_time_s", "effective_qps",
@@ -43,8 +43,8 @@ def test_sim_set_and_steps_out(capsys, tmp_path):
 
 def test_sim_max_lengths_clip_like_bench_serve(capsys):
     # the same clipping as `bench-serve --max-prompt-len/--max-output-len` (slai_serve.bench_serve uses clip_lengths too)
-    from slai_serve import bench_serve as loadgen
     from simulator.workloads import clip_lengths
+    from slai_serve import bench_serve as loadgen
 
     assert loadgen.clip_lengths is clip_lengths
     a = _sim_json(capsys, "--max-prompt-len", "64", "--max-output-len", "16")

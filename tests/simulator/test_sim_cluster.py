@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from slai_serve.cli import main
-from simulator.sim import simulate
 from simulator.cluster import ROUTINGS, simulate_cluster
+from simulator.sim import simulate
 from simulator.workloads import WorkloadItem, make_workload
+from slai_serve.cli import main
 
 
 def item(i: int, arrival: float, prompt: int, output: int, tier: str = "free") -> WorkloadItem:

@@ -3,10 +3,9 @@
 import pytest
 
 from contract.cost_models import CostModel
-from simulator.sim import ARRIVAL, SCHEDULE, STEP_END, Simulator, build_core, simulate
-from simulator.workloads import make_workload
-from simulator.workloads import WorkloadItem
 from scheduler_svc.core.policies.registry import POLICIES
+from simulator.sim import ARRIVAL, SCHEDULE, STEP_END, Simulator, build_core, simulate
+from simulator.workloads import WorkloadItem, make_workload
 
 
 def item(i: int, arrival: float, prompt: int, output: int, tier: str = "free") -> WorkloadItem:

@@ -3,8 +3,20 @@ import math
 import numpy as np
 import pytest
 
-from simulator.workloads import (KNOT_D, KNOT_P, KNOT_Q, clip_lengths, clip_workload, clipped_rate_factor, effective_qps,
-                             load_trace, make_workload, mean_lengths, synthetic_lengths, workload_stats)
+from simulator.workloads import (
+    KNOT_D,
+    KNOT_P,
+    KNOT_Q,
+    clip_lengths,
+    clip_workload,
+    clipped_rate_factor,
+    effective_qps,
+    load_trace,
+    make_workload,
+    mean_lengths,
+    synthetic_lengths,
+    workload_stats,
+)
 
 
 def test_synthetic_quantiles_match_the_knots():

@@ -17,9 +17,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.scheduler_svc.helpers import submit_msg, tokens_of
 from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 from wire.service_auth import SERVICE_TOKEN_ENV, SERVICE_TOKEN_FILE_ENV, call_metadata
-from tests.scheduler_svc.helpers import submit_msg, tokens_of
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "cli-test-service-token-0123456789"

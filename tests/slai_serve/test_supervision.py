@@ -30,8 +30,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from slai_serve.launch import CrashLoop, LocalStack, Proc, default_model_dir, describe_exit
 from scheduler_svc import submit_codec
+from slai_serve.launch import CrashLoop, LocalStack, Proc, default_model_dir, describe_exit
 from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 from wire.service_auth import call_metadata
 

@@ -81,8 +81,8 @@ def traced_stack(tmp_path_factory) -> Iterator[TracedStack]:
 
     Shared by the end-to-end trace and metrics-scrape tests (one start, ≈ 3 s).
     """
-    from slai_serve.launch import LocalStack
     from contract.model_files import default_model_dir
+    from slai_serve.launch import LocalStack
 
     model_dir = default_model_dir()
     if not (model_dir / "tokenizer.json").is_file():

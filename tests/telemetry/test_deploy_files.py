@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from telemetry import names as N
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC_NAMES = {getattr(N, k) for k in dir(N) if k.startswith("M_")}
 SUFFIXES = ("_bucket", "_count", "_sum", "_total")

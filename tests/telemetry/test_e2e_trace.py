@@ -21,9 +21,9 @@ import grpc
 import httpx
 import pytest
 
+from gateway.client import build_request
 from telemetry import names as N
 from wire.pb.slai.v1 import gateway_pb2_grpc
-from gateway.client import build_request
 
 pytestmark = pytest.mark.slow
 

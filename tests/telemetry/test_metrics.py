@@ -6,10 +6,18 @@ import urllib.request
 
 import pytest
 
-from telemetry import names as N
-from telemetry.metrics import (ExecutorMetrics, GatewayMetrics, SchedulerMetrics, SloWindow, add_metrics_route,
-                            metrics_port, render, start_metrics_server)
 from scheduler_svc.core import PlanStats, StepResult, Tier
+from telemetry import names as N
+from telemetry.metrics import (
+    ExecutorMetrics,
+    GatewayMetrics,
+    SchedulerMetrics,
+    SloWindow,
+    add_metrics_route,
+    metrics_port,
+    render,
+    start_metrics_server,
+)
 
 STATS = PlanStats(num_prefill_tokens=256, num_decodes=10, num_critical_decodes=3, num_noncritical_decodes=7,
                   num_preempted=1, kv_used_fraction=0.42, offset=5.0, num_waiting=4, num_running=10)

@@ -17,9 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry import names as N
+from tests.telemetry.conftest import FREE_TBT_S, PAYING_TBT_S
 from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 from wire.service_auth import call_metadata
-from tests.telemetry.conftest import FREE_TBT_S, PAYING_TBT_S
 
 pytestmark = pytest.mark.slow
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from telemetry import names as N
-from telemetry import tracing, step_tracing
 from scheduler_svc.core import make_core
+from telemetry import names as N
+from telemetry import step_tracing, tracing
 from tests.builders import make_requests
 from tests.telemetry.otlp_receiver import OtlpReceiver
 from tests.telemetry.test_tracing import run_traced

@@ -10,8 +10,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from telemetry import names as N
 from telemetry import tracing
 from telemetry.metrics import ExecutorMetrics, SchedulerMetrics
-from wire.pb.slai.v1 import common_pb2
 from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, submit_msg, tokens_of, wait_for
+from wire.pb.slai.v1 import common_pb2
 
 
 @pytest.fixture

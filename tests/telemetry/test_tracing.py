@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from telemetry import names as N
-from telemetry import tracing, step_tracing
 from scheduler_svc.core import EventKind, LifecycleEvent, StepResult, Tier, make_core
+from telemetry import names as N
+from telemetry import step_tracing, tracing
 from tests.builders import fake_step_result, make_requests
 from tests.telemetry.conftest import spans_named
 

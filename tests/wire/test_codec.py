@@ -1,9 +1,8 @@
 """Round trips through the one wire-conversion module."""
 
 from scheduler_svc import submit_codec
+from scheduler_svc.core import BatchPlan, CachedRequestSlice, NewRequestSlice, SamplingParams, StepResult, TokenEvent
 from wire import executor_codec
-from scheduler_svc.core import (BatchPlan, CachedRequestSlice, NewRequestSlice, SamplingParams, StepResult,
-                                TokenEvent)
 
 
 def test_plan_round_trip():

@@ -9,11 +9,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from wire import executor_codec
-from wire.pb.slai.v1 import executor_pb2
+from contract.plan import BatchPlan, NewRequestSlice
 from executor_svc.fake_runner import FakeRunner
 from executor_svc.server import serve
-from contract.plan import BatchPlan, NewRequestSlice
+from wire import executor_codec
+from wire.pb.slai.v1 import executor_pb2
 
 IDENTITY = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
 GARBAGE = b"\xff\xff\xff"

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from wire import gen_protos
+
 PB = Path(gen_protos.DEFAULT_OUT)
 
 

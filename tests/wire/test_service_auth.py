@@ -13,14 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from wire import service_auth
-from wire import executor_codec
-from wire.pb.slai.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2
-from wire.service_auth import call_metadata, check_exposure, is_loopback_host, read_service_token
-from executor_svc.server import serve as serve_executor
 from contract.plan import BatchPlan
+from executor_svc.server import serve as serve_executor
 from scheduler_svc.executor_client import ExecutorClient, ExecutorLost
 from tests.scheduler_svc.helpers import RecordingRunner, start_stack, submit_msg, tokens_of
+from wire import executor_codec, service_auth
+from wire.pb.slai.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2
+from wire.service_auth import call_metadata, check_exposure, is_loopback_host, read_service_token
 
 TOKEN = "test-service-token-0123456789abcdef"
 WRONG = "not-the-service-token-0123456789ab"

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from contract.sampling import SamplingParams
 from scheduler_svc.core import POLICIES, BatchPlan, SchedulerConfig, SchedulerCore, StepResult, make_core
 from scheduler_svc.core.policies.sarathi import SarathiPolicy
-from contract.sampling import SamplingParams
 from scheduler_svc.core.request import RequestStatus
 from tests.builders import core_with, make_request
 
