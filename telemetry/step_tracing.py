@@ -35,7 +35,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from scheduler_svc.core.events import EventKind
+from contract.lifecycle import EventKind
 from telemetry import names as N
 from telemetry.tracing import ROOT_CONTEXT, context_from_traceparent, start_request_span, state, traceparent_of
 

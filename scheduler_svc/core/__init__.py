@@ -7,12 +7,12 @@ Both the scheduler service and the simulator drive it with the same loop::
     events = core.update(plan, result, now)
 """
 
+from contract.lifecycle import EventKind, LifecycleEvent
 from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice, PlanStats, StepResult
 from contract.sampling import SamplingParams
 from contract.tiers import Tier
 from scheduler_svc.core.batch_time import CumulativeMean, Ewma, make_estimator
 from scheduler_svc.core.config import SchedulerConfig
-from scheduler_svc.core.events import EventKind, LifecycleEvent
 from scheduler_svc.core.kv_blocks import BlockAllocator
 from scheduler_svc.core.policies.registry import PAPER_POLICIES, POLICIES, make_policy, policy_config, policy_names
 from scheduler_svc.core.request import Request, RequestStatus

@@ -25,11 +25,11 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
+from contract.lifecycle import EventKind, LifecycleEvent
 from contract.plan import BatchPlan, PlanStats, StepResult
 from scheduler_svc.core.batch_builder import BatchBuilder
 from scheduler_svc.core.batch_time import BatchTimeEstimator, make_estimator
 from scheduler_svc.core.config import SchedulerConfig
-from scheduler_svc.core.events import EventKind, LifecycleEvent
 from scheduler_svc.core.kv_blocks import BlockAllocator
 from scheduler_svc.core.policies.base import Policy
 from scheduler_svc.core.request import FINISH_REASONS, Request, RequestStatus

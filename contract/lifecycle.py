@@ -1,4 +1,4 @@
-"""Lifecycle events: the core records plain values; services turn them into spans."""
+"""Lifecycle events: the core records these plain values; telemetry turns them into span events."""
 
 from __future__ import annotations
 
