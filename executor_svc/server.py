@@ -28,17 +28,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 import grpc
 
+from contract.plan import BatchPlan, NewRequestSlice
 from telemetry import step_tracing
 from wire import executor_codec
 from wire.grpc_server import ServiceServer, start_server
 from wire.pb.slai.v1 import executor_pb2, executor_pb2_grpc
-
-if TYPE_CHECKING:  # plan values for annotations; their protobuf form is wire.executor_codec's job
-    from contract.plan import BatchPlan
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +105,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         if info.max_model_len:
             limit = min(limit, info.max_model_len)
         n = max(1, min(max_batch_tokens, limit - 1))
-        plan = executor_codec.plan_from_pb(executor_pb2.StepRequest(step_id=0, new=[executor_pb2.NewRequest(
-            request_id=WARMUP_REQ_ID, token_ids=[0] * n, block_ids=range(-(-n // info.block_size)),
-            num_new_tokens=n, sample=True)]))
+        plan = BatchPlan(step_id=0, new=(NewRequestSlice(
+            req_id=WARMUP_REQ_ID, token_ids=(0,) * n, num_tokens=n, block_ids=tuple(range(-(-n // info.block_size))),
+            num_new_tokens=n, sample=True),))
         t0 = time.perf_counter()
         self.runner.execute(plan)
         self.runner.release([WARMUP_REQ_ID])
