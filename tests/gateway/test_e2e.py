@@ -141,7 +141,7 @@ def test_up_stops_cleanly_on_sigterm(tmp_path):
     assert any("gateway_grpc" in line for line in lines), lines
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0
+    assert proc.returncode == 0, rest
     assert "stopped: gateway=0, scheduler=0, executor-0=0" in rest
 
 
