@@ -15,7 +15,6 @@ and scheduler errors still get their own status code.
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any, AsyncIterator
 
@@ -24,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import TierPolicy
+from gateway.http_guard import retry_after_value
 from gateway.openai_params import (
     CHAT,
     COMPLETIONS,
@@ -66,7 +66,7 @@ def error_response(exc: BaseException) -> JSONResponse:
         status, kind = 401, "authentication_error"
     elif isinstance(exc, AdmissionRejected):
         status, kind = 429, "rate_limit_error"
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        headers["Retry-After"] = retry_after_value(exc)
     elif isinstance(exc, ValueError):
         status, kind = 400, "invalid_request_error"
         head, sep, _ = message.partition(":")

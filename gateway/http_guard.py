@@ -113,9 +113,14 @@ class BodyLimit:
             await self._too_large(send, "the request body")
 
 
+def retry_after_value(exc: AdmissionRejected) -> str:
+    """A 429's ``Retry-After`` value: whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(exc.retry_after_s)))
+
+
 def retry_after(exc: AdmissionRejected) -> tuple[tuple[bytes, bytes], ...]:
-    """The 429's ``Retry-After`` header (whole seconds, rounded up)."""
-    return ((b"retry-after", str(max(1, math.ceil(exc.retry_after_s))).encode()),)
+    """The 429's ``Retry-After`` header, as raw ASGI headers."""
+    return ((b"retry-after", retry_after_value(exc).encode()),)
 
 
 def _resolve(keys: KeyStore, authorization: bytes | None) -> Any | None:
