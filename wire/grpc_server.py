@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from wire.rpc_handlers import rebuild_handler
 from wire.service_auth import ServiceTokenInterceptor
 
 log = logging.getLogger(__name__)
@@ -158,20 +159,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort_with(context, exc)
             return inner
 
-        deserialize = _tolerant(handler.request_deserializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), deserialize, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), deserialize, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary, True), deserialize, handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream, True), deserialize, handler.response_serializer)
-        return handler
+        return rebuild_handler(
+            handler, lambda fn, request_streaming, response_streaming:
+            (wrap_stream if response_streaming else wrap_unary)(fn, request_streaming),
+            _tolerant(handler.request_deserializer))
 
 
 @dataclass

@@ -30,6 +30,8 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import grpc
 
+from wire.rpc_handlers import rebuild_handler
+
 log = logging.getLogger(__name__)
 
 SERVICE_TOKEN_ENV = "SLAI_SERVICE_TOKEN"
@@ -178,17 +180,7 @@ class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
         # the same kind of handler as the real one, so the request (stream) is framed as the client sends it
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer,
-                                                       handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer,
-                                                        handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer,
-                                                        handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
-
+        return rebuild_handler(handler, lambda *_: deny)
 
 __all__ = ["METADATA_KEY", "OPEN_SERVICES", "SERVICE_TOKEN_ENV", "SERVICE_TOKEN_FILE_ENV", "ServiceTokenInterceptor",
            "add_arguments", "call_metadata", "check_exposure", "is_loopback_host", "read_service_token"]
