@@ -87,6 +87,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def stop_processes(*procs: subprocess.Popen) -> None:
+    """SIGTERM each, then wait up to 10 s each before SIGKILL."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gateway_relay", description=__doc__.splitlines()[0])
     p.add_argument("--streams", type=int, default=128)
@@ -126,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         res["step_ms"] = args.step_ms
         print(json.dumps(res, sort_keys=True))
     finally:
-        for proc in (gw, sched):
-            proc.terminate()
-        for proc in (gw, sched):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(gw, sched)
     return 0
 
 

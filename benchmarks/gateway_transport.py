@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.gateway_relay import _cpu_s
+from benchmarks.gateway_relay import _cpu_s, stop_processes
 
 
 def _rss_mb(pid: int) -> float:
@@ -226,13 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             res = burst(hp, gw.pid, args.requests, args.slots, args.pace_s)
         print(json.dumps({"scenario": args.scenario, "gateway_args": extra, **res}))
     finally:
-        for proc in (gw, sched):
-            proc.terminate()
-        for proc in (gw, sched):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(gw, sched)
     return 0
 
 
