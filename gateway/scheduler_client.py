@@ -1,5 +1,6 @@
-"""The gateway's side of the gateway <-> scheduler boundary: one channel, its calls, and the only place
-the gateway reads or builds scheduler protobuf (``SubmitRequest`` out, ``TokenEvent`` in).
+"""The gateway's side of the gateway <-> scheduler boundary: one channel, its calls, and (with
+``gateway/scheduler_session.py``, the multiplexed Session stream) the only place the gateway reads or
+builds scheduler protobuf (``SubmitRequest`` out, ``TokenEvent`` in).
 
 The scheduler's side of the same messages is ``scheduler_svc/submit_codec.py``.
 """
@@ -13,9 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import codec
 from gateway.config import GatewayConfig, TierPolicy
+from gateway.scheduler_errors import is_final, scheduler_error  # noqa: F401 - re-exported
+from gateway.scheduler_session import SchedulerSession
 from gateway.types import GenerationInput, Timings
 from wire import enums
-from wire.grpc_server import AdmissionRejected, message_size_options
+from wire.grpc_server import message_size_options
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from wire.service_auth import call_metadata
 
@@ -33,32 +36,6 @@ SCHEDULER_CHANNEL_OPTIONS = (
 )
 
 
-def scheduler_error(exc: grpc.aio.AioRpcError) -> Exception:
-    """Translate the scheduler's status into the gateway's exception of the same meaning."""
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        retry = 1.0
-        for key, value in (exc.trailing_metadata() or ()):
-            if key == "retry-after-s":
-                try:
-                    retry = float(value)
-                except ValueError:
-                    pass
-        return AdmissionRejected(f"scheduler is full: {details}", retry_after_s=retry)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ValueError(details)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ConnectionError(f"scheduler unavailable: {details}")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return LookupError(details)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        # the gateway's own configuration is wrong, not the client's request: a 503 naming the fix
-        log.error("the scheduler refused the gateway: %s", details)
-        return ConnectionError(f"scheduler unavailable: it refused this gateway's service token ({details}); "
-                               "give the gateway the scheduler's SLAI_SERVICE_TOKEN")
-    return RuntimeError(f"scheduler error {code.name}: {details}")
-
-
 def submit_request(request_id: str, prompt_ids: list[int], max_tokens: int, inp: GenerationInput,
                    tier: TierPolicy, eos_token_ids) -> scheduler_pb2.SubmitRequest:
     """The ``SubmitRequest`` for a validated, tokenized input; the tier's objectives ride along."""
@@ -70,11 +47,6 @@ def submit_request(request_id: str, prompt_ids: list[int], max_tokens: int, inp:
     return scheduler_pb2.SubmitRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
         tier=enums.TIER_TO_PB[tier.tier], tbt_slo_s=tier.tbt_slo_s, ttft_slo_s=tier.ttft_slo_s)
-
-
-def is_final(ev: scheduler_pb2.TokenEvent) -> bool:
-    """The event that ends a request's stream (it carries the finish reason, usage and timings)."""
-    return ev.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
 
 class TimingTracker:
@@ -111,26 +83,28 @@ class TimingTracker:
 class SchedulerClient:
     """The gateway's channel to its scheduler. Every call carries the service token."""
 
-    def __init__(self, config: GatewayConfig, channel: grpc.aio.Channel | None = None) -> None:
-        self.address = config.scheduler_address
-        self._channel = channel or grpc.aio.insecure_channel(config.scheduler_address,
-                                                             options=SCHEDULER_CHANNEL_OPTIONS)
+    def __init__(self, config: GatewayConfig, channel: grpc.aio.Channel | None = None,
+                 address: str | None = None) -> None:
+        self.address = address or config.scheduler_address
+        self._channel = channel or grpc.aio.insecure_channel(self.address, options=SCHEDULER_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         self._token = config.service_token
         self._auth = call_metadata(config.service_token)  # proves to the scheduler that this is the gateway
+        self.session = SchedulerSession(self._stub, self.address, self._auth)
 
     async def close(self) -> None:
+        await self.session.close()
         await self._channel.close()
 
     def state(self) -> str:
         """The channel's connectivity state (``READY``, ``TRANSIENT_FAILURE``, ...)."""
         return self._channel.get_state(try_to_connect=True).name
 
-    def submit(self, msg: scheduler_pb2.SubmitRequest, timeout_s: float,
-               trace_metadata=()) -> grpc.aio.UnaryStreamCall:
-        """Start a request; the call streams its ``TokenEvent`` messages. Cancelling it aborts the request."""
-        return self._stub.Submit(msg, timeout=timeout_s, wait_for_ready=False,
-                                 metadata=call_metadata(self._token, tuple(trace_metadata or ())))
+    def submit(self, msg: scheduler_pb2.SubmitRequest, trace_metadata=()):
+        """Start a request on this gateway's Session stream; iterate the returned
+        ``gateway.scheduler_session.SessionCall`` for its ``TokenEvent`` messages. Cancelling it aborts
+        the request."""
+        return self.session.submit(msg, trace_metadata)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request at the scheduler; True if it was running there."""
@@ -160,3 +134,13 @@ class SchedulerClient:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
             return False, f"scheduler {self.address} reports {status} (no executor ready?)"
         return True, ""
+
+
+def merge_stats(responses: list[scheduler_pb2.StatsResponse]) -> scheduler_pb2.StatsResponse:
+    """Several pools' ``StatsResponse`` as one: every executor, the queues summed."""
+    out = scheduler_pb2.StatsResponse(policy=responses[0].policy if responses else "")
+    for r in responses:
+        out.executors.extend(r.executors)
+        out.num_queued_total += r.num_queued_total
+        out.num_queued_prompt_tokens += r.num_queued_prompt_tokens
+    return out
