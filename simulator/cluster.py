@@ -15,6 +15,13 @@ Each arrival is routed once, at admission, by the live service's router
 * ``round-robin``: blind rotation;
 * ``power-of-two``: two executors drawn with a seeded RNG, the one with less work.
 
+Pools (``pools > 1``): the executors are split into equal pools (one scheduler each, docs/gateway.md
+"Pools"); an arrival first goes to a pool by the gateway's rule (``jsw``: least outstanding work summed
+over the pool's executors; ``p2c``; ``round-robin``), then to an executor inside it by ``routing`` (the
+scheduler's rule). The gateway is taken to see each pool's load fresh (the scheduler publishes it on
+every Session message, i.e. every step). ``--scaling`` reports capacity scaling efficiency:
+capacity / (executors x one executor's capacity), per pool rule.
+
 Metrics: one pooled :class:`simulator.metrics.MetricsCollector` (same definitions as
 the single-executor runs). ``python -m simulator.cluster`` runs a grid
 (policies x routings x QPS) on worker processes; ``slai-serve sim --executors K
@@ -39,6 +46,27 @@ from simulator.sim import SimExecutor, build_core, run_events
 from simulator.workloads import WorkloadItem, effective_qps
 
 ROUTINGS = ("round-robin", "least-work", "power-of-two")
+# the gateway's pool rules (gateway/pools.py) as the core Router's names
+POOL_ROUTINGS = {"jsw": "least-work", "p2c": "power-of-two", "round-robin": "round-robin"}
+
+
+class SimPool:
+    """One pool as a gateway sees it: its executors' outstanding work and requests, summed."""
+
+    __slots__ = ("executors", "index", "router")
+
+    def __init__(self, index: int, executors: list[SimExecutor], router: Router) -> None:
+        self.index = index
+        self.executors = executors
+        self.router = router  # the pool's scheduler's own rule, across its executors
+
+    @property
+    def work(self) -> int:
+        return sum(e.work for e in self.executors)
+
+    @property
+    def num_requests(self) -> int:
+        return sum(e.num_requests for e in self.executors)
 
 
 @dataclass(slots=True)
@@ -50,6 +78,8 @@ class ClusterResult:
     sim_time_s: float
     wall_time_s: float
     stalled: bool
+    pools: int = 1
+    pool_routing: str = ""
     # per arrival: (chosen executor, outstanding tokens of every executor just before the choice)
     decisions: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
 
@@ -67,7 +97,8 @@ class ClusterResult:
         steps = sum(e.core.num_steps for e in self.executors)
         busy = sum(e.busy_time_s for e in self.executors)
         s.update(
-            policy=self.policy, routing=self.routing, executors=len(self.executors),
+            policy=self.policy, routing=self.routing, executors=len(self.executors), pools=self.pools,
+            pool_routing=self.pool_routing,
             num_steps=steps,
             num_preemptions=sum(e.core.num_preemptions for e in self.executors),
             busy_fraction=busy / (self.sim_time_s * len(self.executors)) if self.sim_time_s > 0 else None,
@@ -89,11 +120,20 @@ class ClusterSimulator:
 
     def __init__(self, cores: list[SchedulerCore], routing: str = "least-work", cost_model: CostModel = PAPER_MODEL,
                  policy: str = "", seed: int = 0, max_sim_time_s: float | None = None,
-                 record_decisions: bool = True) -> None:
+                 record_decisions: bool = True, pools: int = 1, pool_routing: str = "jsw") -> None:
         if not cores:
             raise ValueError("need at least one executor")
+        if pools < 1 or len(cores) % pools:
+            raise ValueError(f"pools must divide the executors evenly, got {pools} pools for {len(cores)} executors")
+        if pool_routing not in POOL_ROUTINGS:
+            raise ValueError(f"pool routing must be one of {', '.join(POOL_ROUTINGS)}, got {pool_routing!r}")
         self.executors = [SimExecutor(i, c) for i, c in enumerate(cores)]
         self.router = Router(routing, seed)
+        size = len(cores) // pools
+        self.pools = [SimPool(p, self.executors[p * size:(p + 1) * size], Router(routing, seed + 1 + p))
+                      for p in range(pools)] if pools > 1 else []
+        self.pool_router = Router(POOL_ROUTINGS[pool_routing], seed + 1000)
+        self.pool_routing = pool_routing if pools > 1 else ""
         self.routing = routing
         self.cost = cost_model
         self.policy = policy or cores[0].policy.name
@@ -106,35 +146,50 @@ class ClusterSimulator:
         execs, router = self.executors, self.router
         decisions: list[tuple[int, tuple[int, ...]]] = []
 
+        if self.pools:
+            pools, pool_router = self.pools, self.pool_router
+
+            def pick(execs: list[SimExecutor]) -> SimExecutor:
+                pool = pool_router.pick(pools)  # the gateway's choice, then the pool's scheduler's
+                return pool.router.pick(pool.executors)
+        else:
+            pick = router.pick
+
         def route(it: WorkloadItem) -> SimExecutor:
             if not self.record_decisions:
-                return router.pick(execs)
+                return pick(execs)
             works = tuple(e.work for e in execs)
-            ex = router.pick(execs)
+            ex = pick(execs)
             decisions.append((ex.index, works))
             return ex
 
         items = sorted(items, key=lambda it: it.arrival_s)
         self.now, wall, stalled = run_events(execs, items, self.cost, self.metrics, route, self.max_sim_time_s)
         return ClusterResult(policy=self.policy, routing=self.routing, metrics=self.metrics, executors=execs,
-                             sim_time_s=self.now, wall_time_s=wall, stalled=stalled, decisions=decisions)
+                             sim_time_s=self.now, wall_time_s=wall, stalled=stalled, decisions=decisions,
+                             pools=max(1, len(self.pools)), pool_routing=self.pool_routing)
 
 
 def simulate_cluster(policy: str, items: list[WorkloadItem], executors: int = 4, routing: str = "least-work",
                      cost_model: CostModel = PAPER_MODEL, num_blocks: int = 14733,
                      overrides: list[str] | tuple[str, ...] = (), seed: int = 0,
-                     max_sim_time_s: float | None = None, record_decisions: bool = True) -> ClusterResult:
-    """Run ``items`` through ``executors`` fresh cores running ``policy`` (``num_blocks`` KV blocks each)."""
+                     max_sim_time_s: float | None = None, record_decisions: bool = True, pools: int = 1,
+                     pool_routing: str = "jsw") -> ClusterResult:
+    """Run ``items`` through ``executors`` fresh cores running ``policy`` (``num_blocks`` KV blocks each),
+    split into ``pools`` pools routed by ``pool_routing`` (``jsw``, ``p2c``, ``round-robin``)."""
     cores = [build_core(policy, num_blocks, overrides) for _ in range(executors)]
-    return ClusterSimulator(cores, routing, cost_model, policy, seed, max_sim_time_s, record_decisions).run(items)
+    return ClusterSimulator(cores, routing, cost_model, policy, seed, max_sim_time_s, record_decisions,
+                            pools, pool_routing).run(items)
 
 
 def run_cluster_point(policy: str, qps: float, spec: Any, executors: int, routing: str,
-                      criterion: SloCriterion | None = None) -> dict[str, Any]:
+                      criterion: SloCriterion | None = None, pools: int = 1,
+                      pool_routing: str = "jsw") -> dict[str, Any]:
     """Like ``simulator.capacity.run_point`` for a cluster: ``qps`` is the TOTAL nominal arrival rate."""
     items = spec.workload(qps)
     res = simulate_cluster(policy, items, executors, routing, spec.cost_model, spec.num_blocks, spec.overrides,
-                           seed=spec.seed, max_sim_time_s=spec.max_sim_time)
+                           seed=spec.seed, max_sim_time_s=spec.max_sim_time,
+                           pools=pools, pool_routing=pool_routing)
     s: dict[str, Any] = {"policy": policy, "qps": qps, "qps_per_executor": qps / executors,
                          "effective_qps": effective_qps(items)}
     s.update(res.summary())

@@ -87,3 +87,28 @@ def test_sim_cli_executors_and_routing(capsys):
     assert out["requests_by_executor"] == [10, 10, 10, 10] and out["qps_per_executor"] == 2.0
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["routing"] == "least-work"
+
+
+@pytest.mark.parametrize("pool_routing", ["jsw", "p2c", "round-robin"])
+def test_pools_finish_every_request_and_jsw_balances_pools(pool_routing):
+    items = skewed(n=160, k=4)
+    res = simulate_cluster("slai", items, executors=8, routing="least-work", pools=4, pool_routing=pool_routing,
+                           seed=1)
+    s = res.summary()
+    assert s["num_finished"] == len(items) and not res.stalled and s["pools"] == 4
+    for it in items:
+        assert res.metrics.records[it.req_id].num_tokens == it.output_len
+    pool_tokens = [sum(s["tokens_by_executor"][2 * p:2 * p + 2]) for p in range(4)]
+    if pool_routing == "round-robin":  # blind: every large request lands on pool 0
+        assert pool_tokens[0] > 5 * pool_tokens[1]
+    if pool_routing == "jsw":  # each arrival went to a pool with the least work summed over its executors
+        pools_work = [[w[2 * p] + w[2 * p + 1] for p in range(4)] for _, w in res.decisions]
+        assert all(pw[chosen // 2] == min(pw) for (chosen, _), pw in zip(res.decisions, pools_work))
+        assert max(pool_tokens) < 1.5 * min(pool_tokens)
+
+
+def test_pools_must_divide_the_executors():
+    with pytest.raises(ValueError, match="pools must divide"):
+        simulate_cluster("slai", small_workload(4), executors=6, pools=4)
+    with pytest.raises(ValueError, match="pool routing"):
+        simulate_cluster("slai", small_workload(4), executors=4, pools=2, pool_routing="nope")
