@@ -18,7 +18,7 @@ from gateway.scheduler_errors import is_final, scheduler_error  # noqa: F401 - r
 from gateway.scheduler_session import SchedulerSession
 from gateway.types import GenerationInput, Timings
 from wire import enums
-from wire.grpc_server import message_size_options
+from wire.grpc_server import keepalive_client_options, message_size_options
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from wire.service_auth import call_metadata
 
@@ -33,6 +33,8 @@ SCHEDULER_CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
     *message_size_options(),
+    # a pool whose host vanishes must break its Session stream so its requests fail over (gateway/pools.py)
+    *keepalive_client_options(),
 )
 
 

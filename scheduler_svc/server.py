@@ -22,7 +22,7 @@ from scheduler_svc.dispatcher import Dispatcher
 from scheduler_svc.session import GatewaySession, event_to_pb, start_span
 from scheduler_svc.step_loop import Clock
 from telemetry import step_tracing, tracing
-from wire.grpc_server import ServiceServer, start_server
+from wire.grpc_server import ServiceServer, keepalive_server_options, start_server
 from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ async def serve(config: ServiceConfig, address: str = "127.0.0.1:0", clock: Cloc
                             metrics=metrics, spans=spans)
     servicer = SchedulerServicer(dispatcher)
     srv = await start_server([lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, s)],
-                             [SERVICE_NAME], address, serving=False, service_token=config.service_token)
+                             [SERVICE_NAME], address, serving=False, service_token=config.service_token,
+                             options=keepalive_server_options())  # gateways ping their Session streams
     holder["srv"] = srv
     dispatcher.start()
     return srv, dispatcher
