@@ -27,11 +27,13 @@ import socket
 import time
 
 from gateway.config import POOL_ROUTING_RULES
-from gateway.scheduler_client import SchedulerClient
+from gateway.scheduler_client import (SchedulerClient, as_client_view, continuation_request,
+                                      length_final_event)
 from gateway.scheduler_errors import is_final
 from gateway.scheduler_session import CallCancelled
 from wire.grpc_server import AdmissionRejected
-from wire.pb.slai.v1 import common_pb2, scheduler_pb2
+# NOTE: type hints only; the scheduler's messages are built and rewritten in gateway/scheduler_client.py
+from wire.pb.slai.v1 import scheduler_pb2
 
 log = logging.getLogger(__name__)
 
@@ -218,16 +220,11 @@ class PoolCall:
         max_tokens). Returns a final event when nothing was left to generate; raises ConnectionError
         when no pool is left."""
         rid, n = self._msg.request_id, len(self._streamed)
-        left = self._msg.max_tokens - n
-        if left <= 0:  # every token arrived, only the final event was lost
-            ev = scheduler_pb2.TokenEvent(request_id=rid, finish_reason=common_pb2.FINISH_REASON_LENGTH)
-            return self._observe(ev)
+        if self._msg.max_tokens <= n:  # every token arrived, only the final event was lost
+            return self._observe(length_final_event(rid))
         if self._pools.pick(self._tried) is None:
             raise ConnectionError(f"{why}; no other pool is left ({n} tokens were delivered)")
-        msg = scheduler_pb2.SubmitRequest()
-        msg.CopyFrom(self._msg)
-        msg.prompt_token_ids.extend(self._streamed)
-        msg.max_tokens = left
+        msg = continuation_request(self._msg, self._streamed)
         log.warning("request %s: pool %s failed (%s); continuing on another pool after %d tokens",
                     rid, self.pool.address, why, n)
         self.num_failovers += 1
@@ -246,15 +243,11 @@ class PoolCall:
         if not self.num_failovers:
             if ev.ttft_s > 0:
                 self._first_ttft = ev.ttft_s
-        elif ev.ttft_s > 0 and self._streamed:  # the new pool's first token is not the client's first
-            ev.ttft_s = 0.0
-            ev.tbt_s = now - prev if prev is not None else 0.0
+            self._streamed.extend(ev.token_ids)
+            return ev
+        first_of_pool = ev.ttft_s > 0 and bool(self._streamed)
         self._streamed.extend(ev.token_ids)
-        if self.num_failovers and is_final(ev):
-            ev.usage.prompt_tokens = len(self._msg.prompt_token_ids)
-            ev.usage.completion_tokens = len(self._streamed)
-            t = ev.timings
-            t.ttft_s = self._first_ttft or t.ttft_s
-            t.e2e_s = now - self._t0
-            t.max_tbt_s = max(t.max_tbt_s, self._max_gap)
-        return ev
+        return as_client_view(ev, first_of_pool=first_of_pool, gap_s=now - prev if prev is not None else 0.0,
+                              final=is_final(ev), prompt_tokens=len(self._msg.prompt_token_ids),
+                              completion_tokens=len(self._streamed), ttft_s=self._first_ttft, e2e_s=now - self._t0,
+                              max_tbt_s=self._max_gap)

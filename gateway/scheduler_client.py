@@ -138,6 +138,40 @@ class SchedulerClient:
         return True, ""
 
 
+def continuation_request(msg: scheduler_pb2.SubmitRequest, streamed: list[int]) -> scheduler_pb2.SubmitRequest:
+    """``msg`` continued after ``streamed`` tokens: those appended to the prompt, the rest of max_tokens
+    (how a request moves to another pool, as the scheduler moves one between executors)."""
+    out = scheduler_pb2.SubmitRequest()
+    out.CopyFrom(msg)
+    out.prompt_token_ids.extend(streamed)
+    out.max_tokens = msg.max_tokens - len(streamed)
+    return out
+
+
+def length_final_event(request_id: str) -> scheduler_pb2.TokenEvent:
+    """A final event for a request whose every token arrived but whose own final event was lost."""
+    return scheduler_pb2.TokenEvent(request_id=request_id, finish_reason=common_pb2.FINISH_REASON_LENGTH)
+
+
+def as_client_view(ev: scheduler_pb2.TokenEvent, *, first_of_pool: bool, gap_s: float, final: bool,
+                   prompt_tokens: int, completion_tokens: int, ttft_s: float, e2e_s: float,
+                   max_tbt_s: float) -> scheduler_pb2.TokenEvent:
+    """Rewrite a continued request's event in the client's terms: the new pool's first token is not the
+    client's first (TBT = ``gap_s``); the final event counts the original prompt and every token, with
+    the first pool's TTFT and the gateway's clock for e2e and the largest gap."""
+    if first_of_pool:
+        ev.ttft_s = 0.0
+        ev.tbt_s = gap_s
+    if final:
+        ev.usage.prompt_tokens = prompt_tokens
+        ev.usage.completion_tokens = completion_tokens
+        t = ev.timings
+        t.ttft_s = ttft_s or t.ttft_s
+        t.e2e_s = e2e_s
+        t.max_tbt_s = max(t.max_tbt_s, max_tbt_s)
+    return ev
+
+
 def merge_stats(responses: list[scheduler_pb2.StatsResponse]) -> scheduler_pb2.StatsResponse:
     """Several pools' ``StatsResponse`` as one: every executor, the queues summed."""
     out = scheduler_pb2.StatsResponse(policy=responses[0].policy if responses else "")
