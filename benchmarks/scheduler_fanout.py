@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_host_executors([int(x) for x in args.host_executors.split(",")], args.step_ms / 1e3, token))
         return 0
 
-    from slai_serve.launch import free_port, free_port_block, wait_healthy
     from benchmarks.gateway_relay import stop_processes
+    from slai_serve.launch import free_port, free_port_block, wait_healthy
 
     first = free_port_block(n=args.executors)
     ports = [first + i for i in range(args.executors)]

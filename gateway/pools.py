@@ -27,11 +27,16 @@ import socket
 import time
 
 from gateway.config import POOL_ROUTING_RULES
-from gateway.scheduler_client import (SchedulerClient, as_client_view, continuation_request,
-                                      length_final_event)
+from gateway.scheduler_client import (
+    SchedulerClient,
+    as_client_view,
+    continuation_request,
+    length_final_event,
+)
 from gateway.scheduler_errors import is_final
 from gateway.scheduler_session import CallCancelled
 from wire.grpc_server import AdmissionRejected
+
 # NOTE: type hints only; the scheduler's messages are built and rewritten in gateway/scheduler_client.py
 from wire.pb.slai.v1 import scheduler_pb2
 

@@ -8,7 +8,12 @@ import grpc
 import pytest
 
 from executor_svc.fake_runner import fake_token
-from tests.scheduler_svc.helpers import RecordingRunner, start_stack, submit_msg, wait_for
+from tests.scheduler_svc.helpers import (
+    RecordingRunner,
+    start_stack,
+    submit_msg,
+    wait_for,
+)
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 
 
