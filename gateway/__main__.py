@@ -118,10 +118,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     tiers = default_tier_policies()
     tiers["paying"] = dataclasses.replace(tiers["paying"], tbt_slo_s=args.paying_tbt, ttft_slo_s=args.paying_ttft)
     tiers["free"] = dataclasses.replace(tiers["free"], tbt_slo_s=args.free_tbt, ttft_slo_s=args.free_ttft)
-    from gateway.pools import resolve_pools
+    from gateway.pools import dns_name, resolve_pools
     pools = resolve_pools(args.pools) if args.pools else ()
     return GatewayConfig(
         scheduler_address=pools[0] if pools else args.scheduler, pools=pools, pool_routing=args.pool_routing,
+        pools_dns=(dns_name(args.pools) or "") if args.pools else "",
         grpc_address=f"{args.host}:{args.grpc_port}", http_host=args.host,
         http_port=args.http_port, model_dir=args.model_dir, model_name=args.model_name,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,

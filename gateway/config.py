@@ -47,6 +47,8 @@ class GatewayConfig:
     pools: tuple[str, ...] = field(default=(), metadata={
         "help": "schedulers (pools) to route across; empty = the one at scheduler_address"})
     pool_routing: str = field(default="jsw", metadata={"help": "jsw | p2c | round-robin (gateway/pools.py)"})
+    pools_dns: str = field(default="", metadata={
+        "help": "name:port that --pools named: re-resolved every 30 s, pools follow its addresses"})
     grpc_address: str = field(default="127.0.0.1:50051", metadata={"help": "gRPC listen address"})
     http_host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen host"})
     http_port: int = field(default=8000, metadata={"help": "HTTP listen port; 0 = pick one, -1 = no HTTP"})

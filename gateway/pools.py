@@ -20,11 +20,14 @@ requests whose prompt is the original prompt + the tokens already streamed and w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import itertools
 import logging
 import random
 import socket
 import time
+from collections.abc import Callable
 
 from gateway.config import POOL_ROUTING_RULES
 from gateway.scheduler_client import (
@@ -43,6 +46,7 @@ from wire.pb.slai.v1 import scheduler_pb2
 log = logging.getLogger(__name__)
 
 ROUTING_RULES = POOL_ROUTING_RULES
+DNS_REFRESH_S = 30.0  # how often a --pools DNS name is resolved again
 
 
 def resolve_pools(spec: str) -> tuple[str, ...]:
@@ -55,19 +59,46 @@ def resolve_pools(spec: str) -> tuple[str, ...]:
     for e in entries:
         if not e.startswith("unix:") and (":" not in e or not e.rsplit(":", 1)[1].isdigit()):
             raise ValueError(f"--pools: {e!r} is not host:port")
-    if len(entries) > 1 or entries[0].startswith("unix:"):
+    if dns_name(spec) is None:
         return entries
-    host, port = entries[0].rsplit(":", 1)
+    addrs = resolve_addresses(entries[0])
+    return addrs if len(addrs) > 1 else entries
+
+
+def dns_name(spec: str) -> str | None:
+    """``spec`` when it is one ``name:port`` whose host is a DNS name (not an address), else None."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if len(entries) != 1 or entries[0].startswith("unix:") or ":" not in entries[0]:
+        return None
+    host = entries[0].rsplit(":", 1)[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        return entries[0]
+
+
+def resolve_addresses(name_port: str) -> tuple[str, ...]:
+    """Every address ``name:port`` resolves to now, as ``host:port`` (IPv4 when there are any; () if none)."""
+    host, port = name_port.rsplit(":", 1)
     try:
         infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
     except OSError:
-        return entries
+        return ()
     v4 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET})
     v6 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET6})
-    addrs = v4 or v6
-    if len(addrs) <= 1:
-        return entries
-    return tuple(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addrs)
+    return tuple(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in (v4 or v6))
+
+
+async def follow_dns(pools: PoolSet, name_port: str, make_client: Callable[[str], SchedulerClient],
+                     interval_s: float = DNS_REFRESH_S) -> None:
+    """Re-resolve ``name_port`` every ``interval_s`` and let ``pools`` follow it (pools scaled up or
+    down behind a headless Service). A failed or empty resolution changes nothing."""
+    while True:
+        await asyncio.sleep(interval_s)
+        addrs = await asyncio.to_thread(resolve_addresses, name_port)
+        if addrs:
+            pools.update(addrs, make_client)
 
 
 class Pool:
@@ -109,6 +140,9 @@ class PoolSet:
         self._rng = random.Random(seed)
         self._rr = itertools.count()
         self.num_failovers = 0
+        self._retiring: set[asyncio.Task] = set()
+        self._retired: list[Pool] = []  # left the list; closed once idle (or at close())
+        self._follower: asyncio.Task | None = None
 
     @property
     def first(self) -> SchedulerClient:
@@ -131,6 +165,36 @@ class PoolSet:
             return a if a.work <= b.work else b
         return min(cands, key=lambda p: p.work)
 
+    def update(self, addresses, make_client: Callable[[str], SchedulerClient]) -> None:
+        """Follow a new address list: new pools join the rotation; pools no longer listed leave it (their
+        requests in flight finish there, then their channel closes). Never drops every pool."""
+        want = list(dict.fromkeys(addresses))
+        if not want:
+            return
+        have = {p.address for p in self.pools}
+        gone = [p for p in self.pools if p.address not in want]
+        for address in want:
+            if address not in have:
+                log.info("pool %s joins", address)
+                self.pools.append(Pool(make_client(address)))
+        if gone:
+            self.pools = [p for p in self.pools if p.address in want]
+            for p in gone:
+                log.info("pool %s leaves (no longer listed)", p.address)
+                self._retired.append(p)
+                self._retiring.add(asyncio.get_running_loop().create_task(self._retire(p)))
+
+    async def _retire(self, pool: Pool, poll_s: float = 1.0, max_wait_s: float = 600.0) -> None:
+        """Close a pool's channel once its requests in flight are done."""
+        try:
+            waited = 0.0
+            while pool.client.session.num_calls and waited < max_wait_s:
+                await asyncio.sleep(poll_s)
+                waited += poll_s
+            await pool.client.close()
+        finally:
+            self._retiring.discard(asyncio.current_task())
+
     def submit(self, msg: scheduler_pb2.SubmitRequest, trace_metadata=()) -> PoolCall:
         return PoolCall(self, msg, tuple(trace_metadata or ()))
 
@@ -138,7 +202,7 @@ class PoolSet:
         """Check every pool; a SERVING one (re)joins the rotation. ``(True, "")`` if any serves."""
         results = await asyncio.gather(*(p.client.health(timeout_s) for p in self.pools))
         reasons = []
-        for p, (ok, why) in zip(self.pools, results):
+        for p, (ok, why) in zip(self.pools, results, strict=True):
             if ok and not p.healthy:
                 log.info("pool %s is serving; back in rotation", p.address)
             p.healthy, p.reason = ok, why
@@ -148,8 +212,18 @@ class PoolSet:
             return True, ""
         return False, "; ".join(reasons)
 
+    def follow(self, name_port: str, make_client: Callable[[str], SchedulerClient],
+               interval_s: float = DNS_REFRESH_S) -> None:
+        """Keep following a DNS name's addresses (``follow_dns``) until :meth:`close`."""
+        self._follower = asyncio.get_running_loop().create_task(follow_dns(self, name_port, make_client, interval_s))
+
     async def close(self) -> None:
-        for p in self.pools:
+        for task in [self._follower, *self._retiring]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for p in [*self.pools, *self._retired]:
             await p.client.close()
 
 

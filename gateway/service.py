@@ -46,7 +46,8 @@ class GenerationService:
         # one scheduler client (one Session stream) per pool; ``channel`` (tests) is the first pool's
         self.pools = PoolSet([SchedulerClient(config, channel if i == 0 else None, address=a)
                               for i, a in enumerate(config.pool_addresses)], config.pool_routing)
-        self.scheduler = self.pools.first
+        if config.pools_dns:  # one DNS name: follow its addresses as pools are scaled
+            self.pools.follow(config.pools_dns, lambda address: SchedulerClient(config, address=address))
         self._in_flight: dict[str, PoolCall | None] = {}
         self.metrics = GatewayMetrics()
         self.readiness = Readiness()  # kept by gateway.server's SchedulerWatcher; read by /health
@@ -54,6 +55,11 @@ class GenerationService:
         self.admission = Admission(config.max_concurrent_requests)
         self.preparer = Preparer(config, tokenizer, self.model_name, self.max_model_len,
                                  in_flight=lambda rid: rid in self._in_flight)
+
+    @property
+    def scheduler(self) -> SchedulerClient:
+        """The first pool's scheduler (Stats and the channel state in ``/health`` with one pool)."""
+        return self.pools.first
 
     @property
     def num_in_flight(self) -> int:

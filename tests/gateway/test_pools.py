@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.pools import resolve_pools
+from gateway.pools import dns_name, resolve_pools
 from wire.grpc_server import start_server
 from wire.pb.slai.v1 import scheduler_pb2_grpc
 
@@ -97,3 +97,26 @@ def test_resolve_pools():
     for bad in ("", " , ", "nohost", "host:port"):
         with pytest.raises(ValueError, match="--pools"):
             resolve_pools(bad)
+
+
+def test_dns_name_is_followed_only_for_one_name():
+    assert dns_name("sched.pools.svc:50061") == "sched.pools.svc:50061"
+    assert dns_name("10.0.0.1:5") is None and dns_name("[::1]:5") is None
+    assert dns_name("a:1,b:2") is None and dns_name("unix:/tmp/s") is None
+
+
+async def test_pools_follow_a_changing_address_list(tiny_model_dir):
+    """A DNS name's addresses change (pools scaled): new ones join, gone ones leave the rotation."""
+    from gateway.config import GatewayConfig
+    from gateway.pools import PoolSet
+    from gateway.scheduler_client import SchedulerClient
+
+    config = GatewayConfig(model_dir=str(tiny_model_dir))
+    make = lambda address: SchedulerClient(config, address=address)  # noqa: E731 - no connection until used
+    pools = PoolSet([make("10.9.0.1:1"), make("10.9.0.2:1")], "round-robin")
+    pools.update(["10.9.0.2:1", "10.9.0.3:1"], make)
+    assert [p.address for p in pools.pools] == ["10.9.0.2:1", "10.9.0.3:1"]
+    assert {pools.pick().address for _ in range(4)} == {"10.9.0.2:1", "10.9.0.3:1"}
+    pools.update([], make)  # an empty answer changes nothing
+    assert len(pools.pools) == 2
+    await pools.close()
