@@ -47,16 +47,16 @@ def table(single: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|",
              f"| (one executor) | 1 | {one:.3f} | {one:.3f} | 1.00 |"]
     for r in rows:
-        k = r["executors"]
+        k, eff = r["executors"], r.get("scaling_efficiency")
         lines.append(f"| {r['pool_routing']} | {k} ({r['pools']}) | {r['capacity_qps']:.2f} | "
-                     f"{r['capacity_qps'] / k:.3f} | **{r['capacity_qps'] / (k * one):.3f}** |")
+                     f"{r['capacity_qps'] / k:.3f} | {'-' if eff is None else f'**{eff:.3f}**'} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
-    from simulator.cli_args import RunSpec, add_workload_arguments, clean_json
+    from simulator.cli_args import RunSpec, add_workload_arguments, clean_json, stability_bound
 
     p = argparse.ArgumentParser(prog="python -m simulator.pool_scaling", description=__doc__.splitlines()[0])
     p.add_argument("--policy", default="slai")
@@ -84,8 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(a.policy, spec, k, a.pools, r, a.low * k * one, a.high * k * one, a.tol * k) for r in rules]
     with ProcessPoolExecutor(max(1, a.jobs)) as pool:
         rows = list(pool.map(_job, jobs))
+    bound = stability_bound(spec, a.policy)["lambda_max_nominal_qps"]  # one executor's, nominal QPS
+    for r in [single, *rows]:
+        r["stability_bound_qps"] = bound * r["executors"]
+        # NOTE: a "capacity" above the stability bound is a finite-run artifact (queues grow without
+        # limit there; a run too short to show it still passes): no efficiency is derived from it
+        r["above_stability_bound"] = r["capacity_qps"] > r["stability_bound_qps"]
     for r in rows:
-        r["scaling_efficiency"] = r["capacity_qps"] / (k * one) if one > 0 else None
+        valid = one > 0 and not r["above_stability_bound"] and not single["above_stability_bound"]
+        r["scaling_efficiency"] = r["capacity_qps"] / (k * one) if valid else None
+        if not valid:
+            print(f"pool_scaling: {r['pool_routing']}: capacity {r['capacity_qps']:.2f} (one executor "
+                  f"{one:.3f}) is above the stability bound or unusable; run longer (--num-requests)",
+                  file=sys.stderr)
     if a.json:
         json.dump(clean_json({"single": single, "pools": rows}), sys.stdout, sort_keys=True)
         sys.stdout.write("\n")

@@ -112,3 +112,18 @@ def test_pools_must_divide_the_executors():
         simulate_cluster("slai", small_workload(4), executors=6, pools=4)
     with pytest.raises(ValueError, match="pool routing"):
         simulate_cluster("slai", small_workload(4), executors=4, pools=2, pool_routing="nope")
+
+
+def test_pool_scaling_reports_efficiency_or_says_why_not(capsys):
+    from simulator.pool_scaling import main as scaling
+
+    assert scaling(["--executors", "4", "--pools", "2", "--pool-routings", "jsw,round-robin", "--num-requests",
+                    "120", "--single-num-requests", "60", "--tol", "0.5", "--jobs", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["pool_routing"] for r in out["pools"]] == ["jsw", "round-robin"]
+    for r in out["pools"]:
+        assert r["executors"] == 4 and r["pools"] == 2 and r["capacity_qps"] > 0
+        if r["above_stability_bound"] or out["single"]["above_stability_bound"]:
+            assert r["scaling_efficiency"] is None  # a finite-run artifact gives no efficiency
+        else:
+            assert r["scaling_efficiency"] == pytest.approx(r["capacity_qps"] / (4 * out["single"]["capacity_qps"]))
