@@ -37,6 +37,9 @@ class NewRequestSlice:
     num_computed_tokens: int = 0  # always 0 today (no prefix caching); kept for the wire
     num_new_tokens: int = 0  # tokens of token_ids to compute in this step
     sample: bool = False  # this chunk completes the sequence: sample a token
+    # prompt tokens at the start of token_ids (the rest are outputs, after a recompute); 0 = all of them.
+    # The executor needs it for penalties, min_tokens and prompt logprobs (contract/sampling.py).
+    num_prompt_tokens: int = 0
 
 
 class CachedRequestSlice(NamedTuple):
@@ -111,3 +114,6 @@ class StepResult:
     sample_ns: int = 0  # sampling
     total_ns: int = 0  # the runner took the plan up -> its result was ready
     idle_ns: int = 0  # the executor's wait for this plan since its previous step ended (0 if unknown)
+    # () unless a sampling request asked for logprobs; else aligned with req_ids: a
+    # contract.logprobs.SampleLogprobs or None per request (opaque to the scheduler's core)
+    logprobs: tuple = ()

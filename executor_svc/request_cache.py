@@ -28,6 +28,13 @@ class RequestState:
     sampling: SamplingParams
     block_ids: list[int] = field(default_factory=list)  # KV block table, token order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_prompt_tokens: int = 0  # token_ids[:num_prompt_tokens] is the prompt, the rest are outputs
+    # NOTE: set only for requests that use logit processors or logprobs (executor_svc/penalties.py,
+    # executor_svc/logprobs.py); the runner skips all of that while RequestCache.num_with_extras is 0.
+    has_extras: bool = False
+    # prompt logprobs computed so far, until the first sampled token carries them; None: none to send
+    # (not asked for, already sent, or a recompute that already has outputs)
+    prompt_logprobs: list | None = None
 
     def append_token(self, token_id: int) -> None:
         if self.token_ids or self.num_tokens == 0:
@@ -68,6 +75,7 @@ class RequestCache:
         self.require_token_ids = require_token_ids
         self.check_blocks = check_blocks
         self._states: dict[str, RequestState] = {}
+        self.num_with_extras = 0  # live states with has_extras set
         self._block_owner: dict[int, str] = {}  # NOTE: catches two live requests sharing a block
 
     def __len__(self) -> int:
@@ -83,6 +91,8 @@ class RequestCache:
         for rid in req_ids:
             state = self._states.pop(rid, None)
             if state is not None:
+                if state.has_extras:
+                    self.num_with_extras -= 1
                 for b in state.block_ids:
                     if self._block_owner.get(b) == rid:
                         del self._block_owner[b]
@@ -120,6 +130,8 @@ class RequestCache:
                 raise PlanError(f"{where}: num_tokens={s.num_tokens} but {len(s.token_ids)} token ids")
         elif self.require_token_ids:
             raise PlanError(f"{where}: no token ids (this runner needs them)")
+        if not 0 <= s.num_prompt_tokens <= s.num_tokens:
+            raise PlanError(f"{where}: num_prompt_tokens={s.num_prompt_tokens} not in [0, {s.num_tokens}]")
         if s.num_computed_tokens != 0:
             raise PlanError(f"{where}: num_computed_tokens={s.num_computed_tokens}, expected 0 "
                             "(no KV exists for a new request)")
@@ -173,7 +185,13 @@ class RequestCache:
         self.release(plan.preempted_ids)
         chunks: list[ScheduledChunk] = []
         for s in plan.new:
-            state = RequestState(s.req_id, list(s.token_ids), s.num_tokens, s.sampling, list(s.block_ids))
+            state = RequestState(s.req_id, list(s.token_ids), s.num_tokens, s.sampling, list(s.block_ids),
+                                 num_prompt_tokens=s.num_prompt_tokens or s.num_tokens)
+            if s.sampling.has_processors or s.sampling.wants_logprobs:
+                state.has_extras = True
+                self.num_with_extras += 1
+                if s.sampling.prompt_logprobs is not None and state.num_prompt_tokens == s.num_tokens:
+                    state.prompt_logprobs = []  # a recompute with outputs sent them with its first token
             self._states[s.req_id] = state
             self._own(s.req_id, s.block_ids)
             chunks.append(ScheduledChunk(state, 0, s.num_new_tokens, s.sample,

@@ -73,6 +73,7 @@ class BatchBuilder:
             num_computed_tokens=req.num_computed_tokens,
             num_new_tokens=num_new_tokens,
             sample=req.num_computed_tokens + num_new_tokens == req.num_tokens,
+            num_prompt_tokens=req.num_prompt_tokens,
         ))
         self._count(req, num_new_tokens, is_decode=False)
 
