@@ -248,6 +248,8 @@ class SchedulerCore:
                         continue  # finished by this token
                 served.append(req)
         self.policy.on_step_end(served, now)
+        if result.logprobs:
+            return _with_logprobs(events, result)
         return events
 
     # ------------------------------------------------------------------ pipelining
@@ -301,6 +303,8 @@ class SchedulerCore:
                 raise ValueError(f"step {result.step_id}: no token sampled for {req.req_id!r}")
             req.num_pending_outputs -= 1
             events.append(self._on_token(req, token, now, advanced=True))
+        if result.logprobs:
+            return _with_logprobs(events, result)
         return events
 
     # ------------------------------------------------------------------ mechanism used by BatchBuilder
@@ -394,3 +398,14 @@ class SchedulerCore:
     def _event(self, kind: EventKind, req: Request, now: float, detail: str = "") -> None:
         if self._record_events:
             self._events.append(LifecycleEvent(kind, req.req_id, now, detail))
+
+
+def _with_logprobs(events: list[TokenEvent], result: StepResult) -> list[TokenEvent]:
+    """Attach the executor's logprobs (opaque values, docs/gateway.md) to their tokens' events.
+
+    Only for a result that carries some; an event holds one token, so its value is a 1-tuple.
+    """
+    lps = {rid: lp for rid, lp in zip(result.req_ids, result.logprobs) if lp is not None}
+    if not lps:
+        return events
+    return [ev._replace(logprobs=(lps[ev.req_id],)) if ev.req_id in lps and ev.token_ids else ev for ev in events]
