@@ -24,6 +24,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import TierPolicy
 from gateway.http_guard import retry_after_value
+from gateway.logprobs import (
+    CompletionLogprobs,
+    chat_logprobs,
+    merge_completion_logprobs,
+)
 from gateway.openai_params import (
     CHAT,
     COMPLETIONS,
@@ -35,7 +40,6 @@ from gateway.openai_params import (
 )
 from gateway.service import GenerationService
 from gateway.types import Delta, GenerationInput
-from gateway.logprobs import CompletionLogprobs, chat_logprobs, merge_completion_logprobs
 from gateway.validation import (
     MAX_CONTENT_PARTS,
     MAX_LOGIT_BIAS_KEYS,

@@ -19,7 +19,7 @@ from gateway.types import GenerationInput
 class LogprobsTracker:
     """One request's logprobs as its token events arrive."""
 
-    __slots__ = ("want_tokens", "want_prompt", "num_prompt_tokens", "prompt_done")
+    __slots__ = ("num_prompt_tokens", "prompt_done", "want_prompt", "want_tokens")
 
     def __init__(self, inp: GenerationInput, num_prompt_tokens: int) -> None:
         self.want_tokens = inp.logprobs is not None
@@ -84,8 +84,8 @@ class CompletionLogprobs:
 def merge_completion_logprobs(parts: list[dict]) -> dict:
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for p in parts:
-        for k in out:
-            out[k].extend(p[k])
+        for k, values in out.items():
+            values.extend(p[k])
     return out
 
 

@@ -1,7 +1,8 @@
 """Logprobs and logit processors in the runner (issue 15).
 
 * logprobs of prompt tokens (echo) and of generated tokens, greedy and sampled at temperature 0.7,
-  equal those of a plain transformers forward over the same tokens, in fp32 (SmolLM2, real weights);
+  equal those of a plain transformers forward over the same tokens, in fp32 (tiny-mistral here; SmolLM2's
+  real weights end to end in tests/gateway/test_openai_logprobs_e2e.py);
 * prompt logprobs are sent once: with the first sampled token, also across recompute preemptions;
 * logit_bias, min_tokens and the penalties change outputs as vLLM documents (each test fails when the
   option is ignored); requests without options report no logprobs at all.
@@ -13,20 +14,10 @@ import pytest
 import torch
 
 from contract.sampling import SamplingParams
-from executor_svc import models
 from executor_svc.penalties import apply_processors
 from tests.executor_svc.helpers import Driver, sdpa_attention
 
 TOL = 2e-3  # fp32: paged chunked attention vs one dense forward
-
-
-@pytest.fixture(scope="module")
-def smol():
-    try:
-        models.ensure_default_model()
-    except Exception as exc:  # noqa: BLE001 - any failure to fetch means "not available here"
-        pytest.skip(f"SmolLM2 not available: {exc}")
-    return models.load_model("default")
 
 
 def _reference(model, tokens: list[int], temperature: float = 1.0) -> torch.Tensor:
@@ -36,14 +27,13 @@ def _reference(model, tokens: list[int], temperature: float = 1.0) -> torch.Tens
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
-@pytest.mark.slow
-def test_logprobs_equal_transformers_for_prompt_and_generated_tokens(smol):
+def test_logprobs_equal_transformers_for_prompt_and_generated_tokens(tiny):
     from executor_svc.runner import ModelRunner
 
-    prompt = list(range(1000, 1040)) + [504, 3458, 282, 4649, 314]  # 45 tokens: three prefill chunks of 16
+    prompt = list(range(1000, 1045))  # 45 tokens: three prefill chunks of 16
     cases = {"greedy": SamplingParams(logprobs=5, prompt_logprobs=3),
              "hot": SamplingParams(temperature=0.7, seed=11, logprobs=5, prompt_logprobs=3)}
-    drv = Driver(ModelRunner(smol, num_blocks=64), num_blocks=64)
+    drv = Driver(ModelRunner(tiny, num_blocks=64), num_blocks=64)
     for rid, sp in cases.items():
         drv.add(rid, prompt, 6, sp)
     drv.add("plain", prompt, 6)  # batched alongside; asks for nothing, gets nothing
@@ -53,7 +43,7 @@ def test_logprobs_equal_transformers_for_prompt_and_generated_tokens(smol):
         got = drv.logprobs[rid]
         assert len(got) == 6 and got[0].prompt is not None and all(g.prompt is None for g in got[1:])
         full = prompt + done[rid]
-        raw = _reference(smol.model, full)
+        raw = _reference(tiny.model, full)
         # prompt tokens 1..P-1: the model's own distribution (temperature 1)
         assert [e.token_id for e in got[0].prompt] == prompt[1:]
         for p, e in enumerate(got[0].prompt):
@@ -61,7 +51,7 @@ def test_logprobs_equal_transformers_for_prompt_and_generated_tokens(smol):
             ref_top = torch.topk(raw[p], 3)
             assert list(e.top_logprobs) == pytest.approx(ref_top.values.tolist(), abs=TOL)
         # generated tokens: the distribution sampled from (after temperature; greedy: temperature 1)
-        ref = _reference(smol.model, full, sp.temperature or 1.0)
+        ref = _reference(tiny.model, full, sp.temperature or 1.0)
         for i, (tok, g) in enumerate(zip(done[rid], got)):
             row = ref[len(prompt) - 1 + i]
             assert g.token.token_id == tok
@@ -71,7 +61,6 @@ def test_logprobs_equal_transformers_for_prompt_and_generated_tokens(smol):
                 assert g.token.top_ids[0] == tok
 
 
-@pytest.mark.slow
 def test_prompt_logprobs_are_sent_once_across_recompute_preemptions(make_runner):
     sp = SamplingParams(logprobs=0, prompt_logprobs=0)
     drv = Driver(make_runner(), num_blocks=64)
