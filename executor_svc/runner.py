@@ -18,8 +18,7 @@ import torch
 
 from contract.executor_info import ExecutorInfo
 from contract.plan import BatchPlan, StepResult
-from executor_svc import attention
-from executor_svc import step_extras
+from executor_svc import attention, step_extras
 from executor_svc.attention import PagedStep, PrefillChunk
 from executor_svc.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, kv_shape_from_config, num_blocks_for_device
 from executor_svc.models import LoadedModel, load_model

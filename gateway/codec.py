@@ -8,8 +8,8 @@ from __future__ import annotations
 from contract.logprobs import TokenLogprob
 from gateway.types import Delta, GenerationInput, Timings
 from gateway.validation import MAX_LOGIT_BIAS_KEYS, MAX_MESSAGES, MAX_STOP_TOKEN_IDS
-from wire.logprobs_codec import fill_token_logprob, token_logprob_from_pb
 from wire.enums import FINISH_FROM_PB, FINISH_TO_PB
+from wire.logprobs_codec import fill_token_logprob, token_logprob_from_pb
 from wire.pb.slai.v1 import common_pb2, gateway_pb2
 
 
