@@ -18,6 +18,7 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from telemetry import names as N
+from telemetry.pool_gauges import PoolGauges, PoolLoad
 from telemetry.token_metrics import SloWindow, TokenLatencyCollector
 from telemetry.tracing import tier_label
 
@@ -80,6 +81,9 @@ class SchedulerMetrics:
                                    buckets=STEP_BUCKETS)
         self.forward_time = Histogram(N.M_BATCH_FORWARD_DURATION, "Model forward pass (executor's forward_ns).", ex,
                                       registry=r, buckets=STEP_BUCKETS)
+        # the endpoint picker's gauges (vLLM names), read from the pool at scrape time: see watch_pool
+        self.pool = PoolGauges()
+        r.register(self.pool)
 
         self._e2e, self._queue = _child_cache(self.e2e), _child_cache(self.queue)
         self._labels: dict[Any, str] = {}
@@ -90,6 +94,11 @@ class SchedulerMetrics:
         if label is None:
             label = self._labels[tier] = tier_label(tier)
         return label
+
+    def watch_pool(self, read: Callable[[], PoolLoad]) -> None:
+        """Export ``read()``, the whole pool's load, as ``vllm:num_requests_waiting`` / ``_running`` /
+        ``vllm:kv_cache_usage_perc`` (read at each scrape, on the scraping thread)."""
+        self.pool.watch(read)
 
     # ------------------------------------------------------------------ per token (from TokenEvents)
     def record_token_event(self, tier: Any, ttft_s: float | None, tbt_s: float | None, tbt_slo_s: float) -> None:
@@ -198,5 +207,5 @@ class GatewayMetrics:
 # the serving helpers live in metrics_http (re-exported here for one import)
 from telemetry.metrics_http import add_metrics_route, metrics_port, render, start_metrics_server  # noqa: E402
 
-__all__ = ["ExecutorMetrics", "GatewayMetrics", "SchedulerMetrics", "SloWindow", "add_metrics_route",
+__all__ = ["ExecutorMetrics", "GatewayMetrics", "PoolLoad", "SchedulerMetrics", "SloWindow", "add_metrics_route",
            "metrics_port", "render", "start_metrics_server"]

@@ -138,6 +138,11 @@ M_BATCH_FORWARD_DURATION = "slai_batch_forward_duration_seconds"  # histogram{ex
 # executor side (TGI's tgi_batch_inference_duration split by phase)
 M_BATCH_INFERENCE_DURATION = "slai_batch_inference_duration_seconds"  # histogram{phase}
 M_EXECUTOR_BATCH_SIZE = "slai_executor_batch_size"  # histogram: sequences per step
+# per pool (the scheduler's /metrics, all its executors together), under the names the Gateway API
+# Inference Extension's endpoint picker reads from vLLM (docs/observability.md, "Endpoint picker gauges")
+M_VLLM_NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
+M_VLLM_NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
+M_VLLM_KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"  # NOTE: a fraction in [0, 1], as vLLM's
 # gateway side
 M_GATEWAY_REQUESTS = "slai_gateway_requests"  # counter -> slai_gateway_requests_total{tier,outcome}
 M_GATEWAY_IN_FLIGHT = "slai_gateway_in_flight_requests"  # gauge
