@@ -63,7 +63,7 @@ def requested_objectives(carrier: Any) -> dict[str, float]:
         values = _values(carrier, name)
         if not values:
             continue
-        if len(set(v.strip() for v in values)) > 1:
+        if len({v.strip() for v in values}) > 1:
             raise ValueError(f"{name}: given {len(values)} times with different values")
         out[field] = parse_slo_ms(name, values[0])
     return out

@@ -14,7 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry import names as N
 from telemetry.metrics import SchedulerMetrics, start_metrics_server
-from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, submit_msg, wait_for
+from tests.scheduler_svc.helpers import (
+    RecordingRunner,
+    collect,
+    start_stack,
+    submit_msg,
+    wait_for,
+)
 
 GAUGES = (N.M_VLLM_NUM_REQUESTS_WAITING, N.M_VLLM_NUM_REQUESTS_RUNNING, N.M_VLLM_KV_CACHE_USAGE)
 
