@@ -41,7 +41,7 @@ READS_ENV = {
     "scheduler": {service_auth.SERVICE_TOKEN_ENV, service_auth.SERVICE_TOKEN_FILE_ENV, names.METRICS_PORT_ENV},
     "gateway": {service_auth.SERVICE_TOKEN_ENV, service_auth.SERVICE_TOKEN_FILE_ENV, MODEL_CACHE_ENV},
 }
-DOCKERFILE_TARGETS = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(), flags=re.M | re.I))
+DOCKERFILE_TARGETS = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE | re.IGNORECASE))
 
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
                                    reason="kubectl is not installed: cannot render the kustomizations")
@@ -49,7 +49,7 @@ needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
 
 @functools.cache
 def render(name: str) -> tuple[dict, ...]:
-    out = subprocess.run(["kubectl", "kustomize", str(KUBE / name)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["kubectl", "kustomize", str(KUBE / name)], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -83,6 +83,11 @@ def port_named(c: dict, name: str) -> int:
     ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
     assert name in ports, f"{c['name']}: no port named {name!r} ({sorted(ports)})"
     return ports[name]
+
+
+def unhashed(name: str) -> str:
+    """A generated Secret's name without kustomize's content-hash suffix."""
+    return re.sub(r"-[a-z0-9]{10}$", "", name)
 
 
 def image_target(image: str) -> str:
@@ -121,8 +126,7 @@ def test_the_schema_check_rejects_a_broken_object():
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_expected_objects(name):
     objs = render(name)
-    kinds = sorted((o["kind"], o["metadata"]["name"].rsplit("-", 1)[0] if o["kind"] == "Secret"
-                    else o["metadata"]["name"]) for o in objs)
+    kinds = sorted((o["kind"], unhashed(o["metadata"]["name"])) for o in objs)
     assert kinds == sorted([
         ("Namespace", "slai-serve"), ("Secret", "slai-api-keys"), ("Secret", "slai-service-token"),
         ("Service", "slai-pool"), ("StatefulSet", "slai-pool"), ("Deployment", "slai-gateway"),
@@ -184,13 +188,41 @@ def test_environment_is_what_the_code_reads_and_the_token_is_a_secret(name):
 def test_the_base_secrets_are_safe_placeholders():
     import base64
 
-    secrets = {o["metadata"]["name"].rsplit("-", 1)[0]: o["data"] for o in render("base") if o["kind"] == "Secret"}
+    secrets = {unhashed(o["metadata"]["name"]): o["data"] for o in render("base") if o["kind"] == "Secret"}
     token = base64.b64decode(secrets["slai-service-token"]["token"]).decode()
     # a pool started without replacing it refuses to run (and says why), instead of trusting a published token
     with pytest.raises(ValueError, match=service_auth.SERVICE_TOKEN_ENV):
         service_auth.read_service_token(environ={service_auth.SERVICE_TOKEN_ENV: token})
     store = parse_key_data(yaml.safe_load(base64.b64decode(secrets["slai-api-keys"]["keys.yaml"])))
     assert store.enabled and not store.keys and not store.allow_anonymous  # nobody is let in by default
+
+
+@needs_kubectl
+def test_a_local_overlay_replaces_the_secrets_as_docs_deploy_md_shows(tmp_path):
+    import base64
+    import os
+
+    token = "k8s-test-token-0123456789abcdef"
+    (tmp_path / "service-token").write_text(token + "\n")
+    (tmp_path / "keys.yaml").write_text("keys: {sk-demo-paying: paying, sk-demo-free: free}\n")
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(KUBE / "overlays" / "cpu", tmp_path)],  # kustomize refuses absolute paths
+        "secretGenerator": [
+            {"name": "slai-service-token", "behavior": "replace", "files": ["token=service-token"]},
+            {"name": "slai-api-keys", "behavior": "replace", "files": ["keys.yaml"]}]}))
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    secrets = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "Secret"}
+    assert "slai-api-keys" in secrets  # keeps its name: edits reach running gateways in place
+    for w in workloads(objs):
+        for c, _, _ in slai_containers(w["spec"]["template"]["spec"]):
+            ref = env_of(c)[service_auth.SERVICE_TOKEN_ENV]["valueFrom"]["secretKeyRef"]
+            raw = base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
+            assert service_auth.read_service_token(environ={service_auth.SERVICE_TOKEN_ENV: raw}) == token
+    store = parse_key_data(yaml.safe_load(base64.b64decode(secrets["slai-api-keys"]["keys.yaml"])))
+    assert store.resolve("Bearer sk-demo-paying").tier.name == "PAYING"
 
 
 @needs_kubectl
@@ -230,7 +262,7 @@ def test_pool_pod_wiring(name):
 def test_gateway_deployment_reaches_a_pool_by_its_dns_name(name):
     objs = render(name)
     dep = one(objs, "Deployment", "slai-gateway")
-    (c, sub, gw), = slai_containers(dep["spec"]["template"]["spec"])
+    (c, _, gw), = slai_containers(dep["spec"]["template"]["spec"])
     sts = one(objs, "StatefulSet", "slai-pool")
     _, _, sched = next(x for x in slai_containers(sts["spec"]["template"]["spec"]) if x[1] == "scheduler")
     # a StatefulSet pod's stable name on its headless Service: <statefulset>-<ordinal>.<service>
@@ -247,6 +279,14 @@ def test_gateway_deployment_reaches_a_pool_by_its_dns_name(name):
     assert "cpu" in c["resources"]["requests"]  # CPU utilization is relative to the request
 
 
+def volume_at(c: dict, volumes: dict, path: str) -> tuple[dict, dict]:
+    """The mount of ``c`` holding ``path``, and its volume."""
+    mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1, f"{c['name']}: {path} is on no volume"
+    assert "subPath" not in mounts[0], "a subPath mount never sees a Secret's updates"
+    return mounts[0], volumes[mounts[0]["name"]]
+
+
 @needs_kubectl
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_models_and_key_files_are_where_the_flags_point(name):
@@ -257,12 +297,6 @@ def test_models_and_key_files_are_where_the_flags_point(name):
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         volumes.update({t["metadata"]["name"]: t for t in w["spec"].get("volumeClaimTemplates", [])})
 
-        def volume_at(c: dict, path: str) -> tuple[dict, dict]:
-            mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
-            assert len(mounts) == 1, f"{c['name']}: {path} is on no volume"
-            assert "subPath" not in mounts[0], "a subPath mount never sees a Secret's updates"
-            return mounts[0], volumes[mounts[0]["name"]]
-
         model_dirs = set()
         for init in spec.get("initContainers", []):
             # the embedded model's one-time conversion, by the executor image's module
@@ -271,14 +305,14 @@ def test_models_and_key_files_are_where_the_flags_point(name):
             source = Path(importlib.util.find_spec("executor_svc.models").origin).read_text()
             assert "def main(" in source and 'if __name__ == "__main__":' in source
             model_dirs.add(env_of(init)[MODEL_CACHE_ENV]["value"])
-            volume_at(init, env_of(init)[MODEL_CACHE_ENV]["value"] + "/config.json")
+            volume_at(init, volumes, env_of(init)[MODEL_CACHE_ENV]["value"] + "/config.json")
         for c, sub, args in slai_containers(spec):
             if sub == "executor":
                 assert args.model == "default" and env_of(c)[MODEL_CACHE_ENV]["value"] in model_dirs
             if sub == "gateway":
                 assert args.model_dir in model_dirs  # the tokenizer the init container wrote
-                volume_at(c, args.model_dir + "/tokenizer.json")
-                mount, vol = volume_at(c, args.api_keys)
+                volume_at(c, volumes, args.model_dir + "/tokenizer.json")
+                mount, vol = volume_at(c, volumes, args.api_keys)
                 assert mount.get("readOnly") is True
                 secret = secrets[vol["secret"]["secretName"]]
                 assert Path(args.api_keys).name in secret["data"]
