@@ -31,6 +31,8 @@ class BatchBuilder:
         self.num_decodes = 0
         self.num_preempted = 0
         self.num_critical = 0  # set by deadline-aware policies (SLAI, EDF)
+        self.num_cache_queries = 0  # prefix caching: prompt tokens looked up at admission
+        self.num_cache_hits = 0  # and found cached
         self.offset = 0.0  # SLAI's delta in force, for telemetry
         self.new: list[NewRequestSlice] = []
         self.cached: list[CachedRequestSlice] = []
@@ -75,6 +77,8 @@ class BatchBuilder:
             self._check_chunk(req, num_new_tokens)
             block_ids = pc.allocate_with(req.req_id, req.num_tokens, hits)
             pc.record_lookup(req.num_tokens, req.num_computed_tokens)
+            self.num_cache_queries += req.num_tokens
+            self.num_cache_hits += req.num_computed_tokens
             pc.register(req, req.num_computed_tokens + num_new_tokens)
         else:
             self._check_chunk(req, num_new_tokens)

@@ -69,6 +69,7 @@ class SchedulerCore:
         self._known_to_runner: set[str] = set()  # sent as `new`, not yet released
         self._release_finished: list[str] = []
         self._release_preempted: list[str] = []
+        self._rematched: list[str] = []  # waiting requests whose cached prefix changed (take_rematched_ids)
         policy.bind(self)
 
     # ------------------------------------------------------------------ queries
@@ -195,6 +196,8 @@ class SchedulerCore:
             offset=builder.offset,
             num_waiting=self.num_waiting,
             num_running=len(self.running),
+            prefix_cache_queries=builder.num_cache_queries,
+            prefix_cache_hits=builder.num_cache_hits,
         )
         plan = BatchPlan(
             step_id=next(self._step_ids),
@@ -323,10 +326,17 @@ class SchedulerCore:
         computed = len(hits) * self.prefix_cache.block_size
         if req.status != RequestStatus.WAITING and req.status != RequestStatus.PREEMPTED:
             raise ValueError(f"prefix lookup for {req.req_id!r} in state {req.status.name}")
-        if req.req_id in self.requests:  # (not yet counted while add() looks it up)
+        if computed != req.num_computed_tokens and req.req_id in self.requests:  # (add() looks up before)
             self.num_waiting_tokens -= computed - req.num_computed_tokens
+            self._rematched.append(req.req_id)
         req.num_computed_tokens = computed
         return hits
+
+    def take_rematched_ids(self) -> list[str]:
+        """Waiting requests whose cached prefix (so their outstanding work) changed since the last
+        call, without being scheduled: a driver keeping work incrementally re-measures them."""
+        ids, self._rematched = self._rematched, []
+        return ids
 
     def on_admitted(self, req: Request, now: float) -> None:
         req.status = RequestStatus.RUNNING
