@@ -193,6 +193,11 @@ class PrefixCachingAllocator(BlockAllocator):
         if not ids:
             return 0
         refs, lru, key_of, free = self._refs, self._lru, self._key_of, self._free
+        if not key_of:  # nothing registered, so nothing shared (length-only requests): every count is 1
+            for b in ids:
+                refs[b] = 0
+                heapq.heappush(free, b)
+            return len(ids)
         for b in reversed(ids):
             refs[b] -= 1
             if not refs[b]:
