@@ -44,6 +44,14 @@ from scheduler_svc.core.request import Request
 ROOT_HASH = 0x5EED  # the parent hash of a sequence's first block
 
 
+def _block_tokens(req: Request, i: int, bs: int) -> tuple[int, ...]:
+    """Token ids of ``req``'s block ``i`` (prompt, then outputs so far)."""
+    lo, hi, n_prompt = i * bs, (i + 1) * bs, req.num_prompt_tokens
+    if hi <= n_prompt:
+        return tuple(req.prompt_token_ids[lo:hi])
+    return tuple(req.prompt_token_ids[lo:n_prompt]) + tuple(req.output_token_ids[max(0, lo - n_prompt):hi - n_prompt])
+
+
 def block_hashes(req: Request, num_blocks: int, bs: int) -> list[int]:
     """Chained hashes of ``req``'s first ``num_blocks`` full blocks of ``bs`` tokens (prompt + outputs so far).
 
@@ -53,30 +61,16 @@ def block_hashes(req: Request, num_blocks: int, bs: int) -> list[int]:
     memo = req.block_hashes
     if memo is None:
         memo = req.block_hashes = []
-    if len(memo) >= num_blocks:
-        return memo
-    prompt, outputs, n_prompt = req.prompt_token_ids, req.output_token_ids, req.num_prompt_tokens
     parent = memo[-1] if memo else ROOT_HASH
     for i in range(len(memo), num_blocks):
-        lo, hi = i * bs, (i + 1) * bs
-        if hi <= n_prompt:
-            toks = tuple(prompt[lo:hi])
-        else:
-            toks = tuple(prompt[lo:n_prompt]) + tuple(outputs[max(0, lo - n_prompt):hi - n_prompt])
-        parent = hash((parent, toks))
+        parent = hash((parent, _block_tokens(req, i, bs)))
         memo.append(parent)
     return memo
 
 
 def _key(req: Request, i: int, hashes: list[int], bs: int) -> tuple:
     """The table key of ``req``'s block ``i``: (parent hash, the block's tokens)."""
-    lo, hi, n_prompt = i * bs, (i + 1) * bs, req.num_prompt_tokens
-    if hi <= n_prompt:
-        toks = tuple(req.prompt_token_ids[lo:hi])
-    else:
-        toks = tuple(req.prompt_token_ids[lo:n_prompt]) + tuple(
-            req.output_token_ids[max(0, lo - n_prompt):hi - n_prompt])
-    return (hashes[i - 1] if i else ROOT_HASH, toks)
+    return (hashes[i - 1] if i else ROOT_HASH, _block_tokens(req, i, bs))
 
 
 class PrefixCachingAllocator(BlockAllocator):
