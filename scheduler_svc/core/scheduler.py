@@ -69,7 +69,7 @@ class SchedulerCore:
         self._known_to_runner: set[str] = set()  # sent as `new`, not yet released
         self._release_finished: list[str] = []
         self._release_preempted: list[str] = []
-        self._rematched: list[str] = []  # waiting requests whose cached prefix changed (take_rematched_ids)
+        self._rematched: set[str] = set()  # waiting requests whose cached prefix changed (take_rematched_ids)
         policy.bind(self)
 
     # ------------------------------------------------------------------ queries
@@ -158,6 +158,7 @@ class SchedulerCore:
         self._known_to_runner.clear()
         self._release_finished.clear()
         self._release_preempted.clear()
+        self._rematched.clear()
         self._in_flight.clear()
         self._advanced = None
         return taken
@@ -328,14 +329,14 @@ class SchedulerCore:
             raise ValueError(f"prefix lookup for {req.req_id!r} in state {req.status.name}")
         if computed != req.num_computed_tokens and req.req_id in self.requests:  # (add() looks up before)
             self.num_waiting_tokens -= computed - req.num_computed_tokens
-            self._rematched.append(req.req_id)
+            self._rematched.add(req.req_id)
         req.num_computed_tokens = computed
         return hits
 
     def take_rematched_ids(self) -> list[str]:
         """Waiting requests whose cached prefix (so their outstanding work) changed since the last
         call, without being scheduled: a driver keeping work incrementally re-measures them."""
-        ids, self._rematched = self._rematched, []
+        ids, self._rematched = list(self._rematched), set()
         return ids
 
     def on_admitted(self, req: Request, now: float) -> None:
@@ -378,6 +379,8 @@ class SchedulerCore:
         req.status = status
         req.finished_s = now
         self.requests.pop(req.req_id, None)
+        if self._rematched:  # (nobody may drain it, e.g. the simulator: keep it bounded)
+            self._rematched.discard(req.req_id)
         self.policy.on_remove(req)
         if req.req_id in self._known_to_runner:
             self._known_to_runner.discard(req.req_id)
