@@ -20,11 +20,18 @@ import grpc
 
 from gateway.admission import Admission, Slot, current_slot
 from gateway.config import GatewayConfig, TierPolicy
-from gateway.prepare import Prepared, Preparer
-from gateway.readiness import Readiness
 from gateway.fan_out import fan_out, merge_streams
 from gateway.logprobs import LogprobsTracker
-from gateway.scheduler_client import SchedulerClient, TimingTracker, event_logprobs, is_final, scheduler_error
+from gateway.prepare import Prepared, Preparer
+from gateway.readiness import Readiness
+from gateway.scheduler_client import (
+    SchedulerClient,
+    TimingTracker,
+    event_logprobs,
+    is_final,
+    scheduler_error,
+)
+from gateway.slo_headers import with_slo_headers
 from gateway.stream_buffer import ABORTED, TokenBuffer
 from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput
@@ -91,8 +98,10 @@ class GenerationService:
     async def generate(self, inp: GenerationInput, tier: TierPolicy, carrier=None) -> AsyncIterator[Delta]:
         """Stream a request's deltas; the last one has ``finish_reason`` set.
 
-        ``carrier``: the caller's gRPC metadata or HTTP headers (trace context).
+        ``carrier``: the caller's gRPC metadata or HTTP headers (trace context; llm-d's SLO headers,
+        which may loosen the tier's objectives but never tighten them: gateway/slo_headers.py).
         """
+        tier = with_slo_headers(tier, carrier)  # ValueError naming a malformed header: 400 / INVALID_ARGUMENT
         # NOTE: admission first, before any costly work (docs/gateway.md, "Transport limits").
         slot = self._admit(tier)
         slots = [slot]

@@ -333,6 +333,8 @@ class Dispatcher:
         for d in self.drivers:
             core, st = d.core, d.stats
             last = st.last
+            pc = core.prefix_cache if core else None
+            queries, hits = (pc.num_query_tokens, pc.num_hit_tokens) if pc is not None else (0, 0)
             out.append(ExecutorStatsView(
                 address=d.address, healthy=d.healthy,
                 num_waiting=core.num_waiting if core else 0, num_running=core.num_running if core else 0,
@@ -343,5 +345,7 @@ class Dispatcher:
                 last_num_noncritical_decodes=last.num_noncritical_decodes,
                 last_num_prefill_tokens=last.num_prefill_tokens, last_offset=last.offset,
                 mean_decision_s=st.mean_decision_s, mean_executor_wait_s=st.mean_executor_wait_s,
-                mean_rpc_overhead_s=max(0.0, st.mean_rpc_overhead_s), num_steps_planned_ahead=st.num_planned_ahead))
+                mean_rpc_overhead_s=max(0.0, st.mean_rpc_overhead_s), num_steps_planned_ahead=st.num_planned_ahead,
+                prefix_cache_queries=queries, prefix_cache_hits=hits,
+                prefix_cache_hit_rate=hits / queries if queries else 0.0))
         return out

@@ -31,10 +31,13 @@ class BatchBuilder:
         self.num_decodes = 0
         self.num_preempted = 0
         self.num_critical = 0  # set by deadline-aware policies (SLAI, EDF)
+        self.num_cache_queries = 0  # prefix caching: prompt tokens looked up at admission
+        self.num_cache_hits = 0  # and found cached
         self.offset = 0.0  # SLAI's delta in force, for telemetry
         self.new: list[NewRequestSlice] = []
         self.cached: list[CachedRequestSlice] = []
         self.scheduled: dict[str, Request] = {}  # in scheduling order
+        self._prefix = core.prefix_cache  # None: prefix caching off
 
     # ---- budget ----
     @property
@@ -51,17 +54,35 @@ class BatchBuilder:
         A request preempted while its last token is still in flight (pipelined
         scheduling) waits for that token: a recompute must carry every token id.
         """
-        return (len(self.core.running) < self.config.max_num_seqs
-                and self.core.allocator.can_allocate(req.num_tokens)
-                and not req.num_pending_outputs)
+        if len(self.core.running) >= self.config.max_num_seqs or req.num_pending_outputs:
+            return False
+        if self._prefix is None or req.prompt_token_ids is None:
+            return self.core.allocator.can_allocate(req.num_tokens)
+        # the lookup sets req.num_computed_tokens to the cached prefix, so the policy's
+        # chunk (num_uncomputed_tokens) and the KV check count only the uncached part
+        return self._prefix.can_allocate_with(req.num_tokens, self.core.match_prefix(req))
 
     def admit(self, req: Request, num_new_tokens: int) -> None:
         """Allocate blocks for ``req``'s whole prompt and schedule its first chunk.
 
         The caller has popped ``req`` from its waiting queue and checked ``can_admit``.
+        With prefix caching, the blocks of its cached prefix are shared and only the
+        rest is computed (``num_computed_tokens`` starts at the cached length).
         """
-        self._check_chunk(req, num_new_tokens)
-        block_ids = self.core.allocator.allocate(req.req_id, req.num_tokens)
+        pc = self._prefix
+        if pc is not None and req.prompt_token_ids is not None:
+            # look up again: blocks matched by can_admit may have been evicted since
+            hits = self.core.match_prefix(req)
+            num_new_tokens = min(num_new_tokens, req.num_uncomputed_tokens)
+            self._check_chunk(req, num_new_tokens)
+            block_ids = pc.allocate_with(req.req_id, req.num_tokens, hits)
+            pc.record_lookup(req.num_tokens, req.num_computed_tokens)
+            self.num_cache_queries += req.num_tokens
+            self.num_cache_hits += req.num_computed_tokens
+            pc.register(req, req.num_computed_tokens + num_new_tokens)
+        else:
+            self._check_chunk(req, num_new_tokens)
+            block_ids = self.core.allocator.allocate(req.req_id, req.num_tokens)
         self.core.on_admitted(req, self.now)
         ids = req.all_token_ids()
         self.new.append(NewRequestSlice(
@@ -84,6 +105,8 @@ class BatchBuilder:
         self.cached.append(CachedRequestSlice(
             req.req_id, (), req.num_computed_tokens, num_new_tokens, False,
             req.num_computed_tokens + num_new_tokens == req.num_tokens))
+        if self._prefix is not None:
+            self._prefix.register(req, req.num_computed_tokens + num_new_tokens)
         self._count(req, num_new_tokens, is_decode=False)
 
     def add_decode(self, req: Request, victim: VictimFn) -> bool:

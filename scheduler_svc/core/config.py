@@ -19,6 +19,8 @@ class SchedulerConfig:
     max_model_len: int = field(default=8192, metadata={"help": "prompt + max_tokens above this is ignored"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     watermark: float = field(default=0.01, metadata={"help": "free fraction of blocks kept at admission"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "share the KV of full blocks between requests with the same prefix (needs token ids)"})
     default_tbt_s: float = field(default=0.2, metadata={"help": "TBT SLO of a request that carries none"})
     default_ttft_s: float = field(default=0.5, metadata={"help": "TTFT objective of a request that carries none (EDF laxity)"})
     # --- waiting-queue order ---
