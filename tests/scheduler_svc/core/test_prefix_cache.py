@@ -295,3 +295,20 @@ def test_random_add_abort_preempt_finish_keeps_the_table_consistent(ops, num_blo
                    for r in core.requests.values())
     run_steps(core, kv)
     assert not core.requests and core.allocator.num_used_blocks == 0
+
+
+def test_a_request_wanting_prompt_logprobs_computes_its_whole_prompt():
+    """Prompt logprobs need every prompt position computed (issue 15): no hit, as in vLLM."""
+    from contract.sampling import SamplingParams
+
+    core, kv = make(enable_prefix_caching=True), KvModel()
+    core.add(req("a", PREFIX + [1, 2]), 0.0)
+    run_steps(core, kv)
+    b = Request("b", len(PREFIX) + 2, 2, 0.0, prompt_token_ids=tuple(PREFIX + [1, 2]),
+                sampling=SamplingParams(prompt_logprobs=0))
+    core.add(b, 0.0)
+    plan = one_step(core, kv)
+    assert [(s.req_id, s.num_computed_tokens) for s in plan.new] == [("b", 0)]
+    c = req("c", PREFIX + [1, 2])  # others still hit
+    core.add(c, 0.0)
+    assert c.num_computed_tokens == 64
