@@ -26,7 +26,7 @@ class TokenBuffer:
     (``take``), both on the event loop.
     """
 
-    __slots__ = ("max_tokens", "stall_timeout_s", "_ids", "_lps", "_end", "_consumer", "_producer")
+    __slots__ = ("_consumer", "_end", "_ids", "_lps", "_producer", "max_tokens", "stall_timeout_s")
 
     def __init__(self, max_tokens: int, stall_timeout_s: float) -> None:
         self.max_tokens = max_tokens

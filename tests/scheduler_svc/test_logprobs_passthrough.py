@@ -9,7 +9,13 @@ from __future__ import annotations
 from scheduler_svc.core.request import Request
 from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.dispatcher import RequestStream
-from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, submit_msg, tokens_of
+from tests.scheduler_svc.helpers import (
+    RecordingRunner,
+    collect,
+    start_stack,
+    submit_msg,
+    tokens_of,
+)
 
 
 async def test_logprobs_reach_the_stream_aligned_with_tokens_and_prompt_once():
