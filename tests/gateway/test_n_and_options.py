@@ -79,3 +79,23 @@ async def test_sampling_options_reach_the_scheduler(small):
     choice = r.json()["choices"][0]
     assert choice["text"].startswith("hello the") and choice["logprobs"]["token_logprobs"][0] is None
     assert choice["logprobs"]["text_offset"][0] == 0
+
+
+async def test_grpc_n_and_options(small):
+    import grpc
+
+    from wire.pb.slai.v1 import gateway_pb2, gateway_pb2_grpc
+
+    st, _ = small
+    msg = gateway_pb2.GenerateRequest(prompt="hello the", max_tokens=2, n=2, request_id="g")
+    msg.sampling.seed = 1
+    msg.sampling.frequency_penalty = 1.5
+    msg.sampling.logit_bias[5] = -3.0
+    async with grpc.aio.insecure_channel(st.grpc_address) as ch:
+        chunks = [c async for c in gateway_pb2_grpc.GatewayServiceStub(ch).Generate(msg)]
+    finals = sorted(c.index for c in chunks if c.finish_reason)
+    assert finals == [0, 1] and all(c.request_id == "g" for c in chunks)
+    subs = {s.request_id: s for s in st.fake.submits[-2:]}
+    assert set(subs) == {"g-0", "g-1"} and {s.sampling.seed for s in subs.values()} == {1, 2}
+    assert all(s.sampling.frequency_penalty == 1.5 and dict(s.sampling.logit_bias) == {5: -3.0}
+               for s in subs.values())
