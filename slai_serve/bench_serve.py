@@ -36,6 +36,12 @@ from simulator.workloads import clip_lengths  # shared with ``sim --max-prompt-l
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway", default="127.0.0.1:50051", help="gateway gRPC address")
+    p.add_argument("--http", default="", metavar="URL",
+                   help="replay over OpenAI HTTP at this base URL instead of gRPC (any OpenAI-compatible server, "
+                        "e.g. http://127.0.0.1:8000 or a vLLM server)")
+    p.add_argument("--priority", action="store_true",
+                   help="with --http: send vLLM's `priority` field (paying 0, free 1) for `vllm serve "
+                        "--scheduling-policy priority`")
     p.add_argument("--qps", type=float, required=True, help="nominal Poisson arrival rate")
     g = p.add_argument_group("workload (same meaning as in `slai-serve sim`)")
     g.add_argument("--num-requests", type=int, default=256)
@@ -170,6 +176,9 @@ def scheduler_stats(address: str, service_token: str = "") -> dict[str, Any] | N
 
 def run(args: argparse.Namespace) -> int:
     from contract.model_files import default_model_dir
+
+    if args.priority and not args.http:
+        raise ValueError("--priority is a field of the HTTP body: use it with --http")
     from simulator.workloads import effective_qps, make_workload
 
     model_dir = args.model_dir or str(default_model_dir())
@@ -188,8 +197,14 @@ def run(args: argparse.Namespace) -> int:
 
         token = read_service_token(args.service_token_file)
     before = scheduler_stats(args.scheduler, token) if args.scheduler else None
-    collector, extra = asyncio.run(replay(args.gateway, items, builder, keys, args.max_prompt_len,
-                                          args.max_output_len, args.timeout))
+    if args.http:
+        from slai_serve.bench_http import replay_http
+
+        collector, extra = asyncio.run(replay_http(args.http, items, builder, keys, args.priority,
+                                                   args.max_prompt_len, args.max_output_len, args.timeout))
+    else:
+        collector, extra = asyncio.run(replay(args.gateway, items, builder, keys, args.max_prompt_len,
+                                              args.max_output_len, args.timeout))
     records = extra.pop("_records")
     if args.records_out:
         with open(args.records_out, "w") as fh:
@@ -197,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
                 fh.write(json.dumps(r) + "\n")
     s = collector.summary()
     s.update(extra)
-    s.update({"qps": args.qps, "effective_qps": effective_qps(items), "gateway": args.gateway,
+    s.update({"qps": args.qps, "effective_qps": effective_qps(items), "gateway": args.http or args.gateway,
               "num_requests": args.num_requests, "trace": args.trace or "synthetic", "seed": args.seed,
               "paying_prob": args.paying_prob, "max_prompt_len": args.max_prompt_len,
               "max_output_len": args.max_output_len, "tiers_keyed": sorted(t for t, k in keys.items() if k)})
