@@ -32,7 +32,7 @@ so scheduling overhead is already inside the constants; its ``overhead_ms`` is t
 The built-in ``gpu`` model (``GPU_MODEL``) keeps the paper's batch-size terms and
 adds what that fit cannot show, as a GPU-shaped stress model rather than a fit:
 a per-decode cost, decode attention reading each context token's KV, prefill
-attention over the chunk's context, and the mixing penalty. See docs/simulator.md.
+attention over the chunk's context, and the mixing penalty. See docs/results.md (GPU-shaped cost model).
 
 Model files are JSON objects with the field names of :class:`CostModel`.
 A fitter (:func:`fit_cost_model`) builds one from measured step timings.
