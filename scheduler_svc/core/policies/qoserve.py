@@ -35,13 +35,14 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 from contract.tiers import Tier
 from scheduler_svc.core.batch_builder import BatchBuilder
 from scheduler_svc.core.policies.paused_prefills import PausedPrefillPolicy
 from scheduler_svc.core.policies.slack_steps import SlackSizedSteps, next_token_deadline
 from scheduler_svc.core.request import Request
+
 
 class HybridQueue:
     """The main queue (sorted by hybrid key) and the relegated queue (FIFO).
@@ -173,11 +174,10 @@ class QoServePolicy(PausedPrefillPolicy):
             paused = min(self.paused, key=self._paused_key, default=None)
             head = q.main[0][-1] if q.main else None
             take_new = head is not None and (paused is None or q.main[0][:2] < self._paused_key(paused))
-            if take_new:
-                if not b.can_admit(head):
-                    take_new = False
-                    if paused is None:
-                        return  # head of line: the main queue's head waits for KV
+            if take_new and not b.can_admit(head):
+                take_new = False
+                if paused is None:
+                    return  # head of line: the main queue's head waits for KV
             if take_new:
                 q.pop()
                 b.admit(head, min(head.num_uncomputed_tokens, b.budget_left))

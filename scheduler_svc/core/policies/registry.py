@@ -41,14 +41,14 @@ POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
             "Resource-Aware Dynamic: tiled budget + MaxWeight prefill/decode split"),
     # 2025-2026 baselines (docs/scheduler.md); each file's docstring says what was implemented
     "fairbatching": (FairBatchingPolicy, {"fcfs": True, "user_priority": False},
-                     "FairBatching-style (arXiv 2510.14392): slack-sized steps, decodes deferred while they have"
-                     " slack, prefills by TTFT deadline"),
+                     ("FairBatching-style (arXiv 2510.14392): slack-sized steps, decodes deferred while they"
+                      " have slack, prefills by TTFT deadline")),
     "qoserve": (QoServePolicy, {"fcfs": False, "user_priority": True},
-                "QoServe/Niyama-style (arXiv 2503.22562): dynamic chunking, hybrid deadline/length priority,"
-                " relegation of free requests predicted to miss TTFT"),
+                ("QoServe/Niyama-style (arXiv 2503.22562): dynamic chunking, hybrid deadline/length priority,"
+                 " relegation of free requests predicted to miss TTFT")),
     "vllm-priority": (VllmPriorityPolicy, {"fcfs": True, "user_priority": True},
-                      "vLLM v1 --scheduling-policy priority: tier as priority, FCFS within, chunked prefill,"
-                      " preempts the lowest-priority latest arrival"),
+                      ("vLLM v1 --scheduling-policy priority: tier as priority, FCFS within, chunked prefill,"
+                       " preempts the lowest-priority latest arrival")),
 }
 # the 2025-2026 baselines beside the paper's (issue 14)
 NEW_BASELINES = ("fairbatching", "qoserve", "vllm-priority")

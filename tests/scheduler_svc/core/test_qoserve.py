@@ -44,7 +44,7 @@ def test_overload_relegates_some_free_requests_and_serves_the_rest_in_time():
     assert max(kept) <= 0.5 and ttft[paying.req_id] <= 0.5
     assert min(ttft[i] for i in relegated) > max(kept)
     # without relegation the same surge makes most requests miss their objective
-    core2, reqs2, _ = surge(relegation=False)
+    core2, _, _ = surge(relegation=False)
     ttft2, none = run_all(core2, 0.0)
     assert not none
     assert sum(t <= 0.5 for t in ttft2.values()) < sum(t <= 0.5 for t in ttft.values())
