@@ -22,7 +22,7 @@ their objective, while new prompts queue. Implemented here:
 Left out or changed: the paper tracks slack on an *envelope* (the j-th token is
 due at arrival + TTFT SLO + j x TPOT SLO), so a request ahead of its envelope may
 skip many steps; this project's objective is the P99 of each gap between tokens
-(docs/scheduler.md), so a decode's next token is due one TBT objective after its
+(the capacity criterion, docs/results.md), so a decode's next token is due one TBT objective after its
 last one instead. The paper's load estimator for a cluster router and its
 profiled (offline) batch-time model are not implemented: the step-time model is
 the online fit that slai-adaptive uses.

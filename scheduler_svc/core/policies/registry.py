@@ -39,7 +39,7 @@ POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
                       " (this project's refinement)"),
     "rad": (RadPolicy, {"fcfs": True, "user_priority": False},
             "Resource-Aware Dynamic: tiled budget + MaxWeight prefill/decode split"),
-    # 2025-2026 baselines (docs/scheduler.md); each file's docstring says what was implemented
+    # 2025-2026 baselines (docs/results.md); each file's docstring says what was implemented
     "fairbatching": (FairBatchingPolicy, {"fcfs": True, "user_priority": False},
                      ("FairBatching-style (arXiv 2510.14392): slack-sized steps, decodes deferred while they"
                       " have slack, prefills by TTFT deadline")),
