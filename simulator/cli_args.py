@@ -41,8 +41,9 @@ def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048)
     g.add_argument("--num-prefixes", type=int, default=1, metavar="K",
                    help="distinct shared prefixes, drawn uniformly (with --shared-prefix-len; default 1)")
     g = p.add_argument_group("system")
-    g.add_argument("--cost-model", default="paper", metavar="FILE|paper",
-                   help="step-time model: 'paper' (built-in fit) or a JSON model file")
+    g.add_argument("--cost-model", default="paper", metavar="FILE|paper|gpu",
+                   help="step-time model: 'paper' (built-in fit), 'gpu' (the paper fit plus per-decode, KV-context"
+                        " and prefill/decode mixing costs) or a JSON model file")
     g.add_argument("--step-overhead-ms", type=float, default=None,
                    help="fixed per-step overhead added to the cost model's time (default: the model's own)")
     g.add_argument("--num-blocks", type=int, default=14733, help="KV blocks of 16 tokens (paper: 14733)")
