@@ -54,6 +54,15 @@ class DeadlineHeap:
             push(heap, (key_of(req), req.arrival_s, t, req))
         self._top_valid = False
 
+    def push_keyed(self, reqs, keys) -> None:
+        """``push(req, key)`` for each pair of ``reqs`` and ``keys`` (keys computed by the caller, in bulk)."""
+        heap, live, ticket, push = self._heap, self._live, self._ticket, heapq.heappush
+        for req, key in zip(reqs, keys):
+            t = next(ticket)
+            live[req.req_id] = t
+            push(heap, (key, req.arrival_s, t, req))
+        self._top_valid = False
+
     def pop_live_n(self, n: int) -> list[Request]:
         """Pop up to ``n`` live requests in key order."""
         h, live, pop = self._heap, self._live, heapq.heappop
