@@ -99,10 +99,12 @@ class BatchBuilder:
         (the others preempted themselves)."""
         # NOTE: the hot path of every policy (once per decode per step): keep it flat. ``req.is_decode`` and
         # ``alloc.can_append()`` are inlined: ``can_append`` is "a free block exists", and the free count
-        # only changes when an append takes a block or ``_make_room`` preempts.
+        # only changes when an append takes a block or ``_make_room`` preempts. ``alloc.append`` is called
+        # only when the last block is full (what it would check first).
         scheduled, add_slice = self.scheduled, self.cached.append
         alloc = self.core.allocator
         append, tnew, slice_cls = alloc.append, tuple.__new__, CachedRequestSlice
+        tables, block_size = alloc.block_tables, alloc.block_size
         num_free = alloc.num_free_blocks
         n = 0
         for req in reqs:
@@ -116,9 +118,12 @@ class BatchBuilder:
                 num_free = alloc.num_free_blocks
                 if not room:
                     continue
-            added = append(rid, computed + 1)
-            if added:
-                num_free = alloc.num_free_blocks
+            if computed < len(tables[rid]) * block_size:  # room for token computed + 1 in the last block
+                added = ()
+            else:
+                added = append(rid, computed + 1)
+                if added:
+                    num_free = alloc.num_free_blocks
             # a CachedRequestSlice, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__)
             add_slice(tnew(slice_cls, (rid, added, computed, 1, True, True)))
             scheduled[rid] = req

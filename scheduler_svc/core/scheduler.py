@@ -240,8 +240,9 @@ class SchedulerCore:
                 req = requests.get(rid)
                 if req is None or req.status != running:
                     continue  # aborted while the step ran: its token (if any) is dropped
-                req.num_computed_tokens += s.num_new_tokens
-                if s.sample:
+                if not s.sample:
+                    req.num_computed_tokens += s.num_new_tokens
+                else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
                     token = sampled.get(rid)
                     if token is None:
                         raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")

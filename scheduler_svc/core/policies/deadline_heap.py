@@ -65,16 +65,17 @@ class DeadlineHeap:
 
     def pop_live_n(self, n: int) -> list[Request]:
         """Pop up to ``n`` live requests in key order."""
-        h, live, pop = self._heap, self._live, heapq.heappop
+        h, live, pop, running = self._heap, self._live, heapq.heappop, RequestStatus.RUNNING
         self._top_valid = False
         out: list[Request] = []
+        add = out.append
         while h and len(out) < n:
             _, _, t, req = pop(h)
             rid = req.req_id
             if live.get(rid) == t:
                 del live[rid]
-                if req.status == RequestStatus.RUNNING:
-                    out.append(req)
+                if req.status == running:
+                    add(req)
         return out
 
     def discard(self, req: Request) -> None:
