@@ -27,7 +27,7 @@ def sim_md5(checkout: Path, policy: str, num_requests: int, qps: float) -> str:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     cmd = [sys.executable, "-m", "slai_serve.cli", "sim", "--policy", policy, "--qps", str(qps), "--num-requests",
            str(num_requests), "--trace", "paper", "--seed", "42", "--json"]
-    out = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return f"error: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
     d = json.loads(out.stdout)

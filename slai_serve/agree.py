@@ -14,8 +14,10 @@ end-to-end within 5 %, step counts within 5 % (docs/results.md, *Live agreement*
 What the two cannot share, and why they still should agree: the live run pays
 real RPC, gateway and detokenizing time per token, and the sleep's overshoot,
 which planning ahead hides from the executor (docs/scheduler.md); the simulator
-charges exactly the model. A ratio off by more than these few milliseconds per
-step is a disagreement in what the two model.
+charges exactly the model. So each load is also simulated with the live stack's
+measured per-step overhead added to the cost model (columns ``sim+ovh``): when the
+live run agrees with that but not with the plain simulation, the gap is the
+machine's overhead, not a difference in what the two model.
 """
 
 from __future__ import annotations
@@ -72,11 +74,13 @@ def compare(live: dict[str, Any], sim: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def simulate_items(policy: str, items: list, args: argparse.Namespace) -> dict[str, Any]:
+def simulate_items(policy: str, items: list, args: argparse.Namespace, overhead_ms: float | None = None
+                   ) -> dict[str, Any]:
+    """The simulator on ``items``; ``overhead_ms``: add this to every step (the live stack's measured one)."""
     from contract.cost_models import resolve_cost_model
     from simulator.sim import simulate
 
-    res = simulate(policy, items, resolve_cost_model(args.cost_model), num_blocks=args.kv_blocks,
+    res = simulate(policy, items, resolve_cost_model(args.cost_model, overhead_ms), num_blocks=args.kv_blocks,
                    overrides=args.overrides, record_steps=False)
     return res.summary()
 
@@ -122,9 +126,9 @@ def run_live(policy: str, items: list, builder, key_file: str, args: argparse.Na
 
 def run(args: argparse.Namespace) -> int:
     from contract.model_files import default_model_dir
+    from simulator.workloads import clip_lengths, make_workload
     from slai_serve.bench_serve import PromptBuilder, _clean
     from slai_serve.demo_keys import ensure_demo_keys
-    from simulator.workloads import clip_lengths, make_workload
 
     loads = [float(q) for q in str(args.qps).split(",") if q.strip()]
     if not loads or any(q <= 0 for q in loads):
@@ -153,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
                  "live_executor_wait_s": live.get("live_executor_wait_s"),
                  "live_wall_s": time.monotonic() - t0}
         point["agrees"] = all(r["ok"] is not False for r in point["rows"]) and not point["live_errors"]
+        overhead_s = live.get("live_rpc_overhead_s")
+        if overhead_s:  # diagnosis: is the gap the live stack's per-step overhead, or a different model?
+            sim_oh = simulate_items(args.policy, items, args, overhead_ms=1e3 * overhead_s)
+            for r in point["rows"]:
+                r["sim_with_overhead"] = sim_oh.get(r["metric"])
+                r["ratio_with_overhead"] = ratio(r["live"], sim_oh.get(r["metric"]))
         point = _clean(point)
         out.append(point)
         if args.json:
@@ -180,7 +190,9 @@ def print_point(p: dict[str, Any]) -> None:
     if p.get("live_rpc_overhead_s") is not None:
         print(f"  live per step: {1e3 * p['live_rpc_overhead_s']:.2f} ms outside the executor, executor waited "
               f"{1e3 * (p.get('live_executor_wait_s') or 0):.2f} ms for each plan")
-    print(f"  {'metric':26s} {'live':>10s} {'sim':>10s} {'live/sim':>9s}  goal")
+    print(f"  {'metric':26s} {'live':>10s} {'sim':>10s} {'live/sim':>9s}  {'goal':12s} {'sim+ovh':>10s} "
+          f"{'live/sim+ovh':>12s}")
     for r in p["rows"]:
         goal = "" if r["goal"] is None else f"±{100 * r['goal']:.0f}% {'ok' if r['ok'] else 'MISS'}"
-        print(f"  {r['metric']:26s} {_fmt(r['live']):>10s} {_fmt(r['sim']):>10s} {_fmt(r['ratio']):>9s}  {goal}")
+        print(f"  {r['metric']:26s} {_fmt(r['live']):>10s} {_fmt(r['sim']):>10s} {_fmt(r['ratio']):>9s}  {goal:12s} "
+              f"{_fmt(r.get('sim_with_overhead')):>10s} {_fmt(r.get('ratio_with_overhead')):>12s}")
