@@ -56,11 +56,20 @@ class DeadlineHeap:
 
     def push_keyed(self, reqs, keys) -> None:
         """``push(req, key)`` for each pair of ``reqs`` and ``keys`` (keys computed by the caller, in bulk)."""
-        heap, live, ticket, push = self._heap, self._live, self._ticket, heapq.heappush
-        for req, key in zip(reqs, keys):
-            t = next(ticket)
-            live[req.req_id] = t
-            push(heap, (key, req.arrival_s, t, req))
+        heap, live, ticket = self._heap, self._live, self._ticket
+        entries = [(key, req.arrival_s, next(ticket), req) for req, key in zip(reqs, keys)]
+        for e in entries:
+            live[e[3].req_id] = e[2]
+        # NOTE: tickets are unique, so entries are totally ordered and what peek/pop return depends only on
+        # which entries the heap holds, not on its layout: a heapify after extend is as good as pushes (and
+        # cheaper when most of the heap is new, as after a step that served every decode)
+        if len(entries) > len(heap):
+            heap.extend(entries)
+            heapq.heapify(heap)
+        else:
+            push = heapq.heappush
+            for e in entries:
+                push(heap, e)
         self._top_valid = False
 
     def pop_live_n(self, n: int) -> list[Request]:
