@@ -63,7 +63,10 @@ class DeadlineHeap:
         # NOTE: tickets are unique, so entries are totally ordered and what peek/pop return depends only on
         # which entries the heap holds, not on its layout: a heapify after extend is as good as pushes (and
         # cheaper when most of the heap is new, as after a step that served every decode)
-        if len(entries) > len(heap):
+        if not heap:  # a sorted list is a heap, and the next pop_live_n of everything finds it sorted
+            entries.sort()
+            heap.extend(entries)
+        elif len(entries) > len(heap):
             heap.extend(entries)
             heapq.heapify(heap)
         else:
@@ -78,6 +81,16 @@ class DeadlineHeap:
         self._top_valid = False
         out: list[Request] = []
         add = out.append
+        if n >= len(h):  # everything goes: one sort (entries are totally ordered) instead of a pop each
+            h.sort()
+            for _, _, t, req in h:
+                rid = req.req_id
+                if live.get(rid) == t:
+                    del live[rid]
+                    if req.status == running:
+                        add(req)
+            h.clear()
+            return out
         while h and len(out) < n:
             _, _, t, req = pop(h)
             rid = req.req_id
