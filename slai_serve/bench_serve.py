@@ -213,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
     collector, extra = asyncio.run(replay(args.gateway, items, builder, keys, args.max_prompt_len,
                                           args.max_output_len, args.timeout))
     records = extra.pop("_records")
+    if extra["errors_by_code"].get("UNAUTHENTICATED") and not (args.api_keys or args.paying_key or args.free_key):
+        print("bench-serve: the gateway refused the demo keys (UNAUTHENTICATED): it runs with another key file; "
+              "give --api-keys FILE, or --no-keys", file=sys.stderr)
     if args.records_out:
         with open(args.records_out, "w") as fh:
             for r in sorted(records, key=lambda r: r["arrival_s"]):
