@@ -73,3 +73,16 @@ def test_up_and_bench_serve_use_the_demo_keys_by_default(tmp_path, monkeypatch):
     assert launch.stack_from_args(_args(launch.add_arguments, ["--api-keys", str(own)])).api_keys == str(own)
     assert bench_serve.tier_keys(_args(bench_serve.add_arguments, ["--qps", "1", "--api-keys", str(own)])) == {
         "paying": "k-pay", "free": "k-free"}
+
+
+def test_scheduler_ttft_mean_pools_the_tiers_of_the_histogram(tmp_path):
+    page = tmp_path / "metrics"
+    page.write_text('# TYPE slai_time_to_first_token_seconds histogram\n'
+                    'slai_time_to_first_token_seconds_bucket{tier="free",le="0.5"} 3.0\n'
+                    'slai_time_to_first_token_seconds_sum{tier="free"} 1.5\n'
+                    'slai_time_to_first_token_seconds_count{tier="free"} 3.0\n'
+                    'slai_time_to_first_token_seconds_sum{tier="paying"} 0.5\n'
+                    'slai_time_to_first_token_seconds_count{tier="paying"} 1.0\n'
+                    'slai_inter_token_latency_seconds_sum{tier="free"} 99.0\n')
+    assert agree.scheduler_ttft_mean(page.as_uri()) == 2.0 / 4
+    assert agree.scheduler_ttft_mean((tmp_path / "missing").as_uri()) is None
