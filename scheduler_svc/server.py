@@ -19,6 +19,7 @@ import time
 from scheduler_svc import submit_codec
 from scheduler_svc.config import ServiceConfig
 from scheduler_svc.dispatcher import Dispatcher
+from scheduler_svc.pool_load import pool_load
 from scheduler_svc.session import GatewaySession, event_to_pb, start_span
 from scheduler_svc.step_loop import Clock
 from telemetry import step_tracing, tracing
@@ -95,6 +96,8 @@ async def serve(config: ServiceConfig, address: str = "127.0.0.1:0", clock: Cloc
     spans = step_tracing.RequestSpans(clock) if tracing.is_tracing_enabled() else None
     dispatcher = Dispatcher(config, clock=clock, client_factory=client_factory, on_health=on_health,
                             metrics=metrics, spans=spans)
+    if metrics is not None:  # the endpoint picker's vllm:* gauges, read from the pool at each scrape
+        metrics.watch_pool(lambda: pool_load(dispatcher))
     servicer = SchedulerServicer(dispatcher)
     srv = await start_server([lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, s)],
                              [SERVICE_NAME], address, serving=False, service_token=config.service_token,
