@@ -113,7 +113,9 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t2 = time.perf_counter_ns()
-            logits = out.logits[0]  # [num_sampled, vocab]
+            # NOTE: sampling sees fp32 logits whatever the model dtype: softmax/top-p
+            # precision, and argmax over bf16 rows was 4x slower than over fp32 on CPU.
+            logits = out.logits[0].float()  # [num_sampled, vocab]
             tokens = self.sampler.sample(
                 logits, [c.state.sampling for c in sample_chunks], [c.state.num_tokens for c in sample_chunks]
             )
