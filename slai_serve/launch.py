@@ -233,10 +233,15 @@ class LocalStack:
                 tail = "\n" + proc.log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{exc}{tail}") from None
 
-    def _model_flags(self) -> list[str]:
-        """``--dtype`` / ``--threads`` for a model executor (before ``executor_args``, which win)."""
-        flags = ["--dtype", self.dtype] if self.dtype else []
-        return flags + (["--threads", str(self.executor_threads)] if self.executor_threads else [])
+    def executor_argv(self, i: int) -> list[str]:
+        """``slai-serve`` arguments of executor ``i`` (``executor_args`` last, so they win)."""
+        argv = ["executor", "--host", self.host, "--port", str(self.executor_port + i)]
+        if self.fake:
+            return [*argv, "--fake", *self.executor_args]
+        argv += ["--model", self.model]
+        argv += ["--dtype", self.dtype] if self.dtype else []
+        argv += ["--threads", str(self.executor_threads)] if self.executor_threads else []
+        return argv + self.executor_args
 
     def start(self) -> LocalStack:
         from wire.service_auth import read_service_token
@@ -250,9 +255,7 @@ class LocalStack:
         metrics = self.metrics_port
         try:
             for i in range(self.num_executors):
-                argv = ["executor", "--host", self.host, "--port", str(self.executor_port + i)]
-                argv += ["--fake"] if self.fake else ["--model", self.model, *self._model_flags()]
-                self._spawn(Proc(f"executor-{i}", argv + self.executor_args, f"{self.host}:{self.executor_port + i}",
+                self._spawn(Proc(f"executor-{i}", self.executor_argv(i), f"{self.host}:{self.executor_port + i}",
                                  env={"SLAI_METRICS_PORT": str(metrics + 1 + i if metrics >= 0 else -1),
                                       "OTEL_SERVICE_NAME": "slai-executor"}))
             for p in list(self.procs):
