@@ -120,7 +120,9 @@ def sweep(runner, args) -> list[dict]:
                                                block_ids=tuple(blocks), num_new_tokens=prefill, sample=True),)
                     cached = tuple(CachedRequestSlice(req_id=rid, num_computed_tokens=computed[rid], num_new_tokens=1,
                                                       is_decode=True, sample=True) for rid in reqs)
+                    cpu0 = time.thread_time_ns()
                     result = runner.execute(BatchPlan(step_id=step_id, new=new, cached=cached))
+                    cpu_ms = (time.thread_time_ns() - cpu0) / 1e6
                     step_id += 1
                     for rid in reqs:
                         computed[rid] += 1
@@ -128,24 +130,27 @@ def sweep(runner, args) -> list[dict]:
                         runner.release([f"p{step_id - 1}"])
                         alloc.give(blocks)
                     if rep >= args.warmup:
-                        rows.append(_row(prefill, num_decodes, context, computed, reqs, result))
+                        rows.append(_row(prefill, num_decodes, context, computed, reqs, result, cpu_ms))
             runner.release(list(reqs))
             for blocks in reqs.values():
                 alloc.give(blocks)
             if rows:
                 r = rows[-1]
                 print(f"  ctx {context:5d}  decodes {num_decodes:3d}  last: prefill {r['num_prefill_tokens']:5d}"
-                      f"  forward {r['forward_ms']:8.2f} ms", flush=True)
+                      f"  forward {r['forward_ms']:8.2f} ms  cpu {r['cpu_ms']:8.2f} ms", flush=True)
     return rows
 
 
-def _row(prefill: int, num_decodes: int, context: int, computed: dict, reqs: dict, result) -> dict:
+def _row(prefill: int, num_decodes: int, context: int, computed: dict, reqs: dict, result, cpu_ms: float) -> dict:
     dctx = sum(computed[r] - 1 for r in reqs)  # context each decode attended to (its num_computed_tokens)
     return {
         "num_prefill_tokens": prefill, "num_decodes": num_decodes, "context_len": context if num_decodes else 0,
         "decode_context": dctx, "chunk_context": prefill * prefill,
         "prepare_ms": result.prepare_ns / 1e6, "forward_ms": result.forward_ns / 1e6,
         "sample_ms": result.sample_ns / 1e6, "total_ms": result.total_ns / 1e6,
+        # NOTE: CPU time of the calling thread, all of the step's compute with --threads 1;
+        # unlike wall time it barely moves when other jobs share the cores (docs/executor.md)
+        "cpu_ms": cpu_ms,
     }
 
 
