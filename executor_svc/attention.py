@@ -65,6 +65,9 @@ class PrefillChunk:
     q_len: int  # tokens computed now
     context_len: int  # KV tokens before this chunk (0 for a fresh prompt)
     read_slots: torch.Tensor | None  # [context_len + q_len] slots; None when context_len == 0
+    # lower-right causal mask [q_len, context_len + q_len], built by the first layer and
+    # reused by the others (0.2-0.5 ms per layer for 256 queries)
+    mask: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -172,8 +175,9 @@ def _prefill_sdpa(step: PagedStep, chunk: PrefillChunk, q, k_new, v_new, k_cache
         kc = _gather(k_cache, chunk.read_slots, step.k_buf).unsqueeze(0)  # [1, KV, total, D]
         vc = _gather(v_cache, chunk.read_slots, step.v_buf).unsqueeze(0)
         # lower-right causal: query i (absolute position context+i) sees keys <= context+i
-        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=chunk.context_len)
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scaling, enable_gqa=True)
+        if chunk.mask is None:
+            chunk.mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=chunk.context_len)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.mask, scale=scaling, enable_gqa=True)
     return o[0].transpose(0, 1)  # [n, H, D]
 
 
