@@ -81,7 +81,7 @@ class PagedStep:
     num_decodes: int = 0  # decodes occupy packed rows [0, num_decodes)
     decode_slots: torch.Tensor | None = None  # [B, L_max] gather slots (padded with slot 0)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L_max] True = attend; None if all lengths equal
-    decode_bias: torch.Tensor | None = None  # fp32 0 / -inf form of decode_mask, built by the first layer
+    decode_bias: torch.Tensor | None = None  # [B, 1, L_max] fp32 0 / -inf form of decode_mask (first layer)
     # NOTE: gathers go into these reused flat buffers (a runner workspace). Fresh
     # 10+ MB outputs per layer cost page faults: a 32 x 512
     # decode gather took 10 ms fresh vs 2.5 ms into a reused buffer on CPU.
@@ -131,25 +131,28 @@ def _decode_attention(step: PagedStep, q: torch.Tensor, k_cache, v_cache, scalin
     num_heads, head_dim = q.shape[0], q.shape[2]
     num_kv = k_cache.shape[0]
     batch, max_len = step.decode_slots.shape
-    # GQA packed into the query: query head h uses KV head h // n_rep, so
-    # [B, H, D] -> [B, KV, n_rep, D] attends against [B, KV, L, D] without repeat_kv.
-    qd = q[:, :batch].transpose(0, 1).reshape(batch, num_kv, num_heads // num_kv, head_dim)
+    n_rep = num_heads // num_kv
+    # GQA packed into the query: query head h = kv * n_rep + r uses KV head kv, so
+    # [H, B, D] -> [KV, B, n_rep, D] attends against [KV, B, L, D] without repeat_kv.
+    qd = q[:, :batch].reshape(num_kv, n_rep, batch, head_dim).transpose(1, 2)
     flat = step.decode_slots.reshape(-1)
-    # [KV, B*L, D] -> [B, KV, L, D]; each (L, D) plane stays contiguous
-    kd = _gather(k_cache, flat, step.k_buf).view(num_kv, batch, max_len, head_dim).transpose(0, 1)
-    vd = _gather(v_cache, flat, step.v_buf).view(num_kv, batch, max_len, head_dim).transpose(0, 1)
+    # [KV, B*L, D] -> [KV, B, L, D]: a view of the gather, every (L, D) plane contiguous
+    kd = _gather(k_cache, flat, step.k_buf).view(num_kv, batch, max_len, head_dim)
+    vd = _gather(v_cache, flat, step.v_buf).view(num_kv, batch, max_len, head_dim)
     # NOTE: two batched matmuls with an fp32 softmax, not SDPA: torch's CPU flash
     # kernel gains nothing from bf16 here (4.5 ms per layer for 64 decodes x 336 keys,
-    # same as fp32), while bf16 matmuls take 2.0 ms; in fp32 both are equal
-    # (docs/executor.md, 'Where a step's time goes').
-    scores = torch.matmul(qd, kd.transpose(-1, -2)).float().mul_(scaling)  # [B, KV, n_rep, L]
+    # same as fp32), while bf16 matmuls take 2.0 ms; in fp32 both are equal. K and V
+    # keep the gather's [KV, B] batch order: a transposed batch made matmul copy
+    # them first (docs/executor.md, 'Where a step's time goes').
+    scores = torch.matmul(qd, kd.transpose(-1, -2)).float().mul_(scaling)  # [KV, B, n_rep, L]
     if step.decode_mask is not None:
         if step.decode_bias is None:  # built once per step, shared by every layer
-            step.decode_bias = torch.zeros(step.decode_mask.shape, dtype=torch.float32, device=q.device)
-            step.decode_bias.masked_fill_(~step.decode_mask, float("-inf"))
-        scores.add_(step.decode_bias)
+            bias = torch.zeros(batch, max_len, dtype=torch.float32, device=q.device)
+            step.decode_bias = bias.masked_fill_(~step.decode_mask.view(batch, max_len), float("-inf"))[:, None, :]
+        scores.add_(step.decode_bias)  # [B, 1, L] broadcast over KV and n_rep
     probs = torch.softmax(scores, dim=-1).to(vd.dtype)
-    return torch.matmul(probs, vd).reshape(batch, num_heads, head_dim)
+    out = torch.matmul(probs, vd)  # [KV, B, n_rep, D]
+    return out.permute(1, 0, 2, 3).reshape(batch, num_heads, head_dim)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
