@@ -304,6 +304,8 @@ def _fit(steps_csv: Path, model_json: Path) -> dict | None:
     except ImportError:
         return None  # no fitter in this build: the timings are the product
     rows = load_timings(steps_csv, "forward_ms")
+    if len(rows) < 2:  # e.g. one point swept for --profile: nothing to fit
+        return None
     # NOTE: keep the better of the absolute and relative fits: on noisy CPU data
     # the absolute hinge fit sometimes lands on a knee that fits the data points
     # but predicts nonsense through max(a0, a1 + b x) (rmse > the data's range).
