@@ -143,6 +143,8 @@ class LocalStack:
     drain_timeout_s: float = 10.0
     startup_timeout_s: float = 600.0
     log_dir: str | None = None  # None: inherit this terminal; "" : a temp dir
+    dtype: str = ""  # executor --dtype ("" = the executor's default); ignored with fake
+    executor_threads: int = 0  # executor --threads (0 = torch's default); ignored with fake
     executor_args: list[str] = field(default_factory=list)
     scheduler_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
@@ -157,6 +159,8 @@ class LocalStack:
     procs: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.executor_threads < 0:
+            raise ValueError(f"--threads: must be >= 1 (0 = torch's default), got {self.executor_threads}")
         if not self.restart_backoff_s > 0:
             raise ValueError(f"--restart-backoff: must be > 0, got {self.restart_backoff_s:g}")
         if not self.restart_backoff_max_s >= self.restart_backoff_s:
@@ -234,6 +238,16 @@ class LocalStack:
                 tail = "\n" + proc.log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{exc}{tail}") from None
 
+    def executor_argv(self, i: int) -> list[str]:
+        """``slai-serve`` arguments of executor ``i`` (``executor_args`` last, so they win)."""
+        argv = ["executor", "--host", self.host, "--port", str(self.executor_port + i)]
+        if self.fake:
+            return [*argv, "--fake", *self.executor_args]
+        argv += ["--model", self.model]
+        argv += ["--dtype", self.dtype] if self.dtype else []
+        argv += ["--threads", str(self.executor_threads)] if self.executor_threads else []
+        return argv + self.executor_args
+
     def start(self) -> LocalStack:
         from wire.service_auth import read_service_token
 
@@ -246,9 +260,7 @@ class LocalStack:
         metrics = self.metrics_port
         try:
             for i in range(self.num_executors):
-                argv = ["executor", "--host", self.host, "--port", str(self.executor_port + i)]
-                argv += ["--fake"] if self.fake else ["--model", self.model]
-                self._spawn(Proc(f"executor-{i}", argv + self.executor_args, f"{self.host}:{self.executor_port + i}",
+                self._spawn(Proc(f"executor-{i}", self.executor_argv(i), f"{self.host}:{self.executor_port + i}",
                                  env={"SLAI_METRICS_PORT": str(metrics + 1 + i if metrics >= 0 else -1),
                                       "OTEL_SERVICE_NAME": "slai-executor"}))
             for p in list(self.procs):
@@ -354,6 +366,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds each service gets to drain")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--log-dir", default=None, help="write one log per service here (default: this terminal)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                        help="executor model dtype (default: the executor's, fp32 on CPU); auto: bf16 on a CPU "
+                             "with amx_bf16/avx512_bf16 units (docs/executor.md, 'Data types')")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="executor torch threads (0 = torch's default: one per core)")
     parser.add_argument("--executor-arg", action="append", default=[], help="extra executor flag (repeatable)")
     parser.add_argument("--scheduler-arg", action="append", default=[], help="extra scheduler flag (repeatable)")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra gateway flag (repeatable)")
@@ -379,7 +396,8 @@ def stack_from_args(args: argparse.Namespace) -> LocalStack:
                       scheduler_port=args.scheduler_port, executor_port=args.executor_port,
                       metrics_port=args.metrics_port, api_keys=api_keys, drain_timeout_s=args.drain_timeout,
                       startup_timeout_s=args.startup_timeout, log_dir=args.log_dir,
-                      executor_args=args.executor_arg, scheduler_args=args.scheduler_arg,
+                      dtype=args.dtype or "", executor_threads=args.threads, executor_args=args.executor_arg,
+                      scheduler_args=args.scheduler_arg,
                       gateway_args=args.gateway_arg, restart_backoff_s=args.restart_backoff,
                       restart_backoff_max_s=args.restart_backoff_max, crash_loop_restarts=args.crash_loop_restarts,
                       crash_loop_window_s=args.crash_loop_window)
