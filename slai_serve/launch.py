@@ -146,6 +146,8 @@ class LocalStack:
     drain_timeout_s: float = 10.0
     startup_timeout_s: float = 600.0
     log_dir: str | None = None  # None: inherit this terminal; "" : a temp dir
+    dtype: str = ""  # executor --dtype ("" = the executor's default); ignored with fake
+    executor_threads: int = 0  # executor --threads (0 = torch's default); ignored with fake
     executor_args: list[str] = field(default_factory=list)
     scheduler_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
@@ -166,6 +168,8 @@ class LocalStack:
         self._http_ports = [self.http_port + g if self.http_port > 0 else self.http_port
                             for g in range(self.num_gateways)]
         self._scheduler_ports = [self.scheduler_port + p for p in range(self.num_pools)]
+        if self.executor_threads < 0:
+            raise ValueError(f"--threads: must be >= 1 (0 = torch's default), got {self.executor_threads}")
         if not self.restart_backoff_s > 0:
             raise ValueError(f"--restart-backoff: must be > 0, got {self.restart_backoff_s:g}")
         if not self.restart_backoff_max_s >= self.restart_backoff_s:
@@ -272,6 +276,16 @@ class LocalStack:
                 tail = "\n" + proc.log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{exc}{tail}") from None
 
+    def executor_argv(self, i: int) -> list[str]:
+        """``slai-serve`` arguments of executor ``i`` (``executor_args`` last, so they win)."""
+        argv = ["executor", "--host", self.host, "--port", str(self.executor_port + i)]
+        if self.fake:
+            return [*argv, "--fake", *self.executor_args]
+        argv += ["--model", self.model]
+        argv += ["--dtype", self.dtype] if self.dtype else []
+        argv += ["--threads", str(self.executor_threads)] if self.executor_threads else []
+        return argv + self.executor_args
+
     def start(self) -> LocalStack:
         from wire.service_auth import read_service_token
 
@@ -287,9 +301,8 @@ class LocalStack:
                 # pool p's /metrics ports: its scheduler's, then its executors'
                 pm = metrics + pool * (self.num_executors + 1) if metrics >= 0 else -1
                 for i, addr in enumerate(self.executor_addresses(pool)):
-                    argv = ["executor", "--host", self.host, "--port", addr.rsplit(":", 1)[1]]
-                    argv += ["--fake"] if self.fake else ["--model", self.model]
-                    self._spawn(Proc(self._name(pool, f"executor-{i}"), argv + self.executor_args, addr,
+                    self._spawn(Proc(self._name(pool, f"executor-{i}"),
+                                     self.executor_argv(pool * self.num_executors + i), addr,
                                      env={"SLAI_METRICS_PORT": str(pm + 1 + i if pm >= 0 else -1),
                                           "OTEL_SERVICE_NAME": "slai-executor"}))
             for p in list(self.procs):
@@ -406,6 +419,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds each service gets to drain")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--log-dir", default=None, help="write one log per service here (default: this terminal)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                        help="executor model dtype (default: the executor's, fp32 on CPU); auto: bf16 on a CPU "
+                             "with amx_bf16/avx512_bf16 units (docs/executor.md, 'Data types')")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="executor torch threads (0 = torch's default: one per core)")
     parser.add_argument("--executor-arg", action="append", default=[], help="extra executor flag (repeatable)")
     parser.add_argument("--scheduler-arg", action="append", default=[], help="extra scheduler flag (repeatable)")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra gateway flag (repeatable)")
@@ -432,7 +450,8 @@ def stack_from_args(args: argparse.Namespace) -> LocalStack:
                       scheduler_port=args.scheduler_port, executor_port=args.executor_port,
                       metrics_port=args.metrics_port, api_keys=api_keys, drain_timeout_s=args.drain_timeout,
                       startup_timeout_s=args.startup_timeout, log_dir=args.log_dir,
-                      executor_args=args.executor_arg, scheduler_args=args.scheduler_arg,
+                      dtype=args.dtype or "", executor_threads=args.threads, executor_args=args.executor_arg,
+                      scheduler_args=args.scheduler_arg,
                       gateway_args=args.gateway_arg, restart_backoff_s=args.restart_backoff,
                       restart_backoff_max_s=args.restart_backoff_max, crash_loop_restarts=args.crash_loop_restarts,
                       crash_loop_window_s=args.crash_loop_window)

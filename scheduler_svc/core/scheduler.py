@@ -280,8 +280,10 @@ class SchedulerCore:
                     req.num_output_tokens = n_out
                     n_prompt = req.num_prompt_tokens
                     req.num_computed_tokens = n_prompt + n_out - 1  # the new token has no KV yet
-                    # a TokenEvent, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__)
-                    add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last)))
+                    # a TokenEvent, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__ and
+                    # its defaults: every field must be here, logprobs (None) last; _with_logprobs fills it)
+                    add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last,
+                                                   None)))
                 add_served(req)
         self.policy.on_step_end(served, now)
         if result.logprobs:
