@@ -142,13 +142,13 @@ def test_gateway_survives_a_pool_host_vanishing(topology, tmp_path):
         topo.spawn(pool, ["scheduler", "--executors", "127.0.0.1:50071,127.0.0.1:50072",
                           "--host", topo.addresses[pool], "--port", "50061", "--log-level", "WARNING"],
                    tmp_path / f"{pool}-scheduler.log")
+    for pool in ("p0", "p1"):  # both pools serve before the gateway's first check (both in rotation)
+        wait_healthy(f"{topo.addresses[pool]}:50061", timeout_s=120)
     pools = ",".join(f"{topo.addresses[p]}:50061" for p in ("p0", "p1"))
     gw_addr = f"{topo.addresses['gw']}:50051"
     gw = topo.spawn("gw", ["gateway", "--pools", pools, "--pool-routing", "round-robin", "--host",
                            topo.addresses["gw"], "--grpc-port", "50051", "--http-port", "-1", "--model-dir",
                            str(MODEL_DIR)], tmp_path / "gateway.log")
-    for pool in ("p0", "p1"):
-        wait_healthy(f"{topo.addresses[pool]}:50061", timeout_s=120)
     wait_healthy(gw_addr, "slai.v1.GatewayService", timeout_s=120, proc=gw)
 
     async def go() -> list:
