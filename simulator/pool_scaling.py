@@ -56,7 +56,12 @@ def table(single: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
-    from simulator.cli_args import RunSpec, add_workload_arguments, clean_json, stability_bound
+    from simulator.cli_args import (
+        RunSpec,
+        add_workload_arguments,
+        clean_json,
+        stability_bound,
+    )
 
     p = argparse.ArgumentParser(prog="python -m simulator.pool_scaling", description=__doc__.splitlines()[0])
     p.add_argument("--policy", default="slai")

@@ -112,7 +112,7 @@ async def test_pools_follow_a_changing_address_list(tiny_model_dir):
     from gateway.scheduler_client import SchedulerClient
 
     config = GatewayConfig(model_dir=str(tiny_model_dir))
-    make = lambda address: SchedulerClient(config, address=address)  # noqa: E731 - no connection until used
+    make = lambda address: SchedulerClient(config, address=address)
     pools = PoolSet([make("10.9.0.1:1"), make("10.9.0.2:1")], "round-robin")
     pools.update(["10.9.0.2:1", "10.9.0.3:1"], make)
     assert [p.address for p in pools.pools] == ["10.9.0.2:1", "10.9.0.3:1"]
