@@ -16,7 +16,7 @@ Each arrival is routed once, at admission, by the live service's router
 * ``power-of-two``: two executors drawn with a seeded RNG, the one with less work.
 
 **Pools** (:class:`PoolClusterSimulator`): P pools x E executors. A pool is one
-scheduler process and its executors (docs/architecture.md, "Pools"); stateless
+scheduler process and its executors (docs/results.md, "Pools behind gateways"); stateless
 gateways route each arrival to a pool, then the pool's own ``Router`` (the rule
 above) picks the executor. Gateway rules (the live gateway's names, gateway/'s
 ``--pool-routing``), on the same ``Router``:
@@ -180,8 +180,15 @@ def simulate_cluster(policy: str, items: list[WorkloadItem], executors: int = 4,
 class SimPool:
     """One pool: its executors, its scheduler's ``Router``, and the load it last published to the gateways."""
 
-    __slots__ = ("index", "executors", "router", "phase_s", "next_publish_s", "published_work",
-                 "published_requests")
+    __slots__ = (
+        "executors",
+        "index",
+        "next_publish_s",
+        "phase_s",
+        "published_requests",
+        "published_work",
+        "router",
+    )
 
     def __init__(self, index: int, executors: list[SimExecutor], router: Router, phase_s: float) -> None:
         self.index = index
@@ -208,7 +215,7 @@ class SimPool:
 class _PoolView:
     """A pool as one gateway sees it (``Routable`` for the gateway's ``Router``)."""
 
-    __slots__ = ("index", "work", "num_requests")
+    __slots__ = ("index", "num_requests", "work")
 
     def __init__(self, index: int) -> None:
         self.index, self.work, self.num_requests = index, 0, 0
@@ -217,7 +224,7 @@ class _PoolView:
 class _SimGateway:
     """One stateless gateway: its own rule state, and what it sent each pool since that pool's last publish."""
 
-    __slots__ = ("router", "views", "sent_work", "sent_requests")
+    __slots__ = ("router", "sent_requests", "sent_work", "views")
 
     def __init__(self, kind: str, seed: int, num_pools: int) -> None:
         self.router = Router(kind, seed)

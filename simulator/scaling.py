@@ -27,14 +27,20 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from scheduler_svc.core.policies.registry import POLICIES
 from scheduler_svc.core.router import Router
 from simulator.capacity import find_capacity, run_point
 from simulator.capacity_cli import add_criterion_arguments, criterion_from_args
-from simulator.cli_args import RunSpec, add_workload_arguments, clean_json, stability_bound
+from simulator.cli_args import (
+    RunSpec,
+    add_workload_arguments,
+    clean_json,
+    stability_bound,
+)
 from simulator.cluster import POOL_ROUTINGS, run_cluster_point
 
 
