@@ -117,13 +117,17 @@ def test_scaling_reports_efficiency_against_one_executor(tmp_path, capsys):
     out_file = tmp_path / "s.json"
     assert scaling_main(["--pools", "2", "--executors-per-pool", "1", "--num-requests", "24",
                          "--pool-routings", "jsw,round-robin", "--baseline-requests", "12", "--lo", "1",
-                         "--hi", "2", "--tol", "0.5", "--max-prompt-len", "300", "--out", str(out_file)]) == 0
+                         "--hi", "2", "--tol", "0.5", "--max-prompt-len", "300", "--max-qps-per-executor", "1.5",
+                         "--out", str(out_file)]) == 0
     res = json.loads(out_file.read_text())
     base = res["baseline"]["12"]["capacity_qps"]
     assert base > 0
     for rule in ("jsw", "round-robin"):
         c = res["cluster"][rule]
         assert c["efficiency"]["12"] == pytest.approx(c["capacity_qps"] / (2 * base))
+        # never searched above the cap (total QPS = 2 executors x 1.5); passing there is reported as capped
+        assert all(t["qps"] <= 3.0 for t in c["trials"])
+        assert c["capped"] == (c["first_failing_qps"] is None)
     assert "| jsw |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         scaling_main(["--pool-routings", "least-work"])
