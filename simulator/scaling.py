@@ -66,7 +66,8 @@ def _search(name: str, trial: Callable[[float], dict[str, Any]], crit: Any, lo: 
     """``find_capacity`` with the upper end clipped to ``max_qps``; ``capped``: it passed there."""
     t0 = time.perf_counter()
     hi = min(hi, max_qps)
-    res = find_capacity(_logged(name, trial, crit), crit, lo=min(lo, hi / 2), hi=hi, tol=tol, max_qps=max_qps)
+    lo = lo if lo < hi else hi / 2
+    res = find_capacity(_logged(name, trial, crit), crit, lo=lo, hi=hi, tol=tol, max_qps=max_qps)
     res["capped"] = res["first_failing_qps"] is None
     res["wall_s"] = time.perf_counter() - t0
     return res
