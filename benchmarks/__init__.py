@@ -6,4 +6,6 @@
     telemetry_overhead    cost of tracing and metrics per step (in process)
     tracing_overhead_e2e  tracing on vs off through a whole local stack
     soak                  many streams for a long time: lost or duplicated tokens, errors, memory per process
+    sim_speed             simulator speed (wall and CPU) of checkouts run back to back
+    sim_identity          md5 of `slai-serve sim --json` per policy in two checkouts: a speed-up must not change plans
 """

@@ -6,6 +6,7 @@ One model shape covers everything the project uses::
               + c * num_decodes
               + d * sum_decode_context
               + e * sum_prefill_chunk_context
+              + m * max(0, num_decodes - s * batch_tokens)    [only in a mixed step]
               + overhead                                  (all in milliseconds)
 
 * ``batch_tokens``   = prefill chunk tokens + decode tokens of the plan;
@@ -15,6 +16,11 @@ One model shape covers everything the project uses::
 * ``sum_prefill_chunk_context`` = SUM over prefill chunks of
   ``chunk * (num_computed_tokens + chunk)``: the chunk's tokens times the context
   its last token attends to (a proxy for attention FLOPs);
+* the *mixing penalty*: a step holding both prefill chunks and decodes pays
+  ``m`` per decode above the share ``s`` of its tokens (``mix_ms_per_decode``,
+  ``mix_decode_share``). On bandwidth-limited GPUs a decode's marginal cost in a
+  mixed batch exceeds its cost in a pure decode batch once decodes are more than
+  about 20% of the step (prefill-decode interference, arXiv 2606.00516);
 * ``overhead`` = a fixed per-step cost (scheduling, RPC) added to every step.
 
 The built-in ``paper`` model is the RTX 6000 Ada fit
@@ -22,6 +28,11 @@ The built-in ``paper`` model is the RTX 6000 Ada fit
 the authors' one published step-time measurement (Fig. 5(a): a 2048-token prompt
 at budgets 64-1024). Its data were measured end to end by the authors' engine,
 so scheduling overhead is already inside the constants; its ``overhead_ms`` is therefore 0.
+
+The built-in ``gpu`` model (``GPU_MODEL``) keeps the paper's batch-size terms and
+adds what that fit cannot show, as a GPU-shaped stress model rather than a fit:
+a per-decode cost, decode attention reading each context token's KV, prefill
+attention over the chunk's context, and the mixing penalty. See docs/results.md (GPU-shaped cost model).
 
 Model files are JSON objects with the field names of :class:`CostModel`.
 A fitter (:func:`fit_cost_model`) builds one from measured step timings.
@@ -54,12 +65,16 @@ class CostModel:
     e_ms_per_chunk_context: float = 0.0  # per (chunk x context) of prefill chunks
     overhead_ms: float = 0.0  # fixed per-step overhead added to every step
     description: str = ""
+    mix_ms_per_decode: float = 0.0  # mixed step: extra cost per decode above mix_decode_share of its tokens
+    mix_decode_share: float = 0.2  # decode share of a mixed step above which the mixing penalty applies
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"cost model field {f.name} must be finite, got {v}")
+        if not 0.0 <= self.mix_decode_share <= 1.0:
+            raise ValueError(f"cost model field mix_decode_share must be in [0, 1], got {self.mix_decode_share}")
 
     # ---- evaluation ----
     @property
@@ -73,14 +88,24 @@ class CostModel:
         base = self.a1_ms + self.b_ms_per_token * batch_tokens
         if base < self.a0_ms:
             base = self.a0_ms
-        return (base + self.c_ms_per_decode * num_decodes + self.d_ms_per_context_token * sum_decode_context
-                + self.e_ms_per_chunk_context * sum_chunk_context + self.overhead_ms)
+        t = (base + self.c_ms_per_decode * num_decodes + self.d_ms_per_context_token * sum_decode_context
+             + self.e_ms_per_chunk_context * sum_chunk_context + self.overhead_ms)
+        if self.mix_ms_per_decode and 0 < num_decodes < batch_tokens:  # prefill and decode in one step
+            excess = num_decodes - self.mix_decode_share * batch_tokens
+            if excess > 0:
+                t += self.mix_ms_per_decode * excess
+        return t
 
     def step_time_s(self, plan: BatchPlan) -> float:
-        """Step time of ``plan`` in seconds, including the fixed overhead."""
+        """Step time of ``plan`` in seconds, including the fixed overhead.
+
+        Uses the plan's ``stats`` when they count its tokens; otherwise (a plan decoded
+        off the wire carries no stats, e.g. in the fake executor) walks its slices.
+        """
         st = plan.stats
-        if not self.needs_context:
-            return 1e-3 * self.time_ms(st.num_prefill_tokens + st.num_decodes, st.num_decodes)
+        n = st.num_prefill_tokens + st.num_decodes
+        if n and not self.needs_context:
+            return 1e-3 * self.time_ms(n, st.num_decodes)
         f = plan_features(plan)
         return 1e-3 * self.time_ms(f["batch_tokens"], f["num_decodes"], f["sum_decode_context"],
                                    f["sum_chunk_context"])
@@ -94,7 +119,12 @@ class CostModel:
 
     # ---- files ----
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.mix_ms_per_decode:
+            # NOTE: a model without the mixing penalty keeps its pre-penalty field set, so the
+            # `sim --json` output of every existing model stays byte-for-byte the same
+            del d["mix_ms_per_decode"], d["mix_decode_share"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CostModel:
@@ -122,11 +152,24 @@ PAPER_MODEL = CostModel(
     # across versions; "paper.md 10.2" names the authors' Fig. 5(a) fit of the RTX 6000 Ada step time.
     description="paper.md 10.2: T = max(23.4, 6.95 + 0.0912 x tokens) ms, Mistral-7B fp16 on RTX 6000 Ada")
 
-BUILTIN_MODELS = {"paper": PAPER_MODEL}
+# A GPU-shaped stress model for the same GPU and model (RTX 6000 Ada, 960 GB/s, Mistral-7B
+# fp16 with 8 KV heads: 128 KiB of KV per token). Not a fit: each added term is sized from
+# the hardware, so a policy's lead can be checked where decodes and mixing are not free.
+GPU_MODEL = CostModel(
+    name="gpu-shaped-rtx6000ada-mistral7b", a0_ms=23.4, a1_ms=6.95, b_ms_per_token=0.0912,
+    c_ms_per_decode=0.03,  # per-sequence work of a decode (sampling, paged-attention metadata)
+    d_ms_per_context_token=1.4e-4,  # 128 KiB of KV read per context token at 960 GB/s
+    e_ms_per_chunk_context=2.6e-6,  # ~0.5 MFLOP per (query, key) pair at ~200 TFLOP/s
+    mix_ms_per_decode=0.1, mix_decode_share=0.2,  # interference above 20% decodes (arXiv 2606.00516)
+    description="paper fit + 0.03 ms/decode + 1.4e-4 ms/decode context token + 2.6e-6 ms/(chunk x context)"
+                " + 0.1 ms per decode above 20% of a mixed step")
+
+BUILTIN_MODELS = {"paper": PAPER_MODEL, "gpu": GPU_MODEL}
 
 
 def resolve_cost_model(spec: str | None, overhead_ms: float | None = None) -> CostModel:
-    """``None``/``"paper"`` -> the built-in fit; anything else is a JSON model file."""
+    """``None``/``"paper"`` -> the built-in fit; ``"gpu"`` -> the GPU-shaped model;
+    anything else is a JSON model file."""
     model = BUILTIN_MODELS.get(spec or "paper")
     if model is None:
         model = CostModel.load(spec)

@@ -34,9 +34,14 @@ class NewRequestSlice:
     num_tokens: int = 0  # len(token_ids) even when ids are not carried (simulator)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     block_ids: tuple[int, ...] = ()  # KV placement for the whole prompt, in token order
-    num_computed_tokens: int = 0  # always 0 today (no prefix caching); kept for the wire
+    # a cached prefix (prefix caching): whole blocks whose KV another request computed; the
+    # first num_computed_tokens / block_size block_ids are shared, read-only
+    num_computed_tokens: int = 0
     num_new_tokens: int = 0  # tokens of token_ids to compute in this step
     sample: bool = False  # this chunk completes the sequence: sample a token
+    # prompt tokens at the start of token_ids (the rest are outputs, after a recompute); 0 = all of them.
+    # The executor needs it for penalties, min_tokens and prompt logprobs (contract/sampling.py).
+    num_prompt_tokens: int = 0
 
 
 class CachedRequestSlice(NamedTuple):
@@ -65,6 +70,8 @@ class PlanStats(NamedTuple):
     offset: float = 0.0  # SLAI's delta in force for this step (0 for other policies)
     num_waiting: int = 0  # waiting + paused prefills after this plan
     num_running: int = 0  # requests holding KV after this plan
+    prefix_cache_queries: int = 0  # prompt tokens of the requests admitted by this plan (prefix caching on)
+    prefix_cache_hits: int = 0  # of those, tokens found in the prefix cache (not computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +100,8 @@ class BatchPlan:
 
     def sampling_ids(self) -> tuple[str, ...]:
         """Requests that must get a sampled token in this step's result."""
-        return tuple(s.req_id for s in self.new if s.sample) + tuple(c.req_id for c in self.cached if c.sample)
+        # list comprehensions, not generators: called once per simulated step, and twice as fast
+        return tuple([s.req_id for s in self.new if s.sample] + [c.req_id for c in self.cached if c.sample])
 
     def scheduled_ids(self) -> tuple[str, ...]:
         return tuple(s.req_id for s in self.new) + tuple(s.req_id for s in self.cached)
@@ -111,3 +119,6 @@ class StepResult:
     sample_ns: int = 0  # sampling
     total_ns: int = 0  # the runner took the plan up -> its result was ready
     idle_ns: int = 0  # the executor's wait for this plan since its previous step ended (0 if unknown)
+    # () unless a sampling request asked for logprobs; else aligned with req_ids: a
+    # contract.logprobs.SampleLogprobs or None per request (opaque to the scheduler's core)
+    logprobs: tuple = ()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from contract.executor_info import ExecutorInfo
+from contract.logprobs import SampleLogprobs, TokenLogprob
 from contract.plan import BatchPlan, StepResult
 from executor_svc.request_cache import RequestCache
 
@@ -97,6 +98,7 @@ class FakeRunner:
                 time.sleep(seconds)
         t2 = time.perf_counter_ns()
         sampled = {c.state.req_id: self.token_for(c.state.req_id, c.state.num_tokens) for c in chunks if c.sample}
+        logprobs = self._logprobs(chunks, sampled) if self.requests.num_with_extras else {}
         RequestCache.commit(chunks, sampled)
         req_ids = tuple(c.state.req_id for c in chunks if c.sample)
         t3 = time.perf_counter_ns()
@@ -108,4 +110,26 @@ class FakeRunner:
             step_id=plan.step_id, req_ids=req_ids, token_ids=tuple(sampled[r] for r in req_ids),
             prepare_ns=prepare_ns, forward_ns=forward_ns, sample_ns=sample_ns,
             total_ns=prepare_ns + forward_ns + sample_ns,
+            logprobs=tuple(logprobs.get(r) for r in req_ids) if logprobs else (),
         )
+
+    def _logprobs(self, chunks, sampled: dict[str, int]) -> dict[str, SampleLogprobs]:
+        """Made-up but well-formed logprobs for the requests that ask (-1 per generated token, -0.5 per
+        prompt token; the sampled token first among its alternatives), sent the way ModelRunner sends them."""
+        out = {}
+        for c in chunks:
+            st = c.state
+            if not (c.sample and st.has_extras):
+                continue
+            k = st.sampling.logprobs
+            tok = None
+            if k is not None:
+                t = sampled[st.req_id]
+                tok = TokenLogprob(t, -1.0, tuple((t + i) % self.vocab_size for i in range(k)), (-1.0,) * k)
+            prompt = None
+            if st.prompt_logprobs is not None:
+                prompt = tuple(TokenLogprob(t, -0.5) for t in st.token_ids[1:st.num_prompt_tokens])
+                st.prompt_logprobs = None
+            if tok is not None or prompt is not None:
+                out[st.req_id] = SampleLogprobs(tok, prompt)
+        return out

@@ -2,6 +2,13 @@
 
 Torch-free, so ``FakeRunner`` shares the exact validation of ``ModelRunner``.
 
+Prefix caching: a new request may start with ``num_computed_tokens > 0``; its
+first ``num_computed_tokens / block_size`` blocks then already hold that KV,
+written by another request, and are shared read-only. A step only ever writes
+into blocks a request holds alone (the scheduler shares full blocks only), and
+the checks below reject a plan that would write into a block another live
+request holds.
+
 Validation (:meth:`RequestCache.check`) reads the plan against the state *as it
 will be* after the plan's releases, and raises :class:`PlanError` before any
 state changes; :meth:`RequestCache.apply` then mutates. A rejected plan
@@ -28,6 +35,13 @@ class RequestState:
     sampling: SamplingParams
     block_ids: list[int] = field(default_factory=list)  # KV block table, token order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_prompt_tokens: int = 0  # token_ids[:num_prompt_tokens] is the prompt, the rest are outputs
+    # NOTE: set only for requests that use logit processors or logprobs (executor_svc/penalties.py,
+    # executor_svc/logprobs.py); the runner skips all of that while RequestCache.num_with_extras is 0.
+    has_extras: bool = False
+    # prompt logprobs computed so far, until the first sampled token carries them; None: none to send
+    # (not asked for, already sent, or a recompute that already has outputs)
+    prompt_logprobs: list | None = None
 
     def append_token(self, token_id: int) -> None:
         if self.token_ids or self.num_tokens == 0:
@@ -68,7 +82,9 @@ class RequestCache:
         self.require_token_ids = require_token_ids
         self.check_blocks = check_blocks
         self._states: dict[str, RequestState] = {}
-        self._block_owner: dict[int, str] = {}  # NOTE: catches two live requests sharing a block
+        self.num_with_extras = 0  # live states with has_extras set
+        self._block_owner: dict[int, str] = {}  # NOTE: catches two live requests writing one block
+        self._block_readers: dict[int, set[str]] = {}  # shared prefix blocks -> live requests reading them
 
     def __len__(self) -> int:
         return len(self._states)
@@ -83,9 +99,16 @@ class RequestCache:
         for rid in req_ids:
             state = self._states.pop(rid, None)
             if state is not None:
+                if state.has_extras:
+                    self.num_with_extras -= 1
                 for b in state.block_ids:
                     if self._block_owner.get(b) == rid:
                         del self._block_owner[b]
+                    readers = self._block_readers.get(b)
+                    if readers is not None:
+                        readers.discard(rid)
+                        if not readers:
+                            del self._block_readers[b]
 
     # ---- validation -------------------------------------------------------------
     def check(self, plan: BatchPlan) -> None:
@@ -93,20 +116,23 @@ class RequestCache:
         released = set(plan.finished_ids) | set(plan.preempted_ids)
         seen: set[str] = set()
         claimed: dict[int, str] = {}  # blocks newly attached by this plan
+        shared: dict[int, str] = {}  # shared prefix blocks newly read by this plan
         for s in plan.new:
             self._check_id(s.req_id, seen, plan.step_id)
             if s.req_id in self._states and s.req_id not in released:
                 raise PlanError(f"step {plan.step_id}: new request {s.req_id!r} is already active "
                                 "(not in finished_ids/preempted_ids)")
             self._check_new(s, plan.step_id)
-            self._claim(s.req_id, s.block_ids, released, claimed, plan.step_id)
+            n_shared = s.num_computed_tokens // self.block_size
+            self._share(s.req_id, s.block_ids[:n_shared], released, claimed, shared, plan.step_id)
+            self._claim(s.req_id, s.block_ids[n_shared:], released, claimed, plan.step_id, shared)
         for c in plan.cached:
             self._check_id(c.req_id, seen, plan.step_id)
             state = self._states.get(c.req_id)
             if state is None or c.req_id in released:
                 raise PlanError(f"step {plan.step_id}: cached slice for unknown request {c.req_id!r}")
             self._check_cached(c, state, plan.step_id)
-            self._claim(c.req_id, c.new_block_ids, released, claimed, plan.step_id)
+            self._claim(c.req_id, c.new_block_ids, released, claimed, plan.step_id, shared)
 
     def _check_id(self, req_id: str, seen: set[str], step_id: int) -> None:
         if req_id in seen:
@@ -120,10 +146,13 @@ class RequestCache:
                 raise PlanError(f"{where}: num_tokens={s.num_tokens} but {len(s.token_ids)} token ids")
         elif self.require_token_ids:
             raise PlanError(f"{where}: no token ids (this runner needs them)")
-        if s.num_computed_tokens != 0:
-            raise PlanError(f"{where}: num_computed_tokens={s.num_computed_tokens}, expected 0 "
-                            "(no KV exists for a new request)")
-        self._check_chunk(where, 0, s.num_new_tokens, s.num_tokens, s.sample, len(s.block_ids))
+        if not 0 <= s.num_prompt_tokens <= s.num_tokens:
+            raise PlanError(f"{where}: num_prompt_tokens={s.num_prompt_tokens} not in [0, {s.num_tokens}]")
+        c = s.num_computed_tokens
+        if c < 0 or c >= max(s.num_tokens, 1) or c % self.block_size:
+            raise PlanError(f"{where}: num_computed_tokens={c} must be a multiple of the block size "
+                            f"{self.block_size} below num_tokens={s.num_tokens} (a cached prefix of whole blocks)")
+        self._check_chunk(where, c, s.num_new_tokens, s.num_tokens, s.sample, len(s.block_ids))
 
     def _check_cached(self, c: CachedRequestSlice, state: RequestState, step_id: int) -> None:
         where = f"step {step_id}: request {c.req_id!r}"
@@ -150,18 +179,37 @@ class RequestCache:
                             f"chunk needs {end}")
 
     def _claim(self, rid: str, blocks: Iterable[int], released: set[str], claimed: dict[int, str],
-               step_id: int) -> None:
+               step_id: int, shared: dict[int, str]) -> None:
+        """``blocks`` become ``rid``'s own (it writes KV into them): no other live request may hold them."""
         for b in blocks:
-            if self.num_blocks is not None and not 0 <= b < self.num_blocks:
-                raise PlanError(f"step {step_id}: request {rid!r}: block id {b} out of range [0, {self.num_blocks})")
-            owner = claimed.get(b)
+            self._check_range(rid, b, step_id)
+            owner = claimed.get(b) or shared.get(b)
             if owner is None:
                 owner = self._block_owner.get(b)
                 if owner in released:
                     owner = None
+            if owner is None:
+                owner = next((r for r in self._block_readers.get(b, ()) if r not in released), None)
             if owner is not None:
                 raise PlanError(f"step {step_id}: request {rid!r}: block {b} already belongs to {owner!r}")
             claimed[b] = rid
+
+    def _share(self, rid: str, blocks: Iterable[int], released: set[str], claimed: dict[int, str],
+               shared: dict[int, str], step_id: int) -> None:
+        """``blocks`` hold ``rid``'s cached prefix, computed by another request: read only.
+
+        A block attached for writing in this same plan cannot hold a computed prefix.
+        """
+        for b in blocks:
+            self._check_range(rid, b, step_id)
+            if b in claimed:
+                raise PlanError(f"step {step_id}: request {rid!r}: cached prefix block {b} is being "
+                                f"written by {claimed[b]!r} in the same step")
+            shared.setdefault(b, rid)
+
+    def _check_range(self, rid: str, b: int, step_id: int) -> None:
+        if self.num_blocks is not None and not 0 <= b < self.num_blocks:
+            raise PlanError(f"step {step_id}: request {rid!r}: block id {b} out of range [0, {self.num_blocks})")
 
     # ---- mutation -----------------------------------------------------------------
     def apply(self, plan: BatchPlan) -> list[ScheduledChunk]:
@@ -173,10 +221,20 @@ class RequestCache:
         self.release(plan.preempted_ids)
         chunks: list[ScheduledChunk] = []
         for s in plan.new:
-            state = RequestState(s.req_id, list(s.token_ids), s.num_tokens, s.sampling, list(s.block_ids))
+            state = RequestState(s.req_id, list(s.token_ids), s.num_tokens, s.sampling, list(s.block_ids),
+                                 num_computed_tokens=s.num_computed_tokens,
+                                 num_prompt_tokens=s.num_prompt_tokens or s.num_tokens)
+            if s.sampling.has_processors or s.sampling.wants_logprobs:
+                state.has_extras = True
+                self.num_with_extras += 1
+                if s.sampling.prompt_logprobs is not None and state.num_prompt_tokens == s.num_tokens:
+                    state.prompt_logprobs = []  # a recompute with outputs sent them with its first token
             self._states[s.req_id] = state
-            self._own(s.req_id, s.block_ids)
-            chunks.append(ScheduledChunk(state, 0, s.num_new_tokens, s.sample,
+            n_shared = s.num_computed_tokens // self.block_size
+            for b in s.block_ids[:n_shared]:
+                self._block_readers.setdefault(b, set()).add(s.req_id)
+            self._own(s.req_id, s.block_ids[n_shared:])
+            chunks.append(ScheduledChunk(state, s.num_computed_tokens, s.num_new_tokens, s.sample,
                                          is_decode=False))
         for c in plan.cached:
             state = self._states[c.req_id]

@@ -18,7 +18,7 @@ import torch
 
 from contract.executor_info import ExecutorInfo
 from contract.plan import BatchPlan, StepResult
-from executor_svc import attention
+from executor_svc import attention, step_extras
 from executor_svc.attention import PagedStep, PrefillChunk
 from executor_svc.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, kv_shape_from_config, num_blocks_for_device
 from executor_svc.models import LoadedModel, load_model
@@ -106,17 +106,29 @@ class ModelRunner:
         chunks = self.requests.apply(plan)
         if not chunks:
             return StepResult(step_id=plan.step_id, total_ns=time.perf_counter_ns() - t0)
+        extras = self.requests.num_with_extras > 0  # NOTE: False: the plain path, no per-request checks
         with torch.inference_mode():
             ids, pos, step, keep_rows, sample_chunks = self._prepare(chunks)
+            prompt_rows = None
+            if extras:
+                prompt_rows = step_extras.prompt_rows(chunks)
+                if prompt_rows.rows:
+                    keep_rows = torch.cat([keep_rows, torch.tensor(prompt_rows.rows, dtype=torch.long,
+                                                                   device=self.device)])
             t1 = time.perf_counter_ns()
             out = self.model(input_ids=ids, position_ids=pos, use_cache=False, paged=step, logits_to_keep=keep_rows)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t2 = time.perf_counter_ns()
-            logits = out.logits[0]  # [num_sampled, vocab]
-            tokens = self.sampler.sample(
-                logits, [c.state.sampling for c in sample_chunks], [c.state.num_tokens for c in sample_chunks]
-            )
+            logits = out.logits[0]  # [num_sampled (+ prompt logprob rows), vocab]
+            params = [c.state.sampling for c in sample_chunks]
+            if extras:
+                logits = step_extras.processed_logits(logits[:len(sample_chunks)], sample_chunks)
+            tokens = self.sampler.sample(logits[:len(sample_chunks)], params,
+                                         [c.state.num_tokens for c in sample_chunks])
+            logprobs = {}
+            if extras:
+                logprobs = step_extras.collect(out.logits[0], logits, sample_chunks, tokens, prompt_rows)
         sampled = {c.state.req_id: t for c, t in zip(sample_chunks, tokens)}
         RequestCache.commit(chunks, sampled)
         t3 = time.perf_counter_ns()
@@ -125,6 +137,7 @@ class ModelRunner:
         return StepResult(
             step_id=plan.step_id, req_ids=req_ids, token_ids=tuple(sampled[r] for r in req_ids),
             prepare_ns=t1 - t0, forward_ns=t2 - t1, sample_ns=t3 - t2, total_ns=t3 - t0,
+            logprobs=tuple(logprobs.get(r) for r in req_ids) if logprobs else (),
         )
 
     # ---- input building ---------------------------------------------------------------

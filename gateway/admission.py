@@ -65,6 +65,16 @@ class Admission:
         self._in_use += 1
         return Slot(self)
 
+    def acquire_many(self, k: int) -> list[Slot]:
+        """``k`` slots at once (the other completions of an ``n > 1`` request), or none and
+        ``AdmissionRejected`` when fewer than ``k`` are free."""
+        if self._in_use + k > self.limit:
+            raise AdmissionRejected(f"gateway is full ({self._in_use} of {self.limit} requests in flight; "
+                                    f"this one needs {k} more for its n completions)",
+                                    retry_after_s=RETRY_AFTER_S)
+        self._in_use += k
+        return [Slot(self) for _ in range(k)]
+
 
 # The slot of the HTTP request this task serves (None on gRPC calls and outside requests).
 _current: ContextVar[Slot | None] = ContextVar("slai_gateway_admission_slot", default=None)

@@ -24,6 +24,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gateway.auth import KeyStore, Unauthenticated
 from gateway.config import TierPolicy
 from gateway.http_guard import retry_after_value
+from gateway.logprobs import (
+    CompletionLogprobs,
+    chat_logprobs,
+    merge_completion_logprobs,
+)
 from gateway.openai_params import (
     CHAT,
     COMPLETIONS,
@@ -35,7 +40,15 @@ from gateway.openai_params import (
 )
 from gateway.service import GenerationService
 from gateway.types import Delta, GenerationInput
-from gateway.validation import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_STOP_STRINGS, clip
+from gateway.validation import (
+    MAX_CONTENT_PARTS,
+    MAX_LOGIT_BIAS_KEYS,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    clip,
+)
 from telemetry.metrics_http import add_metrics_route
 from wire.grpc_server import AdmissionRejected
 
@@ -126,17 +139,49 @@ def _get_float(body: dict, name: str, default: float) -> float:
         raise BadRequest(f"{name}: must be a finite number, got an integer too large for a float") from None
 
 
-def _common_fields(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """``{"token id": bias}`` (JSON object keys are strings) as sorted pairs; ranges are checked later."""
+    value = _get(body, "logit_bias", (dict,))
+    if not value:
+        return ()
+    if len(value) > MAX_LOGIT_BIAS_KEYS:
+        raise BadRequest(f"logit_bias: at most {MAX_LOGIT_BIAS_KEYS} tokens, got {len(value)}")
+    out = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            raise BadRequest(f"logit_bias: keys must be token ids (decimal integers), got {clip(key)}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise BadRequest(f"logit_bias: values must be numbers, got {json_type(bias)} for {key}")
+        try:
+            out.append((int(key), float(bias)))
+        except OverflowError:
+            raise BadRequest(f"logit_bias: each bias must be in [-100, 100], got an integer too large "
+                             f"for {key}") from None
+    return tuple(sorted(out))
+
+
+def _token_id_list(body: dict, name: str) -> tuple[int, ...]:
+    value = _get(body, name, (list,))
+    if not value:
+        return ()
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise BadRequest(f"{name}: at most {MAX_STOP_TOKEN_IDS} ids, got {len(value)}")
+    if not _is_token_ids(value):
+        raise BadRequest(f"{name}: expected a list of token ids (integers)")
+    return tuple(value)
+
+
+def _common_fields(body: dict, max_tokens_names: tuple[str, ...], min_max_tokens: int = 1) -> dict[str, Any]:
     max_tokens = 0
     for name in max_tokens_names:
         value = _get_int(body, name)
         if value is not None:
-            if value < 1:
+            if value < min_max_tokens:
                 raise BadRequest(f"{name}: must be >= 1, got {value}")
             max_tokens = value
     n = _get_int(body, "n", 1)
-    if n != 1:
-        raise BadRequest(f"n: only n=1 is supported, got {n}")
+    if not 1 <= n <= MAX_N:  # here too: the response is sized by n before the service checks it
+        raise BadRequest(f"n: must be in [1, {MAX_N}], got {n}")
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -160,6 +205,13 @@ def _common_fields(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, A
         stop=stops,
         model=_get(body, "model", (str,), ""),
         request_id=_get(body, "request_id", (str,), ""),
+        n=n,
+        presence_penalty=_get_float(body, "presence_penalty", 0.0),
+        frequency_penalty=_get_float(body, "frequency_penalty", 0.0),
+        repetition_penalty=_get_float(body, "repetition_penalty", 1.0),
+        logit_bias=_logit_bias(body),
+        min_tokens=_get_int(body, "min_tokens", 0),
+        stop_token_ids=_token_id_list(body, "stop_token_ids"),
     )
 
 
@@ -169,7 +221,16 @@ def _is_token_ids(value: Any) -> bool:
 
 def parse_completion(body: dict) -> GenerationInput:
     check_params(body, COMPLETIONS)
-    fields = _common_fields(body, ("max_tokens",))
+    echo = _get(body, "echo", (bool,), False)
+    # NOTE: echo with max_tokens 0 scores the prompt and generates nothing (loglikelihood evaluation)
+    fields = _common_fields(body, ("max_tokens",), min_max_tokens=0 if echo else 1)
+    # NOTE: false means "off" too (some clients send the chat spelling); true is a 400 (0? 5?)
+    logprobs = None if body.get("logprobs") is False else _get_int(body, "logprobs")
+    score_only = echo and body.get("max_tokens") == 0
+    fields.update(logprobs=logprobs, echo=echo, score_only=score_only,
+                  prompt_logprobs=logprobs if echo else None)
+    if score_only:
+        fields.update(logprobs=None)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -180,7 +241,8 @@ def parse_completion(body: dict) -> GenerationInput:
     if _is_token_ids(prompt):
         return GenerationInput(prompt_token_ids=tuple(prompt), **fields)
     if isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt) or all(map(_is_token_ids, prompt))):
-        raise BadRequest(f"prompt: one prompt per request (n=1), got a batch of {len(prompt)}")
+        raise BadRequest(f"prompt: one prompt per request (use n for several completions), got a batch of "
+                         f"{len(prompt)}")
     raise BadRequest("prompt: expected a string, a list of one string, or a list of token ids")
 
 
@@ -229,6 +291,11 @@ def parse_chat(body: dict) -> GenerationInput:
             raise BadRequest(f"messages[{i}].role: expected string, got {json_type(role)}")
         turns.append((role, _message_content(i, m.get("content"))))
     fields = _common_fields(body, ("max_tokens", "max_completion_tokens"))
+    logprobs = _get(body, "logprobs", (bool,), False)
+    top = _get_int(body, "top_logprobs")
+    if top is not None and not logprobs:
+        raise BadRequest("top_logprobs: only allowed with logprobs: true")
+    fields.update(logprobs=(top or 0) if logprobs else None)
     return GenerationInput(messages=tuple(turns), **fields)
 
 
@@ -302,36 +369,88 @@ def build_app(service: GenerationService, keys: KeyStore) -> FastAPI:
     return app
 
 
-def _usage(d: Delta) -> dict:
-    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-            "total_tokens": d.prompt_tokens + d.completion_tokens}
+def _usage(d: Delta, completion_tokens: int | None = None) -> dict:
+    completion = d.completion_tokens if completion_tokens is None else completion_tokens
+    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": d.prompt_tokens + completion}
+
+
+class _Choice:
+    """One completion's rendering state: its echo, logprobs and text offsets (streamed or not)."""
+
+    def __init__(self, service: GenerationService, inp: GenerationInput, chat: bool) -> None:
+        self.tok = service.tokenizer
+        self.inp = inp
+        self.chat = chat
+        self.completion_lp = CompletionLogprobs(self.tok) if not chat else None
+
+    def echo_text(self, d: Delta) -> str:
+        """The prompt as the response text starts with it (``echo``), on its first delta; else ""."""
+        if d.prompt_token_ids is None:
+            return ""
+        return self.inp.prompt if self.inp.prompt is not None else self.tok.decode(list(d.prompt_token_ids))
+
+    def logprobs(self, d: Delta) -> dict | None:
+        """This delta's ``logprobs`` value in the endpoint's shape (None when not asked for)."""
+        inp = self.inp
+        if self.chat:
+            if inp.logprobs is None:
+                return None
+            return {"content": chat_logprobs(self.tok, d.token_ids, d.logprobs or (None,) * len(d.token_ids),
+                                             inp.logprobs), "refusal": None}
+        if inp.logprobs is None and inp.prompt_logprobs is None:
+            return None
+        parts = []
+        if d.prompt_token_ids is not None:
+            entries = d.prompt_logprobs if d.prompt_logprobs is not None else (None,) * (len(d.prompt_token_ids) - 1)
+            parts.append(self.completion_lp.render(d.prompt_token_ids, entries, first_is_unscored=True))
+        if d.token_ids:
+            parts.append(self.completion_lp.render(d.token_ids, d.logprobs or (None,) * len(d.token_ids)))
+        return merge_completion_logprobs(parts)
 
 
 async def _complete(service: GenerationService, inp: GenerationInput, tier: TierPolicy, chat: bool,
                     headers=None, with_ids: bool = False) -> Response:
-    parts: list[str] = []
-    ids: list[int] = []
-    last: Delta | None = None
+    n = inp.n
+    parts: list[list[str]] = [[] for _ in range(n)]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list[dict]] = [[] for _ in range(n)]
+    finals: list[Delta | None] = [None] * n
+    renderers = [_Choice(service, inp, chat) for _ in range(n)]
     try:
         async for d in service.generate(inp, tier, headers):
-            parts.append(d.text)
-            ids.extend(d.token_ids)
-            last = d
+            r = renderers[d.index]
+            parts[d.index].append(r.echo_text(d) + d.text)
+            ids[d.index].extend(d.token_ids)
+            lp = r.logprobs(d)
+            if lp is not None:
+                lps[d.index].append(lp)
+            if d.finish_reason is not None:
+                finals[d.index] = d
     except Exception as exc:  # noqa: BLE001
         return error_response(exc)
-    assert last is not None
-    text = "".join(parts)
-    finish = FINISH_TO_OPENAI.get(last.finish_reason or "", last.finish_reason)
+    last = next(f for f in finals if f is not None)
     base = {"id": ("chatcmpl-" if chat else "cmpl-") + last.request_id, "created": int(time.time()),
-            "model": service.model_name, "usage": _usage(last)}
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    if with_ids:
-        choice["token_ids"] = ids
-    return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion", "choices": [choice]})
+            "model": service.model_name,
+            "usage": _usage(last, sum(f.completion_tokens for f in finals if f is not None))}
+    choices = []
+    for i in range(n):
+        f = finals[i] or last
+        finish = FINISH_TO_OPENAI.get(f.finish_reason or "", f.finish_reason)
+        text = "".join(parts[i])
+        if chat:
+            logprobs = None
+            if inp.logprobs is not None:
+                logprobs = {"content": [c for p in lps[i] for c in p["content"]], "refusal": None}
+            choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": finish}
+        else:
+            logprobs = merge_completion_logprobs(lps[i]) if lps[i] else None
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if with_ids:
+            choice["token_ids"] = ids[i]
+        choices.append(choice)
+    return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion", "choices": choices})
 
 
 async def _stream(service: GenerationService, inp: GenerationInput, tier: TierPolicy, chat: bool,
@@ -345,6 +464,8 @@ async def _stream(service: GenerationService, inp: GenerationInput, tier: TierPo
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + first.request_id
     obj = "chat.completion.chunk" if chat else "text_completion"
+    renderers = [_Choice(service, inp, chat) for _ in range(inp.n)]
+    with_tokens = with_ids or inp.logprobs is not None  # a chunk per token even while its text is held back
 
     def event(choices: list, usage: dict | None = None) -> bytes:
         payload = {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": choices}
@@ -354,11 +475,13 @@ async def _stream(service: GenerationService, inp: GenerationInput, tier: TierPo
 
     def choice(d: Delta) -> dict:
         finish = FINISH_TO_OPENAI.get(d.finish_reason, d.finish_reason) if d.finish_reason else None
+        r = renderers[d.index]
         if chat:
-            out = {"index": 0, "delta": {"content": d.text} if d.text else {}, "logprobs": None,
+            out = {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": r.logprobs(d),
                    "finish_reason": finish}
         else:
-            out = {"index": 0, "text": d.text, "logprobs": None, "finish_reason": finish}
+            out = {"index": d.index, "text": r.echo_text(d) + d.text, "logprobs": r.logprobs(d),
+                   "finish_reason": finish}
         if with_ids:
             out["token_ids"] = list(d.token_ids)
         return out
@@ -366,16 +489,21 @@ async def _stream(service: GenerationService, inp: GenerationInput, tier: TierPo
     async def body() -> AsyncIterator[bytes]:
         try:
             if chat:
-                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
+                for i in range(inp.n):
+                    yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
             d: Delta | None = first
+            num_finished, completion_tokens = 0, 0
             while d is not None:
-                if d.text or d.finish_reason or (with_ids and d.token_ids):
+                if d.text or d.finish_reason or d.prompt_token_ids is not None or (d.token_ids and with_tokens):
                     yield event([choice(d)])
                 if d.finish_reason:
-                    if include_usage:
-                        yield event([], _usage(d))
-                    break
+                    num_finished += 1
+                    completion_tokens += d.completion_tokens
+                    if num_finished == inp.n:
+                        if include_usage:
+                            yield event([], _usage(d, completion_tokens))
+                        break
                 d = await anext(agen, None)
             yield b"data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - headers are gone; report in-band like OpenAI does

@@ -107,6 +107,18 @@ class Preparer:
             if size > TRIM_AFTER_CHARS:
                 _trim_heap()
 
+    def _check_token_ids(self, inp: GenerationInput) -> None:
+        """Token ids named by logit_bias and stop_token_ids exist in the vocabulary."""
+        if not inp.logit_bias and not inp.stop_token_ids:
+            return
+        vocab = self.tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+        for tok, _ in inp.logit_bias:
+            if not 0 <= tok < vocab:
+                raise ValueError(f"logit_bias: token id {tok} is not in the vocabulary [0, {vocab})")
+        for tok in inp.stop_token_ids:
+            if not 0 <= tok < vocab:
+                raise ValueError(f"stop_token_ids: token id {tok} is not in the vocabulary [0, {vocab})")
+
     def prepare(self, inp: GenerationInput, tier: TierPolicy) -> Prepared:
         """Validate and tokenize; raises ValueError naming the offending field."""
         check_input(inp, self.model_name, self.max_model_len)
@@ -135,13 +147,21 @@ class Preparer:
                              f"{self.max_model_len - 1} prompt tokens ({self.max_model_len} in all)")
         if inp.max_tokens < 0:
             raise ValueError(f"max_tokens: must be >= 1, got {inp.max_tokens}")
-        if inp.max_tokens == 0:
+        self._check_token_ids(inp)
+        if inp.score_only:
+            if inp.max_tokens:
+                raise ValueError(f"max_tokens: must be 0 to score the prompt only, got {inp.max_tokens}")
+            # NOTE: the scheduler always generates; one token is the least, and the gateway drops it
+            max_tokens = 1
+        elif inp.max_tokens == 0:
             max_tokens = min(self.config.default_max_tokens, room)
         elif inp.max_tokens > room:
             raise ValueError(f"max_tokens: {inp.max_tokens} plus {len(prompt_ids)} prompt tokens exceeds the "
                              f"model's {self.max_model_len}-token limit (at most {room} here)")
         else:
             max_tokens = inp.max_tokens
+        if inp.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens: {inp.min_tokens} is more than max_tokens ({max_tokens})")
         request_id = inp.request_id or f"gw-{uuid.uuid4().hex}"
         if self._in_flight(request_id):
             raise ValueError(f"request_id: {clip(request_id)} is already in flight")

@@ -16,6 +16,7 @@ from gateway.config import GatewayConfig, TierPolicy
 from gateway.types import GenerationInput, Timings
 from wire import enums
 from wire.grpc_server import AdmissionRejected, message_size_options
+from wire.logprobs_codec import logprobs_from_pb
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from wire.service_auth import call_metadata
 
@@ -61,15 +62,47 @@ def scheduler_error(exc: grpc.aio.AioRpcError) -> Exception:
 
 def submit_request(request_id: str, prompt_ids: list[int], max_tokens: int, inp: GenerationInput,
                    tier: TierPolicy, eos_token_ids) -> scheduler_pb2.SubmitRequest:
-    """The ``SubmitRequest`` for a validated, tokenized input; the tier's objectives ride along."""
+    """The ``SubmitRequest`` for a validated, tokenized input; the tier's objectives ride along.
+
+    Stop tokens: the model's EOS ids plus the client's ``stop_token_ids``; with ``ignore_eos`` only the
+    client's (vLLM's meaning: ignore_eos never ignores stop_token_ids).
+    """
+    stops, ignore_eos = tuple(eos_token_ids), inp.ignore_eos
+    if inp.stop_token_ids:
+        user = tuple(dict.fromkeys(inp.stop_token_ids))
+        stops, ignore_eos = (user, False) if ignore_eos else (tuple(dict.fromkeys(stops + user)), False)
     sampling = common_pb2.SamplingParams(
         temperature=inp.temperature, top_p=inp.top_p, top_k=inp.top_k,
-        stop_token_ids=eos_token_ids, ignore_eos=inp.ignore_eos)
+        stop_token_ids=stops, ignore_eos=ignore_eos,
+        presence_penalty=inp.presence_penalty, frequency_penalty=inp.frequency_penalty,
+        repetition_penalty=inp.repetition_penalty, min_tokens=inp.min_tokens)
+    for tok, bias in inp.logit_bias:
+        sampling.logit_bias[tok] = bias
     if inp.seed is not None:
         sampling.seed = inp.seed
+    if inp.logprobs is not None:
+        sampling.logprobs = inp.logprobs
+    if inp.prompt_logprobs is not None:
+        sampling.prompt_logprobs = inp.prompt_logprobs
     return scheduler_pb2.SubmitRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
         tier=enums.TIER_TO_PB[tier.tier], tbt_slo_s=tier.tbt_slo_s, ttft_slo_s=tier.ttft_slo_s)
+
+
+def sub_request(msg: scheduler_pb2.SubmitRequest, index: int) -> scheduler_pb2.SubmitRequest:
+    """Completion ``index`` of an ``n > 1`` request: id ``<request_id>-<index>``, and its own seed stream
+    (the request's seed + index; unseeded stays unseeded, so each draws independently)."""
+    sub = scheduler_pb2.SubmitRequest()
+    sub.CopyFrom(msg)
+    sub.request_id = f"{msg.request_id}-{index}"
+    if msg.sampling.HasField("seed"):
+        sub.sampling.seed = (msg.sampling.seed + index) % 2**64
+    return sub
+
+
+def event_logprobs(ev: scheduler_pb2.TokenEvent) -> tuple | None:
+    """An event's logprobs (``contract.logprobs.SampleLogprobs`` or None per token id), None if it has none."""
+    return logprobs_from_pb(ev.logprobs) if ev.logprobs else None
 
 
 def is_final(ev: scheduler_pb2.TokenEvent) -> bool:

@@ -12,6 +12,7 @@ The gateway keeps no request state beyond the calls in flight (for Abort).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import AsyncIterator
 
@@ -19,9 +20,17 @@ import grpc
 
 from gateway.admission import Admission, Slot, current_slot
 from gateway.config import GatewayConfig, TierPolicy
+from gateway.fan_out import fan_out, merge_streams
+from gateway.logprobs import LogprobsTracker
 from gateway.prepare import Prepared, Preparer
 from gateway.readiness import Readiness
-from gateway.scheduler_client import SchedulerClient, TimingTracker, is_final, scheduler_error
+from gateway.scheduler_client import (
+    SchedulerClient,
+    TimingTracker,
+    event_logprobs,
+    is_final,
+    scheduler_error,
+)
 from gateway.slo_headers import with_slo_headers
 from gateway.stream_buffer import ABORTED, TokenBuffer
 from gateway.tokenizer import ModelTokenizer
@@ -95,25 +104,37 @@ class GenerationService:
         tier = with_slo_headers(tier, carrier)  # ValueError naming a malformed header: 400 / INVALID_ARGUMENT
         # NOTE: admission first, before any costly work (docs/gateway.md, "Transport limits").
         slot = self._admit(tier)
+        slots = [slot]
         try:
+            if inp.n > 1:  # n completions are n requests' work: each holds a slot (all or none)
+                slots += self._admit_more(inp.n - 1, tier)
             prep = await self.preparer.prepare_async(inp, tier)
+            preps = [prep] if inp.n == 1 else fan_out(prep, inp.n, self._in_flight.__contains__)
         except BaseException:
-            slot.release()
+            for s in slots:
+                s.release()
             raise
         rid = prep.request_id
-        self._in_flight[rid] = None
+        for p in preps:
+            self._in_flight[p.request_id] = None
         self.metrics.in_flight.inc()
         span = tracing.start_request_span(
             rid, carrier=carrier, tier=tier.tier, max_tokens=prep.max_tokens, temperature=inp.temperature,
             top_p=inp.top_p, prompt_tokens=len(prep.prompt_ids), tbt_slo_s=tier.tbt_slo_s,
             ttft_slo_s=tier.ttft_slo_s, model=self.model_name)
         outcome, last, error = "cancelled", None, None
-        stream = self._stream(prep, inp, span)
+        if len(preps) == 1:
+            stream = self._stream(prep, inp, span)
+        else:
+            stream = merge_streams([self._stream(p, inp, span, index=i, parent=rid) for i, p in enumerate(preps)])
+        num_finished = 0
         try:
             async for delta in stream:
                 last = delta
                 if delta.finish_reason is not None:
-                    outcome = "ok"  # the consumer may close us right after the last delta
+                    num_finished += 1
+                    if num_finished == len(preps):
+                        outcome = "ok"  # the consumer may close us right after the last delta
                 yield delta
             outcome = "ok"
         except GeneratorExit:
@@ -128,7 +149,8 @@ class GenerationService:
             raise
         finally:
             await stream.aclose()  # now, not at garbage collection: it cancels the Submit call
-            slot.release()
+            for s in slots:
+                s.release()
             self.metrics.in_flight.dec()
             self.metrics.record_request(tier.tier, outcome)
             t = last.timings if last is not None and last.timings is not None else None
@@ -152,9 +174,34 @@ class GenerationService:
         slot.claimed = True
         return slot
 
-    async def _stream(self, prep: Prepared, inp: GenerationInput, span) -> AsyncIterator[Delta]:
+    def _admit_more(self, k: int, tier: TierPolicy) -> list[Slot]:
+        """``k`` more slots for the other completions of an ``n > 1`` request."""
+        if k + 1 > self.admission.limit:
+            raise ValueError(f"n: {k + 1} completions are more than this gateway admits at once "
+                             f"({self.admission.limit})")
+        try:
+            return self.admission.acquire_many(k)
+        except AdmissionRejected:
+            self.metrics.record_request(tier.tier, "rejected")
+            raise
+
+    async def _stream(self, prep: Prepared, inp: GenerationInput, span, index: int = 0,
+                      parent: str | None = None) -> AsyncIterator[Delta]:
+        """One completion's deltas; completion ``index`` of request ``parent`` when ``n > 1``.
+        With ``echo`` the first delta also carries the prompt's token ids."""
+        echo = inp.echo
+        async for d in self._stream_one(prep, inp, span):
+            if parent is not None or echo:
+                d = dataclasses.replace(d, index=index, request_id=parent or d.request_id,
+                                        prompt_token_ids=tuple(prep.prompt_ids) if echo else None)
+                echo = False
+            yield d
+
+    async def _stream_one(self, prep: Prepared, inp: GenerationInput, span) -> AsyncIterator[Delta]:
         rid = prep.request_id
         text = self.tokenizer.detokenizer(prep.prompt_ids, list(inp.stop))
+        lp = LogprobsTracker(inp, len(prep.prompt_ids))
+        user_stops = frozenset(inp.stop_token_ids)
         tracker = TimingTracker()
         call = None
         reader = None
@@ -171,24 +218,43 @@ class GenerationService:
             buf = TokenBuffer(self.config.stream_buffer_tokens, self.config.stream_stall_timeout_s)
             reader = asyncio.get_running_loop().create_task(self._read(rid, call, buf, tracker))
             while True:
-                ids, end = await buf.take()
+                ids, lps, end = await buf.take_with_logprobs()
                 if first:
                     first = False
                     tracing.mark_first_token(span)
+                prompt_lps = lp.prompt(lps)
+                if inp.score_only:
+                    # the one token generated is not the client's: only the prompt's logprobs are
+                    finished = True
+                    if end is None:
+                        self._abort_upstream(rid, call)
+                    elif isinstance(end, BaseException):
+                        raise end
+                    reason = "abort" if end is ABORTED and prompt_lps is None else "length"
+                    yield Delta(rid, "", (), reason, len(prep.prompt_ids), 0, tracker.timings(),
+                                prompt_logprobs=prompt_lps)
+                    return
                 delta_text = ""
                 if ids:
                     num_before = text.num_tokens
-                    delta_text, stopped = text.add(ids)
+                    shown = ids
+                    if user_stops and end is not None and ids[-1] in user_stops and not isinstance(
+                            end, BaseException) and end is not ABORTED:
+                        shown = ids[:-1]  # a client's stop token ends the text without showing (vLLM)
+                    delta_text, stopped = text.add(shown)
                     if stopped:
                         finished = True
                         if end is None:  # the request still runs upstream
                             self._abort_upstream(rid, call)
-                        yield Delta(rid, delta_text, tuple(ids[:text.num_tokens - num_before]), "stop",
-                                    len(prep.prompt_ids), text.num_tokens, tracker.timings())
+                        kept = text.num_tokens - num_before
+                        yield Delta(rid, delta_text, tuple(ids[:kept]), "stop", len(prep.prompt_ids),
+                                    text.num_tokens, tracker.timings(), logprobs=lp.tokens(lps, kept),
+                                    prompt_logprobs=prompt_lps)
                         return
                 if end is None or isinstance(end, BaseException):
-                    if delta_text or ids:
-                        yield Delta(rid, delta_text, tuple(ids))
+                    if delta_text or ids or prompt_lps is not None:
+                        yield Delta(rid, delta_text, tuple(ids), logprobs=lp.tokens(lps, len(ids)),
+                                    prompt_logprobs=prompt_lps)
                     if end is not None:
                         raise end
                     continue
@@ -196,11 +262,12 @@ class GenerationService:
                 delta_text += text.finish()
                 if end is ABORTED:  # aborted (Abort, a stalled client) or the scheduler went away
                     yield Delta(rid, delta_text, tuple(ids), "abort", len(prep.prompt_ids), text.num_tokens,
-                                tracker.timings())
+                                tracker.timings(), logprobs=lp.tokens(lps, len(ids)), prompt_logprobs=prompt_lps)
                     return
                 reason, completion, timings = tracker.final(end)
                 yield Delta(rid, delta_text, tuple(ids), reason, len(prep.prompt_ids),
-                            completion or text.num_tokens, timings)
+                            completion or text.num_tokens, timings, logprobs=lp.tokens(lps, len(ids)),
+                            prompt_logprobs=prompt_lps)
                 return
         finally:
             if reader is not None:
@@ -218,9 +285,9 @@ class GenerationService:
             async for ev in call:
                 tracker.on_event(ev)
                 if is_final(ev):
-                    buf.close(ev, ev.token_ids)
+                    buf.close(ev, ev.token_ids, event_logprobs(ev))
                     return
-                buf.push(ev.token_ids)
+                buf.push(ev.token_ids, event_logprobs(ev))
                 if buf.full and not await buf.wait_for_room():
                     log.warning("request %s: the client took nothing for %.1f s with %d tokens waiting; aborting it",
                                 rid, buf.stall_timeout_s, buf.num_tokens)
@@ -256,7 +323,17 @@ class GenerationService:
         return await self.scheduler.abort(rid)
 
     async def abort(self, request_id: str) -> bool:
-        """Abort a request (the local stream if it runs here, and at the scheduler)."""
+        """Abort a request (the local stream if it runs here, and at the scheduler).
+
+        An ``n > 1`` request runs as ``<request_id>-<i>``: aborting ``request_id`` aborts them all.
+        """
+        if request_id not in self._in_flight and f"{request_id}-0" in self._in_flight:
+            found = False
+            i = 0
+            while f"{request_id}-{i}" in self._in_flight:
+                found = await self.abort(f"{request_id}-{i}") or found
+                i += 1
+            return found
         call = self._in_flight.pop(request_id, None) if request_id in self._in_flight else None
         local = call is not None
         if call is not None:

@@ -26,12 +26,13 @@ class TokenBuffer:
     (``take``), both on the event loop.
     """
 
-    __slots__ = ("max_tokens", "stall_timeout_s", "_ids", "_end", "_consumer", "_producer")
+    __slots__ = ("_consumer", "_end", "_ids", "_lps", "_producer", "max_tokens", "stall_timeout_s")
 
     def __init__(self, max_tokens: int, stall_timeout_s: float) -> None:
         self.max_tokens = max_tokens
         self.stall_timeout_s = stall_timeout_s
         self._ids: list[int] = []
+        self._lps: list | None = None  # per-token logprobs aligned with _ids, once any event carried some
         self._end: object | None = None  # the final event, an exception, or ABORTED
         self._consumer: asyncio.Future | None = None  # set while take() waits
         self._producer: asyncio.Future | None = None  # set while wait_for_room() waits
@@ -45,18 +46,28 @@ class TokenBuffer:
         return len(self._ids) >= self.max_tokens
 
     # ------------------------------------------------------------ producer
-    def push(self, token_ids) -> None:
-        """Append one event's token ids (the buffer may exceed ``max_tokens`` by one event)."""
+    def push(self, token_ids, logprobs=None) -> None:
+        """Append one event's token ids (the buffer may exceed ``max_tokens`` by one event), and their
+        logprobs (a value per id) if the event has any."""
         if token_ids:
+            self._add_logprobs(len(token_ids), logprobs)
             self._ids.extend(token_ids)
             _wake(self._consumer)
 
-    def close(self, end: object, token_ids=()) -> None:
+    def close(self, end: object, token_ids=(), logprobs=None) -> None:
         """End the stream: ``end`` is the final event, an exception, or ``ABORTED``."""
         if self._end is None:
+            self._add_logprobs(len(token_ids), logprobs)
             self._ids.extend(token_ids)
             self._end = end
             _wake(self._consumer)
+
+    def _add_logprobs(self, n: int, logprobs) -> None:
+        if logprobs is None and self._lps is None:
+            return
+        if self._lps is None:
+            self._lps = [None] * len(self._ids)
+        self._lps.extend(logprobs if logprobs is not None else [None] * n)
 
     async def wait_for_room(self) -> bool:
         """Wait while the buffer is full: True once the consumer took it, False after
@@ -79,6 +90,11 @@ class TokenBuffer:
 
         ``end`` is None while the stream goes on; once set, later calls return it again.
         """
+        ids, _, end = await self.take_with_logprobs()
+        return ids, end
+
+    async def take_with_logprobs(self) -> tuple[list[int], list | None, object | None]:
+        """:meth:`take` plus the ids' logprobs (None when no event carried any)."""
         while not self._ids and self._end is None:
             self._consumer = fut = asyncio.get_running_loop().create_future()
             try:
@@ -86,8 +102,9 @@ class TokenBuffer:
             finally:
                 self._consumer = None
         ids, self._ids = self._ids, []
+        lps, self._lps = self._lps, None
         _wake(self._producer)
-        return ids, self._end
+        return ids, lps, self._end
 
 
 def _wake(fut: asyncio.Future | None) -> None:

@@ -61,6 +61,7 @@ class ModelTokenizer:
     chat_template: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... -> text
     _template: Any = field(default=None, repr=False)
+    _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, name: str = "") -> ModelTokenizer:
@@ -112,6 +113,14 @@ class ModelTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens included (what logprobs show for it, as vLLM does)."""
+        cache = self._token_texts
+        text = cache.get(token_id)
+        if text is None:  # NOTE: bounded by the vocabulary
+            text = cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render the model's chat template (transformers' jinja2 settings)."""

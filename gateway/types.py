@@ -26,6 +26,19 @@ class GenerationInput:
     stop: tuple[str, ...] = ()  # stop strings, cut from the output
     model: str = ""  # must match the served model when set
     request_id: str = ""  # client-chosen id; the gateway picks one when empty
+    n: int = 1  # completions of this prompt (sub-requests <request_id>-<i>, docs/gateway.md)
+    # logit processors (vLLM's meanings, contract/sampling.py); the defaults mean "off"
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # the client's own, besides the model's EOS ids
+    # log probabilities: None = not wanted; k = the token's own plus the top k alternatives
+    logprobs: int | None = None  # of each generated token
+    prompt_logprobs: int | None = None  # of each prompt token after the first (HTTP: echo with logprobs)
+    echo: bool = False  # HTTP completions: the response text starts with the prompt
+    score_only: bool = False  # generate nothing, only the prompt's logprobs (echo with max_tokens 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +63,7 @@ class Delta:
     prompt_tokens: int = 0  # set on the last delta
     completion_tokens: int = 0  # set on the last delta
     timings: Timings | None = None  # set on the last delta
+    index: int = 0  # which of the request's n completions
+    logprobs: tuple | None = None  # with GenerationInput.logprobs: a contract.logprobs.TokenLogprob per token id
+    prompt_logprobs: tuple | None = None  # with prompt_logprobs: prompt tokens 1..P-1, on one delta
+    prompt_token_ids: tuple[int, ...] | None = None  # with echo: the prompt, on a completion's first delta

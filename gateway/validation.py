@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 
+from contract.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 from gateway.types import GenerationInput
 
 CLIP_CHARS = 64  # at most this much of a client's string is repeated in an error message
@@ -28,6 +29,9 @@ MAX_STOP_LEN = 256
 MAX_SEED = 2**64 - 1
 MAX_TOP_K = 2**31 - 1  # anything at or above the vocabulary size means "disabled" anyway
 MAX_TEMPERATURE = 100.0
+MAX_N = 128  # completions per request (OpenAI's limit); admission counts each (gateway/admission.py)
+MAX_LOGIT_BIAS_KEYS = 300
+MAX_STOP_TOKEN_IDS = 64
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -81,6 +85,28 @@ def check_sampling(inp: GenerationInput) -> None:
         raise ValueError(f"top_k: must be in [0, {MAX_TOP_K}] (0 or -1 = disabled), got {inp.top_k}")
     if inp.seed is not None and not 0 <= inp.seed <= MAX_SEED:
         raise ValueError(f"seed: must be in [0, 2^64), got {inp.seed}")
+    if not 1 <= inp.n <= MAX_N:
+        raise ValueError(f"n: must be in [1, {MAX_N}], got {inp.n}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(inp, name)
+        if not math.isfinite(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+            raise ValueError(f"{name}: must be in [-2, 2], got {v}")
+    if not math.isfinite(inp.repetition_penalty) or not 0 < inp.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise ValueError(f"repetition_penalty: must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off), "
+                         f"got {inp.repetition_penalty}")
+    if len(inp.logit_bias) > MAX_LOGIT_BIAS_KEYS:
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS_KEYS} tokens, got {len(inp.logit_bias)}")
+    for tok, bias in inp.logit_bias:
+        if not math.isfinite(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: each bias must be in [-100, 100], got {bias} for token {tok}")
+    if inp.min_tokens < 0:
+        raise ValueError(f"min_tokens: must be >= 0, got {inp.min_tokens}")
+    if len(inp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(inp.stop_token_ids)}")
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(inp, name)
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise ValueError(f"{name}: must be in [0, {MAX_LOGPROBS}], got {v}")
     if len(inp.stop) > MAX_STOP_STRINGS:
         raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(inp.stop)}")
     for s in inp.stop:

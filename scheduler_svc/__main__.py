@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how new requests pick an executor (default: least outstanding work in tokens)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="override a SchedulerConfig field (repeatable), e.g. --set token_budget=256")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the KV of full blocks between requests with a common prompt prefix "
+                        "(default on; same as --set enable_prefix_caching=true|false, and wins over it)")
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests)
     p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens)
     p.add_argument("--paying-tbt-s", type=float, default=d.paying_tbt_s)
@@ -59,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
 
 
+def _overrides(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--set`` pairs, then ``--[no-]enable-prefix-caching`` (applied last, so it wins)."""
+    flag = getattr(args, "enable_prefix_caching", None)
+    tail = () if flag is None else (f"enable_prefix_caching={'true' if flag else 'false'}",)
+    return tuple(args.overrides) + tail
+
+
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     """The service config, with the service token read from its file or the environment."""
     if args.pipeline_lead_ms < 0:
@@ -69,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         raise ValueError(f"--stream-stall-timeout must be >= 0 (0 = never), got {args.stream_stall_timeout:g}")
     return ServiceConfig(
         policy=args.policy, executors=tuple(a.strip() for a in args.executors.split(",") if a.strip()),
-        routing=args.routing, overrides=tuple(args.overrides), max_queued_requests=args.max_queued_requests,
+        routing=args.routing, overrides=_overrides(args), max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens, paying_tbt_s=args.paying_tbt_s, free_tbt_s=args.free_tbt_s,
         step_timeout_s=args.step_timeout_s, kv_blocks_cap=args.kv_blocks_cap, pipeline=args.pipeline,
         pipeline_lead_s=args.pipeline_lead_ms / 1e3, stream_buffer_tokens=args.stream_buffer_tokens,

@@ -81,7 +81,7 @@ class RequestStream:
             first = self.first_token_s is None and bool(item.token_ids)
             ttft, tbt = self.observe(item)
             view = item = TokenEvent(item.req_id, item.token_ids, item.finish_reason, item.time_s, first,
-                                     item.num_prompt_tokens, item.num_output_tokens, ttft, tbt)
+                                     item.num_prompt_tokens, item.num_output_tokens, ttft, tbt, item.logprobs)
             self.num_pending_tokens += len(item.token_ids)
             tail = items[-1] if items else None
             if (item.finish_reason is None and item.token_ids and isinstance(tail, TokenEvent)
@@ -143,8 +143,13 @@ def _coalesce(a: TokenEvent, b: TokenEvent) -> TokenEvent:
         ids.extend(b.token_ids)
     else:
         ids = [*ids, *b.token_ids]
+    lps = a.logprobs
+    if lps is not None or b.logprobs is not None:  # kept aligned with the token ids
+        if not isinstance(lps, list):
+            lps = list(lps) if lps is not None else [None] * (len(ids) - len(b.token_ids))
+        lps.extend(b.logprobs if b.logprobs is not None else [None] * len(b.token_ids))
     return TokenEvent(a.req_id, ids, None, b.time_s, a.is_first, b.num_prompt_tokens, b.num_output_tokens,
-                      a.ttft_s, max(a.tbt_s or 0.0, b.tbt_s or 0.0))
+                      a.ttft_s, max(a.tbt_s or 0.0, b.tbt_s or 0.0), lps)
 
 
 class Dispatcher:
@@ -328,6 +333,8 @@ class Dispatcher:
         for d in self.drivers:
             core, st = d.core, d.stats
             last = st.last
+            pc = core.prefix_cache if core else None
+            queries, hits = (pc.num_query_tokens, pc.num_hit_tokens) if pc is not None else (0, 0)
             out.append(ExecutorStatsView(
                 address=d.address, healthy=d.healthy,
                 num_waiting=core.num_waiting if core else 0, num_running=core.num_running if core else 0,
@@ -338,5 +345,7 @@ class Dispatcher:
                 last_num_noncritical_decodes=last.num_noncritical_decodes,
                 last_num_prefill_tokens=last.num_prefill_tokens, last_offset=last.offset,
                 mean_decision_s=st.mean_decision_s, mean_executor_wait_s=st.mean_executor_wait_s,
-                mean_rpc_overhead_s=max(0.0, st.mean_rpc_overhead_s), num_steps_planned_ahead=st.num_planned_ahead))
+                mean_rpc_overhead_s=max(0.0, st.mean_rpc_overhead_s), num_steps_planned_ahead=st.num_planned_ahead,
+                prefix_cache_queries=queries, prefix_cache_hits=hits,
+                prefix_cache_hit_rate=hits / queries if queries else 0.0))
         return out

@@ -94,4 +94,7 @@ class ExecutorStatsView:
     mean_executor_wait_s: float = 0.0
     mean_rpc_overhead_s: float = 0.0
     num_steps_planned_ahead: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_hit_rate: float = 0.0
 

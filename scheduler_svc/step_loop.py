@@ -278,7 +278,9 @@ class ExecutorDriver:
         now_perf = time.perf_counter()
         sent.span.end(result)
         events = core.update(plan, result, self.clock())
-        self.ledger.update(plan.scheduled_ids() + plan.preempted_ids, core.requests)
+        # (+ waiting requests whose cached prefix changed: prefix caching)
+        self.ledger.update(plan.scheduled_ids() + plan.preempted_ids + tuple(core.take_rematched_ids()),
+                           core.requests)
         if self.spans is not None:
             self.spans.on_step(core.drain_events(), events)
         if events:

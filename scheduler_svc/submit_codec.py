@@ -15,6 +15,7 @@ from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.core.token_ids import TokenIds
 from wire.enums import FINISH_FROM_PB, FINISH_TO_PB, TIER_TO_PB, tier_from_pb
 from wire.executor_codec import sampling_from_pb, sampling_to_pb
+from wire.logprobs_codec import add_logprobs, logprobs_from_pb
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2
 
 
@@ -26,6 +27,8 @@ def token_event_to_pb(ev: TokenEvent) -> scheduler_pb2.TokenEvent:
     if ev.finish_reason is not None:
         msg.usage.prompt_tokens = ev.num_prompt_tokens
         msg.usage.completion_tokens = ev.num_output_tokens
+    if ev.logprobs is not None:
+        add_logprobs(msg.logprobs, ev.logprobs)
     return msg
 
 
@@ -33,7 +36,8 @@ def token_event_from_pb(msg: scheduler_pb2.TokenEvent) -> TokenEvent:
     return TokenEvent(
         req_id=msg.request_id, token_ids=tuple(msg.token_ids), finish_reason=FINISH_FROM_PB[msg.finish_reason],
         time_s=msg.time_s, is_first=msg.ttft_s > 0, num_prompt_tokens=msg.usage.prompt_tokens,
-        num_output_tokens=msg.usage.completion_tokens, ttft_s=msg.ttft_s or None, tbt_s=msg.tbt_s or None)
+        num_output_tokens=msg.usage.completion_tokens, ttft_s=msg.ttft_s or None, tbt_s=msg.tbt_s or None,
+        logprobs=logprobs_from_pb(msg.logprobs) if msg.logprobs else None)
 
 
 # ---------------------------------------------------------------- submissions (gateway -> scheduler)

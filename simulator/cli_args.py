@@ -35,9 +35,15 @@ def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048)
                    help="clip prompt lengths to this (0 = no cap); same as bench-serve's option")
     g.add_argument("--max-output-len", type=int, default=0,
                    help="clip output lengths to this (0 = no cap); same as bench-serve's option")
+    g.add_argument("--shared-prefix-len", type=int, default=0, metavar="L",
+                   help="prepend one of --num-prefixes shared prefixes of L tokens to every prompt "
+                        "(synthetic token ids: exercises prefix caching; 0 = none)")
+    g.add_argument("--num-prefixes", type=int, default=1, metavar="K",
+                   help="distinct shared prefixes, drawn uniformly (with --shared-prefix-len; default 1)")
     g = p.add_argument_group("system")
-    g.add_argument("--cost-model", default="paper", metavar="FILE|paper",
-                   help="step-time model: 'paper' (built-in fit) or a JSON model file")
+    g.add_argument("--cost-model", default="paper", metavar="FILE|paper|gpu",
+                   help="step-time model: 'paper' (built-in fit), 'gpu' (the paper fit plus per-decode, KV-context"
+                        " and prefill/decode mixing costs) or a JSON model file")
     g.add_argument("--step-overhead-ms", type=float, default=None,
                    help="fixed per-step overhead added to the cost model's time (default: the model's own)")
     g.add_argument("--num-blocks", type=int, default=14733, help="KV blocks of 16 tokens (paper: 14733)")
@@ -102,31 +108,42 @@ class RunSpec:
     max_sim_time: float | None = None
     max_prompt_len: int = 0  # 0 = no cap (bench-serve's --max-prompt-len)
     max_output_len: int = 0
+    shared_prefix_len: int = 0  # 0 = no shared prefixes (no token ids)
+    num_prefixes: int = 1
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> RunSpec:
         if a.trace not in (None, "", "synthetic"):
             resolve_trace(a.trace)  # fail fast on a missing file
+        if getattr(a, "shared_prefix_len", 0) < 0 or getattr(a, "num_prefixes", 1) < 1:
+            raise SystemExit("--shared-prefix-len must be >= 0 and --num-prefixes >= 1")
         return cls(num_requests=a.num_requests, trace=a.trace, seed=a.seed,
                    clip_factor=a.clip_factor if a.clip_factor and a.clip_factor > 0 else None,
                    paying_prob=a.paying_prob, paying_tbt=a.paying_tbt, free_tbt=a.free_tbt,
                    cost_model=resolve_cost_model(a.cost_model, a.step_overhead_ms), num_blocks=a.num_blocks,
                    overrides=tuple(a.overrides), max_sim_time=a.max_sim_time,
                    max_prompt_len=getattr(a, "max_prompt_len", 0) or 0,
-                   max_output_len=getattr(a, "max_output_len", 0) or 0)
+                   max_output_len=getattr(a, "max_output_len", 0) or 0,
+                   shared_prefix_len=getattr(a, "shared_prefix_len", 0) or 0,
+                   num_prefixes=getattr(a, "num_prefixes", 1) or 1)
 
     def workload(self, qps: float):
         items = make_workload(self.num_requests, qps, seed=self.seed, trace=self.trace,
                               clip_factor=self.clip_factor, paying_prob=self.paying_prob,
-                              paying_tbt_s=self.paying_tbt, free_tbt_s=self.free_tbt)
+                              paying_tbt_s=self.paying_tbt, free_tbt_s=self.free_tbt,
+                              shared_prefix_len=self.shared_prefix_len,
+                              num_prefixes=self.num_prefixes if self.shared_prefix_len else 0)
         return clip_workload(items, self.max_prompt_len, self.max_output_len)
 
     def describe(self) -> dict[str, Any]:
-        return {"num_requests": self.num_requests, "trace": self.trace or "synthetic", "seed": self.seed,
-                "clip_factor": self.clip_factor, "paying_prob": self.paying_prob,
-                "cost_model": self.cost_model.to_dict(), "num_blocks": self.num_blocks,
-                "overrides": list(self.overrides), "max_prompt_len": self.max_prompt_len,
-                "max_output_len": self.max_output_len}
+        d = {"num_requests": self.num_requests, "trace": self.trace or "synthetic", "seed": self.seed,
+             "clip_factor": self.clip_factor, "paying_prob": self.paying_prob,
+             "cost_model": self.cost_model.to_dict(), "num_blocks": self.num_blocks,
+             "overrides": list(self.overrides), "max_prompt_len": self.max_prompt_len,
+             "max_output_len": self.max_output_len}
+        if self.shared_prefix_len:  # (absent otherwise: earlier outputs stay byte-identical)
+            d.update(shared_prefix_len=self.shared_prefix_len, num_prefixes=self.num_prefixes)
+        return d
 
 
 def stability_bound(spec: RunSpec, policy: str = "slai") -> dict[str, float]:

@@ -58,7 +58,7 @@ from contract.cost_models import PAPER_MODEL, CostModel
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.core.router import Router
 from simulator.metrics import MetricsCollector, SloCriterion
-from simulator.sim import SimExecutor, build_core, run_events
+from simulator.sim import SimExecutor, build_core, prefix_cache_summary, run_events
 from simulator.workloads import WorkloadItem, effective_qps
 
 ROUTINGS = ("round-robin", "least-work", "power-of-two")
@@ -111,6 +111,7 @@ class ClusterResult:
             sim_speed=self.sim_time_s / self.wall_time_s if self.wall_time_s > 0 else None,
             stalled=self.stalled,
         )
+        s.update(prefix_cache_summary([e.core for e in self.executors]))
         s.update(self.imbalance())
         if self.pools is not None:
             s.update(self.pool_summary())

@@ -24,12 +24,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from scheduler_svc.core.policies.registry import PAPER_POLICIES, POLICIES
+from scheduler_svc.core.policies.registry import NEW_BASELINES, PAPER_POLICIES, POLICIES
 from simulator.capacity_cli import add_criterion_arguments, criterion_from_args
 from simulator.cli_args import RunSpec, add_workload_arguments, clean_json, stability_bound
 from simulator.metrics import SloCriterion
 
-DEFAULT_POLICIES = list(PAPER_POLICIES) + ["rad", "edf", "slai-adaptive"]
+DEFAULT_POLICIES = list(PAPER_POLICIES) + ["rad", "edf"] + list(NEW_BASELINES) + ["slai-adaptive"]
 DEFAULT_GRID = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0"
 
 

@@ -68,6 +68,7 @@ class SimResult:
     busy_time_s: float
     kv_used_max: float
     stalled: bool  # stopped with requests that could never be scheduled
+    prefix_cache: dict[str, Any] = field(default_factory=dict)  # prefix_cache_summary()
 
     def summary(self) -> dict[str, Any]:
         s = self.metrics.summary()
@@ -83,6 +84,7 @@ class SimResult:
             sim_speed=self.sim_time_s / self.wall_time_s if self.wall_time_s > 0 else None,
             stalled=self.stalled,
         )
+        s.update(self.prefix_cache)
         return s
 
 
@@ -110,13 +112,28 @@ class SimExecutor:
         return len(self.core.requests)
 
 
+def prefix_cache_summary(cores: list[SchedulerCore]) -> dict[str, Any]:
+    """Prefix-cache counters summed over ``cores`` (vLLM's names, in tokens), and the hit rate.
+
+    Empty when nothing was looked up (no token ids: the paper trace), so such
+    runs report exactly what they did before prefix caching existed.
+    """
+    caches = [c.prefix_cache for c in cores if c.prefix_cache is not None]
+    queries = sum(pc.num_query_tokens for pc in caches)
+    if not queries:
+        return {}
+    hits = sum(pc.num_hit_tokens for pc in caches)
+    return {"prefix_cache_queries": queries, "prefix_cache_hits": hits, "prefix_cache_hit_rate": hits / queries,
+            "prefix_cache_evictions": sum(pc.num_evictions for pc in caches)}
+
+
 def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: CostModel, metrics: MetricsCollector,
                route, max_sim_time_s: float | None = None) -> tuple[float, float, bool]:
     """Drive ``executors`` through ``items`` (sorted by arrival); ``route(item)`` picks each one's executor.
 
     Returns (simulated end time, wall seconds, stalled: stopped with requests that could never be scheduled).
     """
-    on_token = metrics.on_token
+    on_token, on_step_events = metrics.on_token, metrics.on_step_events
     for it in items:
         metrics.register(it.req_id, it.arrival_s, it.tier, it.tbt_slo_s, it.prompt_len, it.output_len)
     heap: list[tuple[float, int, int, Any]] = []
@@ -155,8 +172,7 @@ def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: Co
             core = ex.core
             ids = plan.sampling_ids()
             result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(0,) * len(ids))
-            for ev in core.update(plan, result, t):
-                on_token(ev.req_id, t, 1, ev.finish_reason)
+            on_step_events(core.update(plan, result, t), t)
             if heap and heap[0][0] <= t:  # another event at this very instant goes first
                 seq += 1
                 push(heap, (t, SCHEDULE, seq, ex))
@@ -214,7 +230,8 @@ class Simulator:
         self.now, wall, stalled = run_events([ex], items, self.cost, self.metrics, lambda it: ex, self.max_sim_time_s)
         return SimResult(policy=self.policy, metrics=self.metrics, steps=self.steps, sim_time_s=self.now,
                          wall_time_s=wall, num_steps=core.num_steps, num_preemptions=core.num_preemptions,
-                         busy_time_s=ex.busy_time_s, kv_used_max=ex.kv_used_max, stalled=stalled)
+                         busy_time_s=ex.busy_time_s, kv_used_max=ex.kv_used_max, stalled=stalled,
+                         prefix_cache=prefix_cache_summary([core]))
 
 
 def simulate(policy: str, items: list[WorkloadItem], cost_model: CostModel = PAPER_MODEL,

@@ -85,3 +85,6 @@ def _print(out: dict, extra: tuple[str, ...] = ()) -> None:
             "num_preemptions", "meets_slo", "sim_time_s", "wall_time_s", "sim_speed") + extra
     for k in keys:
         print(f"{k:28s} {out.get(k)}")
+    if "prefix_cache_hit_rate" in out:  # only runs whose requests carry token ids look anything up
+        for k in ("prefix_cache_hit_rate", "prefix_cache_hits", "prefix_cache_queries"):
+            print(f"{k:28s} {out[k]}")

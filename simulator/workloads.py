@@ -11,7 +11,11 @@ shared by the simulator and the live load generator:
   ``clip_factor / qps`` (the authors' generator clips at 3/QPS, so the effective
   rate is 1 / (1 - e^-3) = 1.052x nominal; :func:`effective_qps` reports it);
 * each request is paying with probability ``paying_prob`` (TBT SLO 0.1 s),
-  otherwise free (0.5 s).
+  otherwise free (0.5 s);
+* optionally (``shared_prefix_len`` L, ``num_prefixes`` K) every prompt starts with
+  one of K shared prefixes of L tokens (a system prompt, drawn uniformly), followed
+  by its own trace-length prompt: requests then carry synthetic token ids, so the
+  core's prefix cache (docs/scheduler.md) finds the shared blocks.
 
 Three independent streams are derived from the one seed (lengths, gaps, tiers),
 so changing the rate does not change which requests are paying.
@@ -31,6 +35,7 @@ import numpy as np
 
 from contract.tiers import FREE_TBT_S, PAYING_TBT_S, Tier
 from scheduler_svc.core.request import Request
+from scheduler_svc.core.token_ids import TokenIds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_TRACE_NAME = "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
@@ -53,12 +58,22 @@ class WorkloadItem:
     output_len: int
     tier: str  # "paying" | "free"
     tbt_slo_s: float
+    prefix_id: int = -1  # which shared prefix the prompt starts with (-1: none)
+    prefix_len: int = 0  # its length, included in prompt_len
+    uid: int = 0  # distinguishes this request's own tokens from every other's
 
     def to_request(self) -> Request:
-        """The core's request for this item (simulator: no token ids)."""
+        """The core's request for this item: no token ids, unless it has a shared prefix."""
+        ids = None
+        if self.prefix_id >= 0:
+            # synthetic ids: the prefix's tokens are distinct per prefix, the rest per request
+            n_pre = min(self.prefix_len, self.prompt_len)  # (a clipped prompt keeps part of its prefix)
+            base = 1 + (self.prefix_id + 1) * 100_000
+            ids = TokenIds(range(base, base + n_pre))
+            ids.extend([2_000_000_000 + self.uid] * (self.prompt_len - n_pre))
         return Request(req_id=self.req_id, num_prompt_tokens=self.prompt_len, max_tokens=self.output_len,
                        arrival_s=self.arrival_s, tier=Tier.PAYING if self.tier == "paying" else Tier.FREE,
-                       tbt_slo_s=self.tbt_slo_s)
+                       tbt_slo_s=self.tbt_slo_s, prompt_token_ids=ids)
 
 
 def resolve_trace(spec: str | None) -> Path | None:
@@ -135,16 +150,24 @@ def effective_qps(items: list[WorkloadItem]) -> float:
 def make_workload(num_requests: int, qps: float, seed: int = 42, trace: str | Path | None = None,
                   clip_factor: float | None = 3.0, paying_prob: float = 0.05,
                   paying_tbt_s: float = PAYING_TBT_S, free_tbt_s: float = FREE_TBT_S,
-                  max_total: int | None = 8192) -> list[WorkloadItem]:
+                  max_total: int | None = 8192, shared_prefix_len: int = 0,
+                  num_prefixes: int = 0) -> list[WorkloadItem]:
     """The paper's workload: ``num_requests`` items sorted by arrival.
 
     ``trace``: a CSV path, ``"paper"``, or ``None`` for the synthetic generator.
     ``clip_factor``: clip each gap at clip_factor/qps (None: pure Poisson).
+    ``shared_prefix_len`` > 0: each prompt is one of ``num_prefixes`` shared prefixes
+    of that many tokens followed by its trace-length prompt (shortened so that
+    prompt + output <= ``max_total``), with synthetic token ids.
     """
     if num_requests < 0:
         raise ValueError("num_requests must be >= 0")
     if not 0 <= paying_prob <= 1:
         raise ValueError("paying_prob must be in [0, 1]")
+    if shared_prefix_len < 0 or num_prefixes < 0:
+        raise ValueError("shared_prefix_len and num_prefixes must be >= 0")
+    if shared_prefix_len and not num_prefixes:
+        raise ValueError("num_prefixes must be >= 1 with a shared_prefix_len")
     ss = np.random.SeedSequence(seed)
     len_ss, gap_ss, tier_ss = ss.spawn(3)
     path = resolve_trace(trace) if isinstance(trace, str) or trace is None else Path(trace)
@@ -153,13 +176,22 @@ def make_workload(num_requests: int, qps: float, seed: int = 42, trace: str | Pa
                                                                                          max_total)
     arrivals = poisson_arrivals(num_requests, qps, np.random.default_rng(gap_ss), clip_factor)
     paying = np.random.default_rng(tier_ss).random(num_requests) < paying_prob
+    prefix_ids = None
+    if shared_prefix_len:  # a fourth stream: the other three stay what they were
+        prefix_ids = np.random.default_rng(ss.spawn(1)[0]).integers(0, num_prefixes, num_requests).tolist()
     items = []
     for i in range(num_requests):
         p, d = lengths[i]
         is_paying = bool(paying[i])
+        extra = {}
+        if prefix_ids is not None:
+            if max_total is not None:
+                p = max(1, min(p, max_total - shared_prefix_len - d))
+            p += shared_prefix_len
+            extra = {"prefix_id": prefix_ids[i], "prefix_len": shared_prefix_len, "uid": i}
         items.append(WorkloadItem(
             req_id=f"r{i}", arrival_s=arrivals[i], prompt_len=int(p), output_len=int(d),
-            tier="paying" if is_paying else "free", tbt_slo_s=paying_tbt_s if is_paying else free_tbt_s))
+            tier="paying" if is_paying else "free", tbt_slo_s=paying_tbt_s if is_paying else free_tbt_s, **extra))
     return items
 
 

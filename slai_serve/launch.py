@@ -4,6 +4,11 @@
     slai-serve up --fake --executors 2 # model-free stack (FakeRunner), two executors
     slai-serve up --api-keys keys.yaml --policy sarathi
 
+Without ``--api-keys`` the gateway gets the demo key file (one paying and one
+free key, anonymous requests paying: slai_serve/demo_keys.py), which
+``bench-serve`` uses to send its tiered workload; ``--no-demo-keys`` runs it
+without any key file.
+
 Processes start on loopback (or ``--host``, which their /metrics ports follow too) in
 dependency order, each awaited until its ``grpc.health.v1`` status is SERVING. They
 share one service token (``SLAI_SERVICE_TOKEN`` if set, else a random one per run),
@@ -342,7 +347,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor-port", type=int, default=DEFAULT_EXECUTOR_PORT, help="first executor's port")
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                         help="scheduler /metrics port; executors use the next ones (-1 = off)")
-    parser.add_argument("--api-keys", default="", help="gateway key file (key -> tier)")
+    parser.add_argument("--api-keys", default="", help="gateway key file (key -> tier); default: the demo key file "
+                                                       "(one paying and one free key, slai_serve/demo_keys.py)")
+    parser.add_argument("--no-demo-keys", action="store_true",
+                        help="without --api-keys, run the gateway without any key file (everyone paying)")
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds each service gets to drain")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--log-dir", default=None, help="write one log per service here (default: this terminal)")
@@ -361,10 +369,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stack_from_args(args: argparse.Namespace) -> LocalStack:
+    api_keys = args.api_keys
+    if not api_keys and not getattr(args, "no_demo_keys", False):
+        from slai_serve.demo_keys import ensure_demo_keys
+
+        api_keys = str(ensure_demo_keys())
     return LocalStack(fake=args.fake, model=args.model, model_dir=args.model_dir, num_executors=args.executors,
                       policy=args.policy, host=args.host, gateway_grpc_port=args.grpc_port, http_port=args.http_port,
                       scheduler_port=args.scheduler_port, executor_port=args.executor_port,
-                      metrics_port=args.metrics_port, api_keys=args.api_keys, drain_timeout_s=args.drain_timeout,
+                      metrics_port=args.metrics_port, api_keys=api_keys, drain_timeout_s=args.drain_timeout,
                       startup_timeout_s=args.startup_timeout, log_dir=args.log_dir,
                       executor_args=args.executor_arg, scheduler_args=args.scheduler_arg,
                       gateway_args=args.gateway_arg, restart_backoff_s=args.restart_backoff,
@@ -397,6 +410,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:14s} {addr}")
     print("pids: " + ", ".join(f"{p.name}={p.popen.pid}" for p in stack.procs))
     print(f'try:  slai-serve client "What is the capital of France?" --chat --gateway {stack.gateway_address}')
+    if stack.api_keys:
+        print(f"keys: {stack.api_keys} (requests without a key get the key file's default tier; "
+              "bench-serve sends each tier's key from it)" if not args.api_keys else f"keys: {stack.api_keys}")
     if stack.log_dir:
         print(f"logs: {stack.log_dir}")
     print("Ctrl-C to stop.", flush=True)

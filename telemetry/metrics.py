@@ -84,6 +84,10 @@ class SchedulerMetrics:
         # the endpoint picker's gauges (vLLM names), read from the pool at scrape time: see watch_pool
         self.pool = PoolGauges()
         r.register(self.pool)
+        self.cache_queries = Counter(N.M_PREFIX_CACHE_QUERIES, "Prefix cache queries, in prompt tokens admitted.",
+                                     ex, registry=r)
+        self.cache_hits = Counter(N.M_PREFIX_CACHE_HITS, "Prefix cache hits, in prompt tokens found cached.", ex,
+                                  registry=r)
 
         self._e2e, self._queue = _child_cache(self.e2e), _child_cache(self.queue)
         self._labels: dict[Any, str] = {}
@@ -132,7 +136,8 @@ class SchedulerMetrics:
                 self.steps.labels(e), self.critical.labels(e), self.noncritical.labels(e),
                 self.prefill_tokens.labels(e), self.step_decodes.labels(e, "critical"),
                 self.step_decodes.labels(e, "noncritical"), self.offset.labels(e), self.batch_time.labels(e),
-                self.step_time.labels(e), self.forward_time.labels(e))
+                self.step_time.labels(e), self.forward_time.labels(e), self.cache_queries.labels(e),
+                self.cache_hits.labels(e))
         return ch
 
     def record_step(self, executor: str, plan_stats: Any, step_s: float | None = None, forward_ns: int | None = None,
@@ -141,7 +146,7 @@ class SchedulerMetrics:
         ``step_s`` the round trip, ``forward_ns`` from the result, ``mean_batch_s`` = ``core.mean_batch_s``.
         Call it for empty plans too (with ``step_s=None``) to keep the gauges fresh."""
         (running, waiting, kv, preempt, steps, crit, noncrit, prefill, h_crit, h_noncrit, offset, batch_time,
-         step_time, forward_time) = self._executor(executor)
+         step_time, forward_time, cache_queries, cache_hits) = self._executor(executor)
         s = plan_stats
         running.set(s.num_running)
         waiting.set(s.num_waiting)
@@ -154,6 +159,9 @@ class SchedulerMetrics:
         if step_s is None:
             return
         steps.inc()
+        if s.prefix_cache_queries:
+            cache_queries.inc(s.prefix_cache_queries)
+            cache_hits.inc(s.prefix_cache_hits)
         crit.inc(s.num_critical_decodes)
         noncrit.inc(s.num_noncritical_decodes)
         prefill.inc(s.num_prefill_tokens)

@@ -72,6 +72,8 @@ SLAI_STEP_SAMPLE_NS = "slai.step.sample_ns"
 SLAI_STEP_TOTAL_NS = "slai.step.total_ns"
 SLAI_STEP_IDLE_NS = "slai.step.idle_ns"  # the executor's wait for this plan since its previous step ended
 SLAI_STEP_NUM_SAMPLED = "slai.step.num_sampled"
+SLAI_STEP_PREFIX_CACHE_QUERIES = "slai.step.prefix_cache_queries"
+SLAI_STEP_PREFIX_CACHE_HITS = "slai.step.prefix_cache_hits"
 
 # PlanStats field -> step attribute (the order PlanStats declares them)
 PLAN_STATS_ATTRIBUTES: tuple[tuple[str, str], ...] = (
@@ -84,6 +86,8 @@ PLAN_STATS_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("offset", SLAI_STEP_OFFSET),
     ("num_waiting", SLAI_STEP_NUM_WAITING),
     ("num_running", SLAI_STEP_NUM_RUNNING),
+    ("prefix_cache_queries", SLAI_STEP_PREFIX_CACHE_QUERIES),
+    ("prefix_cache_hits", SLAI_STEP_PREFIX_CACHE_HITS),
 )
 # StepResult / StepResponse field -> step attribute
 STEP_RESULT_ATTRIBUTES: tuple[tuple[str, str], ...] = (
@@ -135,6 +139,9 @@ M_SLAI_OFFSET = "slai_offset"  # gauge{executor}: SLAI's delta in force
 M_BATCH_TIME_ESTIMATE = "slai_batch_time_estimate_seconds"  # gauge{executor}: the core's mean batch time
 M_STEP_DURATION = "slai_step_duration_seconds"  # histogram{executor}: plan sent -> result received
 M_BATCH_FORWARD_DURATION = "slai_batch_forward_duration_seconds"  # histogram{executor}: forward_ns
+# prefix caching, vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits (tokens): hit rate = hits / queries
+M_PREFIX_CACHE_QUERIES = "slai_prefix_cache_queries"  # counter -> ..._total{executor}: prompt tokens looked up
+M_PREFIX_CACHE_HITS = "slai_prefix_cache_hits"  # counter -> ..._total{executor}: of those, found cached
 # executor side (TGI's tgi_batch_inference_duration split by phase)
 M_BATCH_INFERENCE_DURATION = "slai_batch_inference_duration_seconds"  # histogram{phase}
 M_EXECUTOR_BATCH_SIZE = "slai_executor_batch_size"  # histogram: sequences per step

@@ -11,6 +11,7 @@ from typing import Any
 from contract.executor_info import ExecutorInfo
 from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice, StepResult
 from contract.sampling import SamplingParams
+from wire.logprobs_codec import add_logprobs, logprobs_from_pb
 from wire.pb.slai.v1 import common_pb2, executor_pb2
 
 
@@ -20,6 +21,15 @@ def sampling_to_pb(s: SamplingParams) -> common_pb2.SamplingParams:
                                     stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos)
     if s.seed is not None:
         msg.seed = s.seed
+    if s.has_processors:
+        msg.presence_penalty, msg.frequency_penalty = s.presence_penalty, s.frequency_penalty
+        msg.repetition_penalty, msg.min_tokens = s.repetition_penalty, s.min_tokens
+        for tok, bias in s.logit_bias:
+            msg.logit_bias[tok] = bias
+    if s.logprobs is not None:
+        msg.logprobs = s.logprobs
+    if s.prompt_logprobs is not None:
+        msg.prompt_logprobs = s.prompt_logprobs
     return msg
 
 
@@ -32,6 +42,13 @@ def sampling_from_pb(msg: common_pb2.SamplingParams) -> SamplingParams:
         seed=int(msg.seed) if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=bool(msg.ignore_eos),
+        presence_penalty=float(msg.presence_penalty),
+        frequency_penalty=float(msg.frequency_penalty),
+        repetition_penalty=float(msg.repetition_penalty) if msg.repetition_penalty != 0 else 1.0,
+        logit_bias=tuple(sorted((int(k), float(v)) for k, v in msg.logit_bias.items())),
+        min_tokens=int(msg.min_tokens),
+        logprobs=int(msg.logprobs) if msg.HasField("logprobs") else None,
+        prompt_logprobs=int(msg.prompt_logprobs) if msg.HasField("prompt_logprobs") else None,
     )
 
 
@@ -46,7 +63,7 @@ def plan_to_pb(plan: BatchPlan, traceparent: str = "") -> executor_pb2.StepReque
     for s in plan.new:
         add_new(request_id=s.req_id, token_ids=s.token_ids, sampling=sampling_to_pb(s.sampling),
                 block_ids=s.block_ids, num_computed_tokens=s.num_computed_tokens,
-                num_new_tokens=s.num_new_tokens, sample=s.sample)
+                num_new_tokens=s.num_new_tokens, sample=s.sample, num_prompt_tokens=s.num_prompt_tokens)
     add_cached = msg.cached.add
     for c in plan.cached:
         m = add_cached(request_id=c.req_id, num_computed_tokens=c.num_computed_tokens,
@@ -69,7 +86,8 @@ def plan_from_pb(msg: executor_pb2.StepRequest) -> BatchPlan:
         new=tuple(NewRequestSlice(
             req_id=n.request_id, token_ids=tuple(n.token_ids), num_tokens=len(n.token_ids),
             sampling=sampling_from_pb(n.sampling), block_ids=tuple(n.block_ids),
-            num_computed_tokens=n.num_computed_tokens, num_new_tokens=n.num_new_tokens, sample=n.sample)
+            num_computed_tokens=n.num_computed_tokens, num_new_tokens=n.num_new_tokens, sample=n.sample,
+            num_prompt_tokens=n.num_prompt_tokens)
             for n in msg.new),
         cached=tuple(CachedRequestSlice(c.request_id, tuple(c.new_block_ids) if c.new_block_ids else (),
                                         c.num_computed_tokens, c.num_new_tokens, c.is_decode, c.sample)
@@ -81,16 +99,19 @@ def plan_from_pb(msg: executor_pb2.StepRequest) -> BatchPlan:
 
 # ---------------------------------------------------------------- results (executor -> scheduler)
 def result_to_pb(r: StepResult, error: str = "") -> executor_pb2.StepResponse:
-    return executor_pb2.StepResponse(
+    msg = executor_pb2.StepResponse(
         step_id=r.step_id, request_ids=r.req_ids, token_ids=r.token_ids, prepare_ns=r.prepare_ns,
         forward_ns=r.forward_ns, sample_ns=r.sample_ns, total_ns=r.total_ns, idle_ns=r.idle_ns, error=error)
+    if r.logprobs:
+        add_logprobs(msg.logprobs, r.logprobs)
+    return msg
 
 
 def result_from_pb(msg: executor_pb2.StepResponse) -> StepResult:
     return StepResult(
         step_id=msg.step_id, req_ids=tuple(msg.request_ids), token_ids=tuple(msg.token_ids),
         prepare_ns=msg.prepare_ns, forward_ns=msg.forward_ns, sample_ns=msg.sample_ns, total_ns=msg.total_ns,
-        idle_ns=msg.idle_ns)
+        idle_ns=msg.idle_ns, logprobs=logprobs_from_pb(msg.logprobs) if msg.logprobs else ())
 
 
 # ---------------------------------------------------------------- executor info (executor -> scheduler)

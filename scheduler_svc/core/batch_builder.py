@@ -31,10 +31,13 @@ class BatchBuilder:
         self.num_decodes = 0
         self.num_preempted = 0
         self.num_critical = 0  # set by deadline-aware policies (SLAI, EDF)
+        self.num_cache_queries = 0  # prefix caching: prompt tokens looked up at admission
+        self.num_cache_hits = 0  # and found cached
         self.offset = 0.0  # SLAI's delta in force, for telemetry
         self.new: list[NewRequestSlice] = []
         self.cached: list[CachedRequestSlice] = []
         self.scheduled: dict[str, Request] = {}  # in scheduling order
+        self._prefix = core.prefix_cache  # None: prefix caching off
 
     # ---- budget ----
     @property
@@ -51,17 +54,35 @@ class BatchBuilder:
         A request preempted while its last token is still in flight (pipelined
         scheduling) waits for that token: a recompute must carry every token id.
         """
-        return (len(self.core.running) < self.config.max_num_seqs
-                and self.core.allocator.can_allocate(req.num_tokens)
-                and not req.num_pending_outputs)
+        if len(self.core.running) >= self.config.max_num_seqs or req.num_pending_outputs:
+            return False
+        if self._prefix is None or req.prompt_token_ids is None:
+            return self.core.allocator.can_allocate(req.num_tokens)
+        # the lookup sets req.num_computed_tokens to the cached prefix, so the policy's
+        # chunk (num_uncomputed_tokens) and the KV check count only the uncached part
+        return self._prefix.can_allocate_with(req.num_tokens, self.core.match_prefix(req))
 
     def admit(self, req: Request, num_new_tokens: int) -> None:
         """Allocate blocks for ``req``'s whole prompt and schedule its first chunk.
 
         The caller has popped ``req`` from its waiting queue and checked ``can_admit``.
+        With prefix caching, the blocks of its cached prefix are shared and only the
+        rest is computed (``num_computed_tokens`` starts at the cached length).
         """
-        self._check_chunk(req, num_new_tokens)
-        block_ids = self.core.allocator.allocate(req.req_id, req.num_tokens)
+        pc = self._prefix
+        if pc is not None and req.prompt_token_ids is not None:
+            # look up again: blocks matched by can_admit may have been evicted since
+            hits = self.core.match_prefix(req)
+            num_new_tokens = min(num_new_tokens, req.num_uncomputed_tokens)
+            self._check_chunk(req, num_new_tokens)
+            block_ids = pc.allocate_with(req.req_id, req.num_tokens, hits)
+            pc.record_lookup(req.num_tokens, req.num_computed_tokens)
+            self.num_cache_queries += req.num_tokens
+            self.num_cache_hits += req.num_computed_tokens
+            pc.register(req, req.num_computed_tokens + num_new_tokens)
+        else:
+            self._check_chunk(req, num_new_tokens)
+            block_ids = self.core.allocator.allocate(req.req_id, req.num_tokens)
         self.core.on_admitted(req, self.now)
         ids = req.all_token_ids()
         self.new.append(NewRequestSlice(
@@ -73,6 +94,7 @@ class BatchBuilder:
             num_computed_tokens=req.num_computed_tokens,
             num_new_tokens=num_new_tokens,
             sample=req.num_computed_tokens + num_new_tokens == req.num_tokens,
+            num_prompt_tokens=req.num_prompt_tokens,
         ))
         self._count(req, num_new_tokens, is_decode=False)
 
@@ -83,6 +105,8 @@ class BatchBuilder:
         self.cached.append(CachedRequestSlice(
             req.req_id, (), req.num_computed_tokens, num_new_tokens, False,
             req.num_computed_tokens + num_new_tokens == req.num_tokens))
+        if self._prefix is not None:
+            self._prefix.register(req, req.num_computed_tokens + num_new_tokens)
         self._count(req, num_new_tokens, is_decode=False)
 
     def add_decode(self, req: Request, victim: VictimFn) -> bool:
@@ -97,19 +121,35 @@ class BatchBuilder:
     def add_decodes(self, reqs, victim: VictimFn) -> int:
         """``add_decode`` for each of ``reqs`` in order; returns how many were scheduled
         (the others preempted themselves)."""
-        # NOTE: the hot path of every policy (once per decode per step): keep it flat.
-        scheduled, cached = self.scheduled, self.cached
+        # NOTE: the hot path of every policy (once per decode per step): keep it flat. ``req.is_decode`` and
+        # ``alloc.can_append()`` are inlined: ``can_append`` is "a free block exists", and the free count
+        # only changes when an append takes a block or ``_make_room`` preempts. ``alloc.append`` is called
+        # only when the last block is full (what it would check first).
+        scheduled, add_slice = self.scheduled, self.cached.append
         alloc = self.core.allocator
-        has_free, append = alloc.can_append, alloc.append
+        append, tnew, slice_cls = alloc.append, tuple.__new__, CachedRequestSlice
+        tables, block_size = alloc.block_tables, alloc.block_size
+        num_free = alloc.num_free_blocks
         n = 0
         for req in reqs:
             rid = req.req_id
             computed = req.num_computed_tokens
-            if not req.is_decode or rid in scheduled:
+            out = req.num_output_tokens
+            if out <= 0 or req.num_prompt_tokens + out - computed != 1 or rid in scheduled:
                 raise ValueError(f"{rid!r} is not an unscheduled decode")
-            if not has_free() and not self._make_room(req, victim):
-                continue
-            cached.append(CachedRequestSlice(rid, append(rid, computed + 1), computed, 1, True, True))
+            if not num_free:
+                room = self._make_room(req, victim)
+                num_free = alloc.num_free_blocks
+                if not room:
+                    continue
+            if computed < len(tables[rid]) * block_size:  # room for token computed + 1 in the last block
+                added = ()
+            else:
+                added = append(rid, computed + 1)
+                if added:
+                    num_free = alloc.num_free_blocks
+            # a CachedRequestSlice, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__)
+            add_slice(tnew(slice_cls, (rid, added, computed, 1, True, True)))
             scheduled[rid] = req
             n += 1
         self.num_tokens += n

@@ -19,6 +19,8 @@ class SchedulerConfig:
     max_model_len: int = field(default=8192, metadata={"help": "prompt + max_tokens above this is ignored"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     watermark: float = field(default=0.01, metadata={"help": "free fraction of blocks kept at admission"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "share the KV of full blocks between requests with the same prefix (needs token ids)"})
     default_tbt_s: float = field(default=0.2, metadata={"help": "TBT SLO of a request that carries none"})
     default_ttft_s: float = field(default=0.5, metadata={"help": "TTFT objective of a request that carries none (EDF laxity)"})
     # --- waiting-queue order ---
@@ -50,10 +52,17 @@ class SchedulerConfig:
         "help": "slai-adaptive: step budget at kv_step_high KV use (>= max_token_budget: no KV cap)"})
     # --- RAD ---
     tile_size: int = field(default=16, metadata={"help": "rad: budget and chunks are multiples of this"})
+    # --- 2025-2026 baselines (fairbatching and qoserve also use max_token_budget, tile_slack_fraction) ---
+    min_token_budget: int = field(default=128, metadata={
+        "help": "fairbatching, qoserve: smallest slack-sized step, in tokens"})
+    hybrid_alpha: float = field(default=1.0, metadata={
+        "help": "qoserve: weight of the predicted prefill time in the hybrid priority (0 = EDF on TTFT deadlines)"})
+    relegation: bool = field(default=True, metadata={
+        "help": "qoserve: relegate free-tier requests predicted to miss their TTFT objective"})
 
     def __post_init__(self) -> None:
         positive = ("token_budget", "max_num_seqs", "max_decodes", "max_model_len", "block_size",
-                    "max_num_batched_tokens", "tile_size", "kv_min_token_budget")
+                    "max_num_batched_tokens", "tile_size", "kv_min_token_budget", "min_token_budget")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -63,6 +72,8 @@ class SchedulerConfig:
             raise ValueError(f"need 0 <= kv_step_low < kv_step_high <= 1, got {self.kv_step_low}, {self.kv_step_high}")
         if self.default_tbt_s <= 0 or self.default_ttft_s <= 0:
             raise ValueError("default_tbt_s and default_ttft_s must be > 0")
+        if self.hybrid_alpha < 0:
+            raise ValueError(f"hybrid_alpha must be >= 0, got {self.hybrid_alpha}")
         if self.edf_prefill_order not in ("spf", "fcfs", "laxity"):
             raise ValueError(f"edf_prefill_order must be spf, fcfs or laxity, got {self.edf_prefill_order!r}")
 

@@ -80,7 +80,7 @@ class FcfsQueue:
 
 
 class SpfQueue:
-    """Shortest prompt (prompt + outputs so far) first; optionally paying tier first."""
+    """Shortest prompt (prompt + outputs so far, less a cached prefix) first; optionally paying tier first."""
 
     def __init__(self, user_priority: bool = True) -> None:
         self._user_priority = user_priority
@@ -92,7 +92,7 @@ class SpfQueue:
     def _key(self, req: Request, order: int) -> tuple:
         """The heap entry: sort key first, then ``order`` and the request last."""
         tier = int(req.tier) if self._user_priority else 0
-        return (tier, req.num_tokens, order, req)
+        return (tier, req.num_uncomputed_tokens, order, req)  # a cached prefix counts as done
 
     def push(self, req: Request) -> None:
         order = next(self._next)
@@ -150,7 +150,7 @@ class AgingSpfQueue(SpfQueue):
 
     def _key(self, req: Request, order: int):
         tier = int(req.tier) if self._user_priority else 0
-        return (tier, req.num_tokens + self._rate * req.arrival_s, order, req)
+        return (tier, req.num_uncomputed_tokens + self._rate * req.arrival_s, order, req)
 
 
 def make_waiting_queue(fcfs: bool, user_priority: bool) -> WaitingQueue:

@@ -81,6 +81,7 @@ class Request:
 
     # --- bookkeeping used by queues / routing ---
     seq: int = 0  # admission order tie-breaker, set by the core
+    block_hashes: list[int] | None = None  # prefix caching: chained hashes of full blocks (core/prefix_cache.py)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1:

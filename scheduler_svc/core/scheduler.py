@@ -32,6 +32,7 @@ from scheduler_svc.core.batch_time import BatchTimeEstimator, make_estimator
 from scheduler_svc.core.config import SchedulerConfig
 from scheduler_svc.core.kv_blocks import BlockAllocator
 from scheduler_svc.core.policies.base import Policy
+from scheduler_svc.core.prefix_cache import PrefixCachingAllocator
 from scheduler_svc.core.request import FINISH_REASONS, Request, RequestStatus
 from scheduler_svc.core.token_event import TokenEvent
 
@@ -43,7 +44,12 @@ class SchedulerCore:
                  estimator: BatchTimeEstimator | None = None, record_events: bool = False) -> None:
         self.config = config or policy.config
         self.policy = policy
-        self.allocator = BlockAllocator(num_blocks, self.config.block_size, self.config.watermark)
+        cfg = self.config
+        if cfg.enable_prefix_caching:
+            self.allocator = self.prefix_cache = PrefixCachingAllocator(num_blocks, cfg.block_size, cfg.watermark)
+        else:
+            self.allocator = BlockAllocator(num_blocks, cfg.block_size, cfg.watermark)
+            self.prefix_cache = None
         self.estimator = estimator or make_estimator(self.config.mean_estimator)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.running: dict[str, Request] = {}  # requests holding KV, admission order
@@ -52,7 +58,7 @@ class SchedulerCore:
         self.last_step_tokens = 0  # tokens in that step
         self.num_preemptions = 0
         self.num_steps = 0
-        self.num_waiting_tokens = 0  # prompt tokens of waiting requests (admission control)
+        self.num_waiting_tokens = 0  # uncomputed (uncached) prompt tokens of waiting requests (admission control)
         self._record_events = record_events
         self._events: list[LifecycleEvent] = []
         self._seq = itertools.count()
@@ -63,6 +69,7 @@ class SchedulerCore:
         self._known_to_runner: set[str] = set()  # sent as `new`, not yet released
         self._release_finished: list[str] = []
         self._release_preempted: list[str] = []
+        self._rematched: set[str] = set()  # waiting requests whose cached prefix changed (take_rematched_ids)
         policy.bind(self)
 
     # ------------------------------------------------------------------ queries
@@ -109,8 +116,10 @@ class SchedulerCore:
             self._event(EventKind.FINISHED, req, now, "ignored")
             return TokenEvent(req_id=req.req_id, finish_reason="ignored", time_s=now,
                               num_prompt_tokens=req.num_prompt_tokens)
+        if self.prefix_cache is not None and req.prompt_token_ids is not None:
+            self.match_prefix(req)  # policies see the cached prefix as computed from the start
         self.requests[req.req_id] = req
-        self.num_waiting_tokens += req.num_tokens
+        self.num_waiting_tokens += req.num_uncomputed_tokens
         self.policy.on_arrival(req, now)
         return None
 
@@ -135,6 +144,8 @@ class SchedulerCore:
         for req in taken:
             self.allocator.free(req.req_id)
             self.policy.on_remove(req)
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()  # the cached KV went with the executor
         if self._advanced is not None:  # finished by length ahead of a result that never came
             taken += [r for r in self._advanced[1]
                       if r.status == RequestStatus.FINISHED_LENGTH and r.num_pending_outputs]
@@ -147,6 +158,7 @@ class SchedulerCore:
         self._known_to_runner.clear()
         self._release_finished.clear()
         self._release_preempted.clear()
+        self._rematched.clear()
         self._in_flight.clear()
         self._advanced = None
         return taken
@@ -170,6 +182,8 @@ class SchedulerCore:
             now = max(now, expected_end)
         builder = BatchBuilder(self, now)
         self.policy.schedule(builder, now)
+        if self.prefix_cache is not None:
+            self.prefix_cache.commit()  # blocks this plan computes: hits from the next plan on
         new_ids = [s.req_id for s in builder.new]
         for rid in new_ids:
             self._known_to_runner.add(rid)
@@ -183,6 +197,8 @@ class SchedulerCore:
             offset=builder.offset,
             num_waiting=self.num_waiting,
             num_running=len(self.running),
+            prefix_cache_queries=builder.num_cache_queries,
+            prefix_cache_hits=builder.num_cache_hits,
         )
         plan = BatchPlan(
             step_id=next(self._step_ids),
@@ -233,21 +249,45 @@ class SchedulerCore:
         events: list[TokenEvent] = []
         served: list[Request] = []
         requests, running, on_token = self.requests, RequestStatus.RUNNING, self._on_token
+        add_event, add_served, tnew = events.append, served.append, tuple.__new__
         for slices in (plan.new, plan.cached):
             for s in slices:
-                req = requests.get(s.req_id)
+                rid = s.req_id
+                req = requests.get(rid)
                 if req is None or req.status != running:
                     continue  # aborted while the step ran: its token (if any) is dropped
-                req.num_computed_tokens += s.num_new_tokens
-                if s.sample:
-                    token = sampled.get(s.req_id)
+                if not s.sample:
+                    req.num_computed_tokens += s.num_new_tokens
+                else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
+                    token = sampled.get(rid)
                     if token is None:
-                        raise ValueError(f"step {plan.step_id}: no token sampled for {s.req_id!r}")
-                    events.append(on_token(req, token, now))
-                    if req.status != running:
-                        continue  # finished by this token
-                served.append(req)
+                        raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
+                    # NOTE: the hot path (once per decode per step): a token that is neither the first
+                    # nor the last is ``_on_token`` inlined, without its lifecycle events (it has none)
+                    last = req.last_token_s
+                    n_out = req.num_output_tokens + 1
+                    stops = req.sampling.stop_token_ids
+                    if (last is None or n_out >= req.max_tokens
+                            or (stops and not req.sampling.ignore_eos and token in stops)):
+                        add_event(on_token(req, token, now))
+                        if req.status != running:
+                            continue  # finished by this token
+                        add_served(req)
+                        continue
+                    req.last_token_s = now
+                    if req.prompt_token_ids is not None:
+                        req.output_token_ids.append(token)
+                    req.num_output_tokens = n_out
+                    n_prompt = req.num_prompt_tokens
+                    req.num_computed_tokens = n_prompt + n_out - 1  # the new token has no KV yet
+                    # a TokenEvent, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__ and
+                    # its defaults: every field must be here, logprobs (None) last; _with_logprobs fills it)
+                    add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last,
+                                                   None)))
+                add_served(req)
         self.policy.on_step_end(served, now)
+        if result.logprobs:
+            return _with_logprobs(events, result)
         return events
 
     # ------------------------------------------------------------------ pipelining
@@ -301,13 +341,34 @@ class SchedulerCore:
                 raise ValueError(f"step {result.step_id}: no token sampled for {req.req_id!r}")
             req.num_pending_outputs -= 1
             events.append(self._on_token(req, token, now, advanced=True))
+        if result.logprobs:
+            return _with_logprobs(events, result)
         return events
 
     # ------------------------------------------------------------------ mechanism used by BatchBuilder
+    def match_prefix(self, req: Request) -> list[int]:
+        """Look up a waiting request's cached prefix; its ``num_computed_tokens`` becomes the
+        cached length (what every policy then sees as done). Returns the blocks holding it."""
+        hits = self.prefix_cache.match(req)
+        computed = len(hits) * self.prefix_cache.block_size
+        if req.status != RequestStatus.WAITING and req.status != RequestStatus.PREEMPTED:
+            raise ValueError(f"prefix lookup for {req.req_id!r} in state {req.status.name}")
+        if computed != req.num_computed_tokens and req.req_id in self.requests:  # (add() looks up before)
+            self.num_waiting_tokens -= computed - req.num_computed_tokens
+            self._rematched.add(req.req_id)
+        req.num_computed_tokens = computed
+        return hits
+
+    def take_rematched_ids(self) -> list[str]:
+        """Waiting requests whose cached prefix (so their outstanding work) changed since the last
+        call, without being scheduled: a driver keeping work incrementally re-measures them."""
+        ids, self._rematched = list(self._rematched), set()
+        return ids
+
     def on_admitted(self, req: Request, now: float) -> None:
         req.status = RequestStatus.RUNNING
         self.running[req.req_id] = req
-        self.num_waiting_tokens -= req.num_tokens
+        self.num_waiting_tokens -= req.num_uncomputed_tokens
         if req.first_scheduled_s is None:
             req.first_scheduled_s = now
         self._event(EventKind.SCHEDULED, req, now)
@@ -340,10 +401,12 @@ class SchedulerCore:
             self.allocator.free(req.req_id)
             del self.running[req.req_id]
         else:
-            self.num_waiting_tokens -= req.num_tokens
+            self.num_waiting_tokens -= req.num_uncomputed_tokens
         req.status = status
         req.finished_s = now
         self.requests.pop(req.req_id, None)
+        if self._rematched:  # (nobody may drain it, e.g. the simulator: keep it bounded)
+            self._rematched.discard(req.req_id)
         self.policy.on_remove(req)
         if req.req_id in self._known_to_runner:
             self._known_to_runner.discard(req.req_id)
@@ -394,3 +457,14 @@ class SchedulerCore:
     def _event(self, kind: EventKind, req: Request, now: float, detail: str = "") -> None:
         if self._record_events:
             self._events.append(LifecycleEvent(kind, req.req_id, now, detail))
+
+
+def _with_logprobs(events: list[TokenEvent], result: StepResult) -> list[TokenEvent]:
+    """Attach the executor's logprobs (opaque values, docs/gateway.md) to their tokens' events.
+
+    Only for a result that carries some; an event holds one token, so its value is a 1-tuple.
+    """
+    lps = {rid: lp for rid, lp in zip(result.req_ids, result.logprobs) if lp is not None}
+    if not lps:
+        return events
+    return [ev._replace(logprobs=(lps[ev.req_id],)) if ev.req_id in lps and ev.token_ids else ev for ev in events]

@@ -18,3 +18,6 @@ class TokenEvent(NamedTuple):
     num_output_tokens: int = 0  # outputs so far, including these
     ttft_s: float | None = None  # set on the first token: first_token - arrival
     tbt_s: float | None = None  # gap since this request's previous token
+    # None unless the request asked for logprobs: then aligned with token_ids, the executor's opaque
+    # per-token values (contract.logprobs.SampleLogprobs or None), passed through untouched
+    logprobs: tuple | list | None = None

@@ -40,6 +40,30 @@ class KvView(Protocol):
         ...
 
 
+class PrefixCacheView(Protocol):
+    """The prefix-caching side of the block pool (``core/prefix_cache.py``), used by the batch builder."""
+
+    @property
+    def block_size(self) -> int:
+        ...
+
+    def can_allocate_with(self, num_tokens: int, hits: list[int]) -> bool:
+        """``can_allocate`` for a request whose first ``len(hits)`` blocks are the cached ``hits``."""
+        ...
+
+    def allocate_with(self, req_id: str, num_tokens: int, hits: list[int]) -> list[int]:
+        """References on ``hits``, then fresh blocks up to ``num_tokens`` tokens; the whole table."""
+        ...
+
+    def register(self, req: Request, num_computed_after: int) -> None:
+        """Offer the blocks full once ``num_computed_after`` tokens have KV (visible from the next plan)."""
+        ...
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admission's lookup (the hit-rate metrics)."""
+        ...
+
+
 class StepTimes(Protocol):
     """The closed-loop estimate of a step's duration (SLAI's mean batch time)."""
 
@@ -70,6 +94,16 @@ class CoreView(Protocol):
         ...
 
     @property
+    def prefix_cache(self) -> PrefixCacheView | None:
+        """The block pool's prefix cache; None when prefix caching is off."""
+        ...
+
+    def match_prefix(self, req: Request) -> list[int]:
+        """Look up a waiting request's cached prefix (prefix caching on); sets its
+        ``num_computed_tokens`` to the cached length; returns the blocks holding it."""
+        ...
+
+    @property
     def last_batch_end_s(self) -> float | None:
         """When the last non-empty step ended (scheduler clock); None before the first."""
         ...
@@ -86,7 +120,7 @@ class CoreView(Protocol):
 
     @property
     def num_waiting_tokens(self) -> int:
-        """Prompt tokens of waiting requests."""
+        """Uncomputed prompt tokens of waiting requests (a cached prefix counts as computed)."""
         ...
 
     def on_admitted(self, req: Request, now: float) -> None:

@@ -48,6 +48,7 @@ class Driver:
         self._finished: list[str] = []
         self._preempted: list[str] = []
         self.step_id = 0
+        self.logprobs: dict[str, list] = {}  # request id -> the SampleLogprobs its tokens reported, in order
 
     def add(self, rid: str, prompt: list[int], max_new: int, sampling: SamplingParams | None = None) -> None:
         self.reqs[rid] = _Req(rid, list(prompt), max_new, sampling or SamplingParams())
@@ -78,7 +79,8 @@ class Driver:
                 self._alloc(r, len(r.tokens))
                 new.append(NewRequestSlice(
                     req_id=r.rid, token_ids=tuple(r.tokens), num_tokens=len(r.tokens), sampling=r.sampling,
-                    block_ids=tuple(r.blocks), num_computed_tokens=0, num_new_tokens=n, sample=sample))
+                    block_ids=tuple(r.blocks), num_computed_tokens=0, num_new_tokens=n, sample=sample,
+                    num_prompt_tokens=len(r.tokens) - len(r.outputs)))
             else:
                 added = self._alloc(r, end)
                 cached.append(CachedRequestSlice(
@@ -96,7 +98,9 @@ class Driver:
             r.sent, r.computed = True, s.num_new_tokens
         for c in plan.cached:
             self.reqs[c.req_id].computed += c.num_new_tokens
-        for rid, tok in zip(result.req_ids, result.token_ids):
+        for i, (rid, tok) in enumerate(zip(result.req_ids, result.token_ids)):
+            if result.logprobs and result.logprobs[i] is not None:
+                self.logprobs.setdefault(rid, []).append(result.logprobs[i])
             r = self.reqs[rid]
             r.outputs.append(tok)
             r.tokens.append(tok)

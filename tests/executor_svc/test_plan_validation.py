@@ -36,7 +36,7 @@ EXPECTED = {
     "sample before end": "sample=True",
     "no token ids": "no token ids",
     "zero tokens": "must be >= 1",
-    "nonzero computed on new": "expected 0",
+    "nonzero computed on new": "must be a multiple of the block size",
 }
 
 

@@ -87,38 +87,57 @@ def test_32_concurrent_streams_exact_token_counts_fake_executor(fake_stack):
         assert len(r.token_ids) == r.completion_tokens == 16 + i
 
 
-@pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
-@pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="no tokenizer for the gateway")
-def test_bench_serve_reports_sim_keys(fake_stack, monkeypatch):
+def _bench_serve(fake_stack, monkeypatch, *transport: str) -> dict:
+    """``bench-serve --json`` against the fake stack with both tiers keyed; returns its JSON."""
     import argparse
+    import contextlib
+    import io
+    import json
 
-    from simulator.metrics import MetricsCollector
     from slai_serve import bench_serve as loadgen
     from wire.service_auth import SERVICE_TOKEN_ENV, SERVICE_TOKEN_FILE_ENV
 
     monkeypatch.delenv(SERVICE_TOKEN_FILE_ENV, raising=False)
     monkeypatch.setenv(SERVICE_TOKEN_ENV, fake_stack.service_token)  # --scheduler's Stats needs the stack's token
-
     parser = argparse.ArgumentParser()
     loadgen.add_arguments(parser)
-    args = parser.parse_args(["--gateway", fake_stack.gateway_address, "--qps", "40", "--num-requests", "24",
+    args = parser.parse_args([*transport, "--qps", "40", "--num-requests", "24",
                               "--api-keys", fake_stack.keys_file, "--paying-prob", "0.5", "--max-prompt-len", "64",
                               "--max-output-len", "12", "--scheduler", fake_stack.scheduler_address,
                               "--model-dir", str(MODEL_DIR), "--json"])
-    import contextlib
-    import io
-    import json
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert loadgen.run(args) == 0
-    out = json.loads(buf.getvalue())
+    return json.loads(buf.getvalue())
+
+
+@pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
+@pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="no tokenizer for the gateway")
+def test_bench_serve_reports_sim_keys(fake_stack, monkeypatch):
+    from simulator.metrics import MetricsCollector
+
+    out = _bench_serve(fake_stack, monkeypatch, "--gateway", fake_stack.gateway_address)
     expected = set(MetricsCollector().summary()) | {"qps", "effective_qps", "meets_slo", "slo_margin", "policy"}
     assert expected <= set(out), expected - set(out)
     assert out["num_finished"] == 24 and out["num_errors"] == 0 and out["num_unfinished"] == 0
     assert out["num_requests_by_tier"]["paying"] + out["num_requests_by_tier"]["free"] == 24
     assert out["tiers_keyed"] == ["free", "paying"] and out["policy"] == "slai"
     assert out["ttft_p50_s"] > 0 and out["throughput_tokens_per_s"] > 0
+
+
+@pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")
+@pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(), reason="no tokenizer for the gateway")
+def test_bench_serve_over_openai_http_counts_the_same_tokens(fake_stack, monkeypatch, tmp_path):
+    """The HTTP replay (what drives vLLM too) sees every token, per tier, as the gRPC replay does."""
+    records = tmp_path / "records.jsonl"
+    out = _bench_serve(fake_stack, monkeypatch, "--http", fake_stack.http_base, "--records-out", str(records))
+    assert out["num_finished"] == 24 and out["num_errors"] == 0 and out["num_unfinished"] == 0
+    assert out["num_requests_by_tier"]["paying"] + out["num_requests_by_tier"]["free"] == 24
+    assert out["gateway"] == fake_stack.http_base and out["policy"] == "slai"
+    import json
+
+    recs = [json.loads(line) for line in records.read_text().splitlines()]
+    assert all(r["num_tokens"] == r["output_len"] and r["finish_reason"] == "length" for r in recs), recs
 
 
 @pytest.mark.skipif(not HAVE_SERVICES, reason="scheduler/executor services not in this build")

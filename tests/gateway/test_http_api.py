@@ -82,7 +82,9 @@ BAD_BODIES = [
     ({"model": "tiny-model", "prompt": "hi", "temperature": -0.5}, "temperature"),
     ({"model": "tiny-model", "prompt": "hi", "top_p": 0}, "top_p"),
     ({"model": "tiny-model", "prompt": "hi", "top_k": -3}, "top_k"),
-    ({"model": "tiny-model", "prompt": "hi", "n": 2}, "n"),
+    ({"model": "tiny-model", "prompt": "hi", "n": 0}, "n"),
+    ({"model": "tiny-model", "prompt": "hi", "n": 129}, "n"),
+    ({"model": "tiny-model", "prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"model": "tiny-model", "prompt": "hi", "stop": 5}, "stop"),
 ]
 

@@ -163,18 +163,24 @@ async def test_types_are_strict(http):
 # ---------------------------------------------------------------- the OpenAI parameter table
 # Values a client would really send for the parameters the issue named.
 NAMED_BAD = [
-    (COMPLETIONS, "logprobs", 5), (COMPLETIONS, "logprobs", 0), (COMPLETIONS, "echo", True),
-    (COMPLETIONS, "best_of", 2), (COMPLETIONS, "suffix", "tail"), (COMPLETIONS, "logit_bias", {"5": 10}),
-    (COMPLETIONS, "presence_penalty", 0.5), (COMPLETIONS, "frequency_penalty", -1),
-    (COMPLETIONS, "response_format", {"type": "json_object"}), (COMPLETIONS, "n", 2),
-    (CHAT, "logprobs", True), (CHAT, "top_logprobs", 3), (CHAT, "presence_penalty", 0.5),
+    (COMPLETIONS, "best_of", 2), (COMPLETIONS, "suffix", "tail"),
+    (COMPLETIONS, "response_format", {"type": "json_object"}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}]), (CHAT, "tool_choice", "required"),
     (CHAT, "functions", [{"name": "f"}]), (CHAT, "function_call", {"name": "f"}),
-    (CHAT, "response_format", {"type": "json_schema", "json_schema": {}}), (CHAT, "logit_bias", {"1": -100}),
+    (CHAT, "response_format", {"type": "json_schema", "json_schema": {}}),
     (CHAT, "modalities", ["text", "audio"]), (CHAT, "audio", {"voice": "alloy"}), (CHAT, "store", True),
     (CHAT, "service_tier", "flex"), (CHAT, "reasoning_effort", "low"), (CHAT, "prediction", {"type": "content"}),
-    (CHAT, "web_search_options", {}), (CHAT, "n", 3), (CHAT, "echo", True), (CHAT, "min_tokens", 4),
-    (CHAT, "repetition_penalty", 1.2), (CHAT, "best_of", 1), (COMPLETIONS, "tools", []),
+    (CHAT, "web_search_options", {}), (CHAT, "echo", True), (CHAT, "best_of", 1), (COMPLETIONS, "tools", []),
+    (COMPLETIONS, "prompt_logprobs", 1), (CHAT, "min_p", 0.1), (COMPLETIONS, "use_beam_search", True),
+    # honoured, out of range or of the wrong type (issue 15: a 400 naming the field)
+    (COMPLETIONS, "logprobs", 21), (COMPLETIONS, "logprobs", -1), (COMPLETIONS, "logprobs", True),
+    (CHAT, "logprobs", 5), (CHAT, "top_logprobs", 21), (CHAT, "top_logprobs", 3),  # the last: without logprobs
+    (COMPLETIONS, "n", 0), (COMPLETIONS, "n", 129), (CHAT, "n", 10**9),
+    (COMPLETIONS, "presence_penalty", 2.5), (CHAT, "frequency_penalty", -3), (CHAT, "repetition_penalty", 0),
+    (COMPLETIONS, "repetition_penalty", -1), (COMPLETIONS, "logit_bias", {"5": 101}),
+    (CHAT, "logit_bias", {"x": 1}), (CHAT, "logit_bias", {"1": "a"}), (CHAT, "logit_bias", {"999999": 1}),
+    (COMPLETIONS, "min_tokens", -1), (COMPLETIONS, "min_tokens", 10_000), (CHAT, "stop_token_ids", [-1]),
+    (CHAT, "stop_token_ids", [10**6]), (CHAT, "stop_token_ids", "2"), (COMPLETIONS, "echo", 1),
 ]
 
 
@@ -310,8 +316,16 @@ async def test_grpc_ids_names_and_unsupported_fields(stack, gw_channel):
         messages=[gateway_pb2.ChatMessage(role="user", content="")] * (MAX_MESSAGES + 1)))
     await assert_invalid(_generate(gw_channel, many), "messages")
     msg = req()
-    msg.sampling.stop_token_ids.append(5)
-    await assert_invalid(_generate(gw_channel, msg), "sampling.stop_token_ids")
+    msg.sampling.stop_token_ids.append(10**6)
+    await assert_invalid(_generate(gw_channel, msg), "stop_token_ids")
+    msg = req(n=1000)
+    await assert_invalid(_generate(gw_channel, msg), "n")
+    msg = req()
+    msg.sampling.logprobs = 50
+    await assert_invalid(_generate(gw_channel, msg), "logprobs")
+    msg = req()
+    msg.sampling.presence_penalty = 3
+    await assert_invalid(_generate(gw_channel, msg), "presence_penalty")
     await assert_invalid(_generate(gw_channel, req(stop=["s"] * 17)), "stop")
     sampling = common_pb2.SamplingParams(temperature=float("inf"))
     msg = req()

@@ -93,7 +93,8 @@ async def serve_virtual(policy: str, items, num_blocks: int, overrides):
 @pytest.mark.parametrize("policy,num_blocks", [("slai", 4096), ("slai", 60), ("sarathi-fcfs", 60)])
 async def test_service_and_simulator_make_identical_plans(policy, num_blocks):
     items = workload()
-    overrides = ["token_budget=256"]
+    # the service's requests carry token ids (with a common prefix), the simulator's none: no prefix caching
+    overrides = ["token_budget=256", "enable_prefix_caching=false"]
     sim_plans, sim_tokens, sim_core = simulate(policy, items, num_blocks, overrides)
     svc_plans, svc_tokens, runner = await serve_virtual(policy, items, num_blocks, overrides)
     assert svc_tokens == sim_tokens == {it.req_id: it.output_len for it in items}
@@ -109,7 +110,10 @@ async def test_slai_decodes_paying_requests_every_step():
     """Under prefill pressure, paying (0.1 s TBT) decodes are critical in every step; free ones wait."""
     clock = VirtualClock()
     runner = VirtualTimeRunner(clock, lambda plan: 0.025, num_blocks=4096)
-    st = await start_stack([runner], clock=clock, policy="slai", overrides=("token_budget=256",), pipeline=False)
+    # (the prompts share a prefix: prefix caching off keeps the prefill pressure)
+    st = await start_stack([runner], clock=clock, policy="slai", overrides=("token_budget=256",
+                                                                           "enable_prefix_caching=false"),
+                           pipeline=False)
     try:
         d = st.dispatcher
         d.drivers[0].recorded_plans = []

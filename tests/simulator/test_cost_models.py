@@ -35,6 +35,23 @@ def test_plan_features_and_context_terms():
     assert PAPER_MODEL.step_time_s(plan) == pytest.approx(PAPER_MODEL.time_ms(252) / 1e3)
 
 
+def test_a_plan_off_the_wire_costs_what_the_simulator_charges():
+    """The fake executor prices plans decoded from the wire, which carry no stats: it must
+    charge what the simulator charges for the same plan (not the 1-token floor)."""
+    from wire.executor_codec import plan_from_pb, plan_to_pb
+
+    plan = BatchPlan(
+        step_id=3,
+        new=(NewRequestSlice(req_id="a", num_tokens=300, num_new_tokens=300, sample=True),),
+        cached=tuple(CachedRequestSlice(f"d{i}", (), 100 + i, 1, True, True) for i in range(40)),
+        stats=PlanStats(num_prefill_tokens=300, num_decodes=40))
+    wired = plan_from_pb(plan_to_pb(plan))
+    assert wired.stats == PlanStats()  # the wire carries no stats
+    assert PAPER_MODEL.step_time_s(wired) == PAPER_MODEL.step_time_s(plan) == pytest.approx(PAPER_MODEL.time_ms(340) / 1e3)
+    assert PAPER_MODEL.step_time_s(wired) > PAPER_MODEL.time_ms(0) / 1e3
+    assert PAPER_MODEL.step_time_s(BatchPlan()) == pytest.approx(PAPER_MODEL.time_ms(0) / 1e3)
+
+
 def test_json_round_trip(tmp_path):
     m = CostModel(name="x", a0_ms=20, a1_ms=5, b_ms_per_token=0.08, c_ms_per_decode=0.3,
                   d_ms_per_context_token=1e-4, e_ms_per_chunk_context=2e-6, overhead_ms=0.7, description="t")
@@ -113,3 +130,33 @@ def test_fit_cli_writes_a_loadable_model(tmp_path, capsys):
     m = CostModel.load(out)
     assert m.b_ms_per_token == pytest.approx(0.1, rel=1e-6) and m.overhead_ms == 0.5
     assert math.isfinite(json.loads(capsys.readouterr().out)["fit"]["rmse_ms"])
+
+
+def test_mixing_penalty_applies_only_to_mixed_steps_above_the_decode_share():
+    m = CostModel(a0_ms=0, a1_ms=10, b_ms_per_token=0.1, mix_ms_per_decode=0.5, mix_decode_share=0.2)
+    base = CostModel(a0_ms=0, a1_ms=10, b_ms_per_token=0.1)
+    # 100 tokens, 20 decodes = exactly 20%: no penalty; 40 decodes: 20 above the share
+    assert m.time_ms(100, 20) == pytest.approx(base.time_ms(100, 20))
+    assert m.time_ms(100, 40) == pytest.approx(base.time_ms(100, 40) + 0.5 * 20)
+    # pure decode and pure prefill steps are never penalised
+    assert m.time_ms(100, 100) == pytest.approx(base.time_ms(100, 100))
+    assert m.time_ms(100, 0) == pytest.approx(base.time_ms(100, 0))
+    plan = BatchPlan(
+        step_id=1, new=(NewRequestSlice(req_id="a", num_tokens=60, num_new_tokens=60),),
+        cached=tuple(CachedRequestSlice(req_id=f"d{i}", num_computed_tokens=10, num_new_tokens=1, is_decode=True,
+                                        sample=True) for i in range(40)),
+        stats=PlanStats(num_prefill_tokens=60, num_decodes=40))
+    assert m.step_time_s(plan) == pytest.approx((10 + 0.1 * 100 + 0.5 * (40 - 0.2 * 100)) / 1e3)
+    with pytest.raises(ValueError, match="mix_decode_share"):
+        CostModel(mix_decode_share=1.5)
+
+
+def test_gpu_model_is_selectable_and_the_paper_model_is_unchanged(tmp_path):
+    gpu = resolve_cost_model("gpu")
+    assert gpu.mix_ms_per_decode > 0 and gpu.d_ms_per_context_token > 0 and gpu.c_ms_per_decode > 0
+    assert gpu.full_step_s(512) == pytest.approx(PAPER_MODEL.full_step_s(512))  # same batch-size terms
+    assert gpu.time_ms(512, 128, 128 * 1000) > PAPER_MODEL.time_ms(512, 128)
+    # the paper model keeps its field set (sim --json output stays the same); the gpu model round-trips
+    assert "mix_ms_per_decode" not in PAPER_MODEL.to_dict()
+    gpu.save(tmp_path / "g.json")
+    assert CostModel.load(tmp_path / "g.json") == gpu

@@ -31,7 +31,7 @@ class LaxityQueue(SpfQueue):
 
     def _key(self, req: Request, order: int) -> tuple:
         p = self._policy
-        steps = -(-req.num_tokens // p.config.token_budget)
+        steps = -(-req.num_uncomputed_tokens // p.config.token_budget)  # a cached prefix costs no step
         ttft = req.ttft_slo_s if req.ttft_slo_s is not None else p.config.default_ttft_s
         mean = p.core.estimator.mean_s if p.core is not None else 0.0
         return (req.arrival_s + ttft - steps * mean, order, req)

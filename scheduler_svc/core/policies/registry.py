@@ -7,11 +7,14 @@ from typing import Any
 from scheduler_svc.core.config import SchedulerConfig
 from scheduler_svc.core.policies.base import Policy
 from scheduler_svc.core.policies.edf import EdfPolicy
+from scheduler_svc.core.policies.fairbatching import FairBatchingPolicy
+from scheduler_svc.core.policies.qoserve import QoServePolicy
 from scheduler_svc.core.policies.rad import RadPolicy
 from scheduler_svc.core.policies.sarathi import SarathiPolicy
 from scheduler_svc.core.policies.slai import SlaiPolicy
 from scheduler_svc.core.policies.slai_adaptive import SlaiAdaptivePolicy
 from scheduler_svc.core.policies.vllm_prefill_first import VllmPrefillFirstPolicy
+from scheduler_svc.core.policies.vllm_priority import VllmPriorityPolicy
 
 # name -> (policy class, overrides applied on top of the caller's config, description)
 POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
@@ -36,7 +39,19 @@ POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
                       " (this project's refinement)"),
     "rad": (RadPolicy, {"fcfs": True, "user_priority": False},
             "Resource-Aware Dynamic: tiled budget + MaxWeight prefill/decode split"),
+    # 2025-2026 baselines (docs/results.md); each file's docstring says what was implemented
+    "fairbatching": (FairBatchingPolicy, {"fcfs": True, "user_priority": False},
+                     ("FairBatching-style (arXiv 2510.14392): slack-sized steps, decodes deferred while they"
+                      " have slack, prefills by TTFT deadline")),
+    "qoserve": (QoServePolicy, {"fcfs": False, "user_priority": True},
+                ("QoServe/Niyama-style (arXiv 2503.22562): dynamic chunking, hybrid deadline/length priority,"
+                 " relegation of free requests predicted to miss TTFT")),
+    "vllm-priority": (VllmPriorityPolicy, {"fcfs": True, "user_priority": True},
+                      ("vLLM v1 --scheduling-policy priority: tier as priority, FCFS within, chunked prefill,"
+                       " preempts the lowest-priority latest arrival")),
 }
+# the 2025-2026 baselines beside the paper's (issue 14)
+NEW_BASELINES = ("fairbatching", "qoserve", "vllm-priority")
 
 PAPER_POLICIES = ("slai", "slai-spf-dynamic", "slai-spf-fixed", "slai-fcfs-fixed",
                   "sarathi-fcfs", "sarathi-spf", "vllm")

@@ -100,8 +100,9 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         while b.num_tokens < b.token_budget:
             paused = min(self.paused, key=lambda r: self._key(r, r.num_uncomputed_tokens), default=None)
             head = self.waiting.peek()
-            take_new = head is not None and b.can_admit(head) and (
-                paused is None or self._key(head, head.num_tokens) < self._key(paused, paused.num_uncomputed_tokens))
+            take_new = head is not None and b.can_admit(head) and (  # can_admit: cached prefix looked up
+                paused is None
+                or self._key(head, head.num_uncomputed_tokens) < self._key(paused, paused.num_uncomputed_tokens))
             if take_new:
                 self.waiting.pop()
                 b.admit(head, min(head.num_uncomputed_tokens, b.budget_left))

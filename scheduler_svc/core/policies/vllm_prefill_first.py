@@ -18,8 +18,9 @@ class VllmPrefillFirstPolicy(Policy):
     name = "vllm"
 
     def _fits(self, b: BatchBuilder, req: Request) -> bool:
-        return (b.num_prefill_tokens + req.num_uncomputed_tokens <= self.config.max_num_batched_tokens
-                and b.can_admit(req))
+        # can_admit first: it looks up the cached prefix, which num_uncomputed_tokens then excludes
+        return (b.can_admit(req)
+                and b.num_prefill_tokens + req.num_uncomputed_tokens <= self.config.max_num_batched_tokens)
 
     def schedule(self, b: BatchBuilder, now: float) -> None:
         while True:

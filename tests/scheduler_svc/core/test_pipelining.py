@@ -41,10 +41,11 @@ class ProtocolExecutor:
         ids, toks = [], []
         for s in plan.new:
             assert s.req_id not in self.computed, f"{s.req_id} sent as new twice"
-            assert s.num_computed_tokens == 0
+            # a cached prefix (prefix caching): whole blocks, never the last token
+            assert 0 <= s.num_computed_tokens < s.num_tokens and s.num_computed_tokens % 16 == 0
             assert len(s.token_ids) == s.num_tokens, "a recompute must carry every token id"
             self.prompt.setdefault(s.req_id, s.num_tokens)
-            self.computed[s.req_id] = s.num_new_tokens
+            self.computed[s.req_id] = s.num_computed_tokens + s.num_new_tokens
             self.tokens[s.req_id] = s.num_tokens
             if s.sample:
                 ids.append(s.req_id)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from wire.pb.slai.v1 import common_pb2 as slai_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16slai/v1/executor.proto\x12\x07slai.v1\x1a\x14slai/v1/common.proto\"\r\n\x0bInfoRequest\"\xd0\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\r\n\x05ready\x18\n \x01(\x08\"A\n\rWarmupRequest\x12\x16\n\x0emax_num_blocks\x18\x01 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\r\"\xb6\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.slai.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\r\x12\x16\n\x0enum_new_tokens\x18\x06 \x01(\r\x12\x0e\n\x06sample\x18\x07 \x01(\x08\"\x92\x01\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\r\x12\x16\n\x0enum_new_tokens\x18\x04 \x01(\r\x12\x11\n\tis_decode\x18\x05 \x01(\x08\x12\x0e\n\x06sample\x18\x06 \x01(\x08\"\xaa\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12 \n\x03new\x18\x02 \x03(\x0b\x32\x13.slai.v1.NewRequest\x12&\n\x06\x63\x61\x63hed\x18\x03 \x03(\x0b\x32\x16.slai.v1.CachedRequest\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\x12\x15\n\rpreempted_ids\x18\x05 \x03(\t\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"\xb4\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nprepare_ns\x18\x04 \x01(\x04\x12\x12\n\nforward_ns\x18\x05 \x01(\x04\x12\x11\n\tsample_ns\x18\x06 \x01(\x04\x12\x10\n\x08total_ns\x18\x07 \x01(\x04\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07idle_ns\x18\t \x01(\x04\"2\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\'\n\x0fReleaseResponse\x12\x14\n\x0cnum_released\x18\x01 \x01(\r2\xf6\x01\n\x0f\x45xecutorService\x12\x33\n\x04Info\x12\x14.slai.v1.InfoRequest\x1a\x15.slai.v1.InfoResponse\x12\x37\n\x06Warmup\x12\x16.slai.v1.WarmupRequest\x1a\x15.slai.v1.InfoResponse\x12\x37\n\x04Step\x12\x14.slai.v1.StepRequest\x1a\x15.slai.v1.StepResponse(\x01\x30\x01\x12<\n\x07Release\x12\x17.slai.v1.ReleaseRequest\x1a\x18.slai.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16slai/v1/executor.proto\x12\x07slai.v1\x1a\x14slai/v1/common.proto\"\r\n\x0bInfoRequest\"\xd0\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\r\n\x05ready\x18\n \x01(\x08\"A\n\rWarmupRequest\x12\x16\n\x0emax_num_blocks\x18\x01 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\r\"\xd1\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.slai.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\r\x12\x16\n\x0enum_new_tokens\x18\x06 \x01(\r\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\"\x92\x01\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\r\x12\x16\n\x0enum_new_tokens\x18\x04 \x01(\r\x12\x11\n\tis_decode\x18\x05 \x01(\x08\x12\x0e\n\x06sample\x18\x06 \x01(\x08\"\xaa\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12 \n\x03new\x18\x02 \x03(\x0b\x32\x13.slai.v1.NewRequest\x12&\n\x06\x63\x61\x63hed\x18\x03 \x03(\x0b\x32\x16.slai.v1.CachedRequest\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\x12\x15\n\rpreempted_ids\x18\x05 \x03(\t\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"\xd9\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nprepare_ns\x18\x04 \x01(\x04\x12\x12\n\nforward_ns\x18\x05 \x01(\x04\x12\x11\n\tsample_ns\x18\x06 \x01(\x04\x12\x10\n\x08total_ns\x18\x07 \x01(\x04\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07idle_ns\x18\t \x01(\x04\x12#\n\x08logprobs\x18\n \x03(\x0b\x32\x11.slai.v1.Logprobs\"2\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\'\n\x0fReleaseResponse\x12\x14\n\x0cnum_released\x18\x01 \x01(\r2\xf6\x01\n\x0f\x45xecutorService\x12\x33\n\x04Info\x12\x14.slai.v1.InfoRequest\x1a\x15.slai.v1.InfoResponse\x12\x37\n\x06Warmup\x12\x16.slai.v1.WarmupRequest\x1a\x15.slai.v1.InfoResponse\x12\x37\n\x04Step\x12\x14.slai.v1.StepRequest\x1a\x15.slai.v1.StepResponse(\x01\x30\x01\x12<\n\x07Release\x12\x17.slai.v1.ReleaseRequest\x1a\x18.slai.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WARMUPREQUEST']._serialized_start=283
   _globals['_WARMUPREQUEST']._serialized_end=348
   _globals['_NEWREQUEST']._serialized_start=351
-  _globals['_NEWREQUEST']._serialized_end=533
-  _globals['_CACHEDREQUEST']._serialized_start=536
-  _globals['_CACHEDREQUEST']._serialized_end=682
-  _globals['_STEPREQUEST']._serialized_start=685
-  _globals['_STEPREQUEST']._serialized_end=855
-  _globals['_STEPRESPONSE']._serialized_start=858
-  _globals['_STEPRESPONSE']._serialized_end=1038
-  _globals['_RELEASEREQUEST']._serialized_start=1040
-  _globals['_RELEASEREQUEST']._serialized_end=1090
-  _globals['_RELEASERESPONSE']._serialized_start=1092
-  _globals['_RELEASERESPONSE']._serialized_end=1131
-  _globals['_EXECUTORSERVICE']._serialized_start=1134
-  _globals['_EXECUTORSERVICE']._serialized_end=1380
+  _globals['_NEWREQUEST']._serialized_end=560
+  _globals['_CACHEDREQUEST']._serialized_start=563
+  _globals['_CACHEDREQUEST']._serialized_end=709
+  _globals['_STEPREQUEST']._serialized_start=712
+  _globals['_STEPREQUEST']._serialized_end=882
+  _globals['_STEPRESPONSE']._serialized_start=885
+  _globals['_STEPRESPONSE']._serialized_end=1102
+  _globals['_RELEASEREQUEST']._serialized_start=1104
+  _globals['_RELEASEREQUEST']._serialized_end=1154
+  _globals['_RELEASERESPONSE']._serialized_start=1156
+  _globals['_RELEASERESPONSE']._serialized_end=1195
+  _globals['_EXECUTORSERVICE']._serialized_start=1198
+  _globals['_EXECUTORSERVICE']._serialized_end=1444
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from wire.pb.slai.v1 import common_pb2 as slai_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15slai/v1/gateway.proto\x12\x07slai.v1\x1a\x14slai/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc3\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.slai.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.slai.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x07\n\x05input\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.slai.v1.ChatMessage\"\xbb\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.slai.v1.FinishReason\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.slai.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.slai.v1.RequestTimings\")\n\x13GatewayAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x14GatewayAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x96\x01\n\x0eGatewayService\x12>\n\x08Generate\x12\x18.slai.v1.GenerateRequest\x1a\x16.slai.v1.GenerateChunk0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.slai.v1.GatewayAbortRequest\x1a\x1d.slai.v1.GatewayAbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15slai/v1/gateway.proto\x12\x07slai.v1\x1a\x14slai/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe2\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.slai.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.slai.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\t\n\x01n\x18\x08 \x01(\r\x12\x12\n\nscore_only\x18\t \x01(\x08\x42\x07\n\x05input\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.slai.v1.ChatMessage\"\xa3\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.slai.v1.FinishReason\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.slai.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.slai.v1.RequestTimings\x12\'\n\x08logprobs\x18\x07 \x03(\x0b\x32\x15.slai.v1.TokenLogprob\x12.\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x15.slai.v1.TokenLogprob\x12\r\n\x05index\x18\t \x01(\r\")\n\x13GatewayAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x14GatewayAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x96\x01\n\x0eGatewayService\x12>\n\x08Generate\x12\x18.slai.v1.GenerateRequest\x1a\x16.slai.v1.GenerateChunk0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.slai.v1.GatewayAbortRequest\x1a\x1d.slai.v1.GatewayAbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=56
   _globals['_CHATMESSAGE']._serialized_end=100
   _globals['_GENERATEREQUEST']._serialized_start=103
-  _globals['_GENERATEREQUEST']._serialized_end=298
-  _globals['_CHATMESSAGES']._serialized_start=300
-  _globals['_CHATMESSAGES']._serialized_end=354
-  _globals['_GENERATECHUNK']._serialized_start=357
-  _globals['_GENERATECHUNK']._serialized_end=544
-  _globals['_GATEWAYABORTREQUEST']._serialized_start=546
-  _globals['_GATEWAYABORTREQUEST']._serialized_end=587
-  _globals['_GATEWAYABORTRESPONSE']._serialized_start=589
-  _globals['_GATEWAYABORTRESPONSE']._serialized_end=626
-  _globals['_GATEWAYSERVICE']._serialized_start=629
-  _globals['_GATEWAYSERVICE']._serialized_end=779
+  _globals['_GENERATEREQUEST']._serialized_end=329
+  _globals['_CHATMESSAGES']._serialized_start=331
+  _globals['_CHATMESSAGES']._serialized_end=385
+  _globals['_GENERATECHUNK']._serialized_start=388
+  _globals['_GENERATECHUNK']._serialized_end=679
+  _globals['_GATEWAYABORTREQUEST']._serialized_start=681
+  _globals['_GATEWAYABORTREQUEST']._serialized_end=722
+  _globals['_GATEWAYABORTRESPONSE']._serialized_start=724
+  _globals['_GATEWAYABORTRESPONSE']._serialized_end=761
+  _globals['_GATEWAYSERVICE']._serialized_start=764
+  _globals['_GATEWAYSERVICE']._serialized_end=914
 # @@protoc_insertion_point(module_scope)

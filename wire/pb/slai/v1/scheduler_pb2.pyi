@@ -26,7 +26,7 @@ class SubmitRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., tbt_slo_s: _Optional[float] = ..., ttft_slo_s: _Optional[float] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("request_id", "token_ids", "finish_reason", "usage", "timings", "time_s", "ttft_s", "tbt_s")
+    __slots__ = ("request_id", "token_ids", "finish_reason", "usage", "timings", "time_s", "ttft_s", "tbt_s", "logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class TokenEvent(_message.Message):
     TIME_S_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     TBT_S_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _common_pb2.FinishReason
@@ -43,7 +44,8 @@ class TokenEvent(_message.Message):
     time_s: float
     ttft_s: float
     tbt_s: float
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.RequestTimings, _Mapping]] = ..., time_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tbt_s: _Optional[float] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.Logprobs]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.RequestTimings, _Mapping]] = ..., time_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tbt_s: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.Logprobs, _Mapping]]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -62,7 +64,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorStats(_message.Message):
-    __slots__ = ("address", "healthy", "num_waiting", "num_running", "num_blocks", "kv_used_fraction", "mean_batch_s", "num_steps", "num_preemptions", "last_num_critical_decodes", "last_num_noncritical_decodes", "last_num_prefill_tokens", "last_offset", "mean_decision_s", "mean_executor_wait_s", "mean_rpc_overhead_s", "num_steps_planned_ahead")
+    __slots__ = ("address", "healthy", "num_waiting", "num_running", "num_blocks", "kv_used_fraction", "mean_batch_s", "num_steps", "num_preemptions", "last_num_critical_decodes", "last_num_noncritical_decodes", "last_num_prefill_tokens", "last_offset", "mean_decision_s", "mean_executor_wait_s", "mean_rpc_overhead_s", "num_steps_planned_ahead", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,9 @@ class ExecutorStats(_message.Message):
     MEAN_EXECUTOR_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     MEAN_RPC_OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_PLANNED_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     address: str
     healthy: bool
     num_waiting: int
@@ -97,7 +102,10 @@ class ExecutorStats(_message.Message):
     mean_executor_wait_s: float
     mean_rpc_overhead_s: float
     num_steps_planned_ahead: int
-    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., kv_used_fraction: _Optional[float] = ..., mean_batch_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., last_num_critical_decodes: _Optional[int] = ..., last_num_noncritical_decodes: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., last_offset: _Optional[float] = ..., mean_decision_s: _Optional[float] = ..., mean_executor_wait_s: _Optional[float] = ..., mean_rpc_overhead_s: _Optional[float] = ..., num_steps_planned_ahead: _Optional[int] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., kv_used_fraction: _Optional[float] = ..., mean_batch_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., last_num_critical_decodes: _Optional[int] = ..., last_num_noncritical_decodes: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., last_offset: _Optional[float] = ..., mean_decision_s: _Optional[float] = ..., mean_executor_wait_s: _Optional[float] = ..., mean_rpc_overhead_s: _Optional[float] = ..., num_steps_planned_ahead: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("policy", "executors", "num_queued_total", "num_queued_prompt_tokens")
