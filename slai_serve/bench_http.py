@@ -50,6 +50,7 @@ async def replay_http(base_url: str, items: list, builder, keys: dict[str, str |
     import httpx
 
     from simulator.metrics import MetricsCollector
+    from slai_serve.bench_serve import request_record
 
     model = served_model(base_url, next((k for k in keys.values() if k), None))
     collector = MetricsCollector()
@@ -92,10 +93,7 @@ async def replay_http(base_url: str, items: list, builder, keys: dict[str, str |
         except httpx.HTTPError as exc:
             errors[type(exc).__name__] += 1
             finish = f"error:{type(exc).__name__}"
-        rec = collector.records[item.req_id]
-        records.append({"req_id": item.req_id, "tier": item.tier, "arrival_s": item.arrival_s, "prompt_len": p_len,
-                        "output_len": o_len, "num_tokens": rec.num_tokens, "first_token_s": rec.first_token_s,
-                        "last_token_s": rec.last_token_s, "finish_reason": finish})
+        records.append(request_record(item, collector.records[item.req_id], p_len, o_len, finish))
 
     wall0 = time.monotonic()
     try:

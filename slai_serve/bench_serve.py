@@ -92,6 +92,13 @@ class PromptBuilder:
         return self.word * max(1, num_tokens - self.num_special)
 
 
+def request_record(item, rec, prompt_len: int, output_len: int, finish: str | None) -> dict[str, Any]:
+    """One ``--records-out`` line: the workload item, what was sent, and what came back."""
+    return {"req_id": item.req_id, "tier": item.tier, "arrival_s": item.arrival_s, "prompt_len": prompt_len,
+            "output_len": output_len, "num_tokens": rec.num_tokens, "first_token_s": rec.first_token_s,
+            "last_token_s": rec.last_token_s, "finish_reason": finish}
+
+
 def tier_keys(args: argparse.Namespace) -> dict[str, str | None]:
     """One key per tier: ``--paying-key``/``--free-key``, else from ``--api-keys``, else (unless
     ``--no-keys``) from the demo key file that ``slai-serve up`` gives its gateway by default."""
@@ -151,10 +158,7 @@ async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[s
         except grpc.aio.AioRpcError as exc:
             errors[exc.code().name] += 1
             finish = f"error:{exc.code().name}"
-        rec = collector.records[item.req_id]
-        records.append({"req_id": item.req_id, "tier": item.tier, "arrival_s": item.arrival_s, "prompt_len": p_len,
-                        "output_len": o_len, "num_tokens": rec.num_tokens, "first_token_s": rec.first_token_s,
-                        "last_token_s": rec.last_token_s, "finish_reason": finish})
+        records.append(request_record(item, collector.records[item.req_id], p_len, o_len, finish))
 
     wall0 = time.monotonic()
     await asyncio.gather(*(one(it) for it in items))
