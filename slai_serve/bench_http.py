@@ -27,6 +27,13 @@ from simulator.workloads import clip_lengths
 TIER_PRIORITY = {"paying": 0, "free": 1}
 
 
+def request_record(item, rec, prompt_len: int, output_len: int, finish: str | None) -> dict[str, Any]:
+    """One ``--records-out`` line: the workload item, what was sent, and what came back."""
+    return {"req_id": item.req_id, "tier": item.tier, "arrival_s": item.arrival_s, "prompt_len": prompt_len,
+            "output_len": output_len, "num_tokens": rec.num_tokens, "first_token_s": rec.first_token_s,
+            "last_token_s": rec.last_token_s, "finish_reason": finish}
+
+
 def served_model(base_url: str, api_key: str | None = None) -> str:
     """The first model id the server lists at ``/v1/models`` (asked with ``api_key`` where keys are required)."""
     import httpx
@@ -50,7 +57,6 @@ async def replay_http(base_url: str, items: list, builder, keys: dict[str, str |
     import httpx
 
     from simulator.metrics import MetricsCollector
-    from slai_serve.bench_serve import request_record
 
     model = served_model(base_url, next((k for k in keys.values() if k), None))
     collector = MetricsCollector()

@@ -33,6 +33,7 @@ from typing import Any
 
 from contract.tiers import FREE_TBT_S, PAYING_TBT_S
 from simulator.workloads import clip_lengths  # shared with ``sim --max-prompt-len/--max-output-len``
+from slai_serve.bench_http import request_record
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,13 +91,6 @@ class PromptBuilder:
 
     def prompt(self, num_tokens: int) -> str:
         return self.word * max(1, num_tokens - self.num_special)
-
-
-def request_record(item, rec, prompt_len: int, output_len: int, finish: str | None) -> dict[str, Any]:
-    """One ``--records-out`` line: the workload item, what was sent, and what came back."""
-    return {"req_id": item.req_id, "tier": item.tier, "arrival_s": item.arrival_s, "prompt_len": prompt_len,
-            "output_len": output_len, "num_tokens": rec.num_tokens, "first_token_s": rec.first_token_s,
-            "last_token_s": rec.last_token_s, "finish_reason": finish}
 
 
 def tier_keys(args: argparse.Namespace) -> dict[str, str | None]:
