@@ -11,7 +11,8 @@ shared by the simulator and the live load generator:
   ``clip_factor / qps`` (the authors' generator clips at 3/QPS, so the effective
   rate is 1 / (1 - e^-3) = 1.052x nominal; :func:`effective_qps` reports it);
 * each request is paying with probability ``paying_prob`` (TBT SLO 0.1 s),
-  otherwise free (0.5 s).
+  otherwise free (0.5 s); a tier may also carry a TTFT objective
+  (``paying_ttft_s`` / ``free_ttft_s``, None by default, as in the paper).
 
 Three independent streams are derived from the one seed (lengths, gaps, tiers),
 so changing the rate does not change which requests are paying.
@@ -53,12 +54,13 @@ class WorkloadItem:
     output_len: int
     tier: str  # "paying" | "free"
     tbt_slo_s: float
+    ttft_slo_s: float | None = None  # the tier's TTFT objective, if it has one
 
     def to_request(self) -> Request:
         """The core's request for this item (simulator: no token ids)."""
         return Request(req_id=self.req_id, num_prompt_tokens=self.prompt_len, max_tokens=self.output_len,
                        arrival_s=self.arrival_s, tier=Tier.PAYING if self.tier == "paying" else Tier.FREE,
-                       tbt_slo_s=self.tbt_slo_s)
+                       tbt_slo_s=self.tbt_slo_s, ttft_slo_s=self.ttft_slo_s)
 
 
 def resolve_trace(spec: str | None) -> Path | None:
@@ -135,11 +137,13 @@ def effective_qps(items: list[WorkloadItem]) -> float:
 def make_workload(num_requests: int, qps: float, seed: int = 42, trace: str | Path | None = None,
                   clip_factor: float | None = 3.0, paying_prob: float = 0.05,
                   paying_tbt_s: float = PAYING_TBT_S, free_tbt_s: float = FREE_TBT_S,
-                  max_total: int | None = 8192) -> list[WorkloadItem]:
+                  max_total: int | None = 8192, paying_ttft_s: float | None = None,
+                  free_ttft_s: float | None = None) -> list[WorkloadItem]:
     """The paper's workload: ``num_requests`` items sorted by arrival.
 
     ``trace``: a CSV path, ``"paper"``, or ``None`` for the synthetic generator.
     ``clip_factor``: clip each gap at clip_factor/qps (None: pure Poisson).
+    ``paying_ttft_s`` / ``free_ttft_s``: the tiers' TTFT objectives (None: none; 0 counts as none).
     """
     if num_requests < 0:
         raise ValueError("num_requests must be >= 0")
@@ -159,7 +163,8 @@ def make_workload(num_requests: int, qps: float, seed: int = 42, trace: str | Pa
         is_paying = bool(paying[i])
         items.append(WorkloadItem(
             req_id=f"r{i}", arrival_s=arrivals[i], prompt_len=int(p), output_len=int(d),
-            tier="paying" if is_paying else "free", tbt_slo_s=paying_tbt_s if is_paying else free_tbt_s))
+            tier="paying" if is_paying else "free", tbt_slo_s=paying_tbt_s if is_paying else free_tbt_s,
+            ttft_slo_s=(paying_ttft_s if is_paying else free_ttft_s) or None))
     return items
 
 
