@@ -48,9 +48,10 @@ mechanism below serves that balance.
    a TTFT objective (``Request.ttft_slo_s``: the API key's tier in the gateway's
    key file, or ``--paying-ttft`` / ``--free-ttft`` in the simulator) becomes
    *urgent* once it has waited ``ttft_urgent_fraction`` of it without a first
-   token. Urgent requests, waiting or paused, are prefilled before everything
-   else, earliest TTFT deadline first (EDF among the few that need it); SRPT
-   with aging orders the rest. Aging bounds every wait, but only in tokens per
+   token. Urgent requests, waiting or paused, are prefilled before the rest of
+   their tier and of lower tiers (paying first still holds), earliest TTFT
+   deadline first (EDF among the few that need it); SRPT with aging orders the
+   rest. Aging bounds every wait, but only in tokens per
    second; a tier's own objective needs a deadline, and SRPT alone would let a
    long paying prompt miss a 1 s objective behind a stream of short free ones.
    Requests without an objective (the paper's workload) never become urgent,
@@ -139,8 +140,10 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         shortest remaining prompt (aged)."""
         check_urgent = bool(self._ttft_pending or self.urgent)
         while b.num_tokens < b.token_budget:
+            paused = min(self.paused, key=lambda r: self._key(r, r.num_uncomputed_tokens), default=None)
+            head = self.waiting.peek()
             urgent = self.most_urgent(b, now) if check_urgent else None
-            if urgent is not None:
+            if urgent is not None and self._tier_allows(urgent, paused, head):
                 if urgent.status == RequestStatus.RUNNING:  # paused
                     self.paused.remove(urgent)
                     b.add_chunk(urgent, min(urgent.num_uncomputed_tokens, b.budget_left))
@@ -150,8 +153,6 @@ class SlaiAdaptivePolicy(SlaiPolicy):
                     b.admit(urgent, min(urgent.num_uncomputed_tokens, b.budget_left))
                     continue
                 check_urgent = False  # it does not fit now: the usual order for the rest of this step
-            paused = min(self.paused, key=lambda r: self._key(r, r.num_uncomputed_tokens), default=None)
-            head = self.waiting.peek()
             take_new = head is not None and b.can_admit(head) and (
                 paused is None or self._key(head, head.num_tokens) < self._key(paused, paused.num_uncomputed_tokens))
             if take_new:
@@ -162,6 +163,13 @@ class SlaiAdaptivePolicy(SlaiPolicy):
                 b.add_chunk(paused, min(paused.num_uncomputed_tokens, b.budget_left))
             else:
                 return
+
+    def _tier_allows(self, urgent: Request, *others: Request | None) -> bool:
+        """With user priority an urgent request jumps only its own and lower tiers: a free request's
+        objective never delays a paying prompt that is next in the usual order."""
+        if not self.config.user_priority:
+            return True
+        return all(r is None or int(urgent.tier) <= int(r.tier) for r in others)
 
     def kv_budget_cap(self, kv_used: float) -> int:
         """The largest step KV use allows: ``max_token_budget`` up to ``kv_step_low``,

@@ -171,3 +171,21 @@ def test_a_due_ttft_objective_jumps_the_shortest_first_order():
     assert 0.5 <= t < 0.55, (i, t)
     i, t = _first_chunk_step(1.0, ttft_urgent_fraction=0.0)  # due at once
     assert i == 0
+
+
+def test_a_free_tiers_due_objective_does_not_jump_paying_prompts():
+    core = make_core("slai-adaptive", num_blocks=20000, config=SchedulerConfig(max_token_budget=512))
+    free = make_request(4000, 1, ttft_slo_s=0.2)
+    core.add(free, 0.0)
+    now = 0.0
+    for _ in range(6):  # due after 0.1 s, but six short paying prompts arrive every step
+        for _ in range(6):
+            core.add(make_request(100, 1, tier=Tier.PAYING, arrival_s=now), now)
+        plan, _, now = step(core, now, dt=0.05)
+        assert free.req_id not in prefill_chunks(plan)
+    for _ in range(3):  # no more arrivals: the free prompt follows the paying backlog
+        plan, _, now = step(core, now, dt=0.05)
+        if free.req_id in prefill_chunks(plan):
+            break
+    assert plan.new[-1].req_id == free.req_id  # after the step's paying prompts
+    assert not any(r.is_paying for r in core.policy.waiting)
