@@ -107,7 +107,7 @@ def find_capacity(trial: Callable[[float], dict[str, Any]], criterion: Criterion
         if first_fail is not None:
             hi = first_fail
         elif passes:
-            hi = max(hi, 2 * lo)
+            hi = hi if hi > lo else 2 * lo  # keep the caller's bracket; the search doubles it while it passes
     if not run(lo):
         # shrink towards 0 until something passes
         while lo > tol and not run(lo / 2):
