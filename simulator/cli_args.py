@@ -31,6 +31,13 @@ def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048)
     g.add_argument("--paying-prob", type=float, default=0.05, help="probability of the paying tier")
     g.add_argument("--paying-tbt", type=float, default=PAYING_TBT_S, help="paying tier TBT SLO, seconds")
     g.add_argument("--free-tbt", type=float, default=FREE_TBT_S, help="free tier TBT SLO, seconds")
+    g.add_argument("--paying-ttft", type=float, default=0.0,
+                   help="paying tier TTFT objective, seconds (0 = none, as in the paper); requests carry it to "
+                        "the core, and the stable criterion holds the tier's P99 TTFT to it")
+    g.add_argument("--free-ttft", type=float, default=0.0, help="free tier TTFT objective, seconds (0 = none)")
+    g.add_argument("--steady-fraction", type=float, default=0.5,
+                   help="the steady-state window: requests arriving after this share of the arrival span "
+                        "(default 0.5: the second half)")
     g.add_argument("--max-prompt-len", type=int, default=0,
                    help="clip prompt lengths to this (0 = no cap); same as bench-serve's option")
     g.add_argument("--max-output-len", type=int, default=0,
@@ -51,6 +58,20 @@ def add_workload_arguments(p: argparse.ArgumentParser, num_requests: int = 2048)
                    help="SchedulerConfig override (repeatable), e.g. --set token_budget=1024")
     g.add_argument("--max-sim-time", type=float, default=None,
                    help="stop a run at this simulated time (requests still queued count as unfinished)")
+
+
+def _non_negative(a: argparse.Namespace, name: str) -> float:
+    v = float(getattr(a, name, 0.0) or 0.0)
+    if not math.isfinite(v) or v < 0:
+        raise SystemExit(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    return v
+
+
+def _fraction(a: argparse.Namespace, name: str) -> float:
+    v = float(getattr(a, name, 0.5))
+    if not 0 <= v < 1:
+        raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+    return v
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,6 +131,9 @@ class RunSpec:
     max_output_len: int = 0
     shared_prefix_len: int = 0  # 0 = no shared prefixes (no token ids)
     num_prefixes: int = 1
+    paying_ttft: float = 0.0  # TTFT objectives of the tiers, 0 = none
+    free_ttft: float = 0.0
+    steady_fraction: float = 0.5  # the metrics' steady-state window (simulator/metrics.py)
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> RunSpec:
@@ -125,14 +149,21 @@ class RunSpec:
                    max_prompt_len=getattr(a, "max_prompt_len", 0) or 0,
                    max_output_len=getattr(a, "max_output_len", 0) or 0,
                    shared_prefix_len=getattr(a, "shared_prefix_len", 0) or 0,
-                   num_prefixes=getattr(a, "num_prefixes", 1) or 1)
+                   num_prefixes=getattr(a, "num_prefixes", 1) or 1,
+                   paying_ttft=_non_negative(a, "paying_ttft"), free_ttft=_non_negative(a, "free_ttft"),
+                   steady_fraction=_fraction(a, "steady_fraction"))
+
+    def ttft_objectives(self) -> tuple[tuple[str, float], ...]:
+        """(tier, TTFT objective) for the tiers that have one."""
+        return tuple((t, v) for t, v in (("paying", self.paying_ttft), ("free", self.free_ttft)) if v > 0)
 
     def workload(self, qps: float):
         items = make_workload(self.num_requests, qps, seed=self.seed, trace=self.trace,
                               clip_factor=self.clip_factor, paying_prob=self.paying_prob,
                               paying_tbt_s=self.paying_tbt, free_tbt_s=self.free_tbt,
                               shared_prefix_len=self.shared_prefix_len,
-                              num_prefixes=self.num_prefixes if self.shared_prefix_len else 0)
+                              num_prefixes=self.num_prefixes if self.shared_prefix_len else 0,
+                              paying_ttft_s=self.paying_ttft or None, free_ttft_s=self.free_ttft or None)
         return clip_workload(items, self.max_prompt_len, self.max_output_len)
 
     def describe(self) -> dict[str, Any]:
@@ -140,8 +171,9 @@ class RunSpec:
              "clip_factor": self.clip_factor, "paying_prob": self.paying_prob,
              "cost_model": self.cost_model.to_dict(), "num_blocks": self.num_blocks,
              "overrides": list(self.overrides), "max_prompt_len": self.max_prompt_len,
-             "max_output_len": self.max_output_len}
-        if self.shared_prefix_len:  # (absent otherwise: earlier outputs stay byte-identical)
+             "max_output_len": self.max_output_len, "paying_ttft": self.paying_ttft,
+             "free_ttft": self.free_ttft, "steady_fraction": self.steady_fraction}
+        if self.shared_prefix_len:  # (absent otherwise: earlier outputs keep their keys)
             d.update(shared_prefix_len=self.shared_prefix_len, num_prefixes=self.num_prefixes)
         return d
 

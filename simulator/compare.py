@@ -2,9 +2,11 @@
 
 Steps (each a pool of worker processes, with a tqdm bar):
 1. the grid: every policy at every QPS;
-2. capacity per policy: bisection to ``--tol`` QPS, starting from the grid's
+2. capacity per policy under both criteria (stable and the paper's,
+   simulator/capacity.py): bisection to ``--tol`` QPS, starting from the grid's
    bracket (last pass below the first fail), reported also as a fraction of the
-   stability bound lambda * (mean P + mean D) < b / t_b;
+   stability bound lambda * (mean P + mean D) < b / t_b; ``--criterion`` picks
+   the one the tables lead with and the reference run uses;
 3. every policy at the reference policy's capacity (SLAI vs Sarathi-FCFS median TTFT);
 4. a queue-length-over-time run of ``--queue-policies`` at ``--queue-qps``.
 
@@ -19,15 +21,14 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from scheduler_svc.core.policies.registry import NEW_BASELINES, PAPER_POLICIES, POLICIES
-from simulator.capacity_cli import add_criterion_arguments, criterion_from_args
+from simulator.capacity_cli import add_criterion_arguments, capacity_record, criterion_from_args
 from simulator.cli_args import RunSpec, add_workload_arguments, clean_json, stability_bound
-from simulator.metrics import SloCriterion
+from simulator.metrics import StableCriterion
 
 DEFAULT_POLICIES = list(PAPER_POLICIES) + ["rad", "edf"] + list(NEW_BASELINES) + ["slai-adaptive"]
 DEFAULT_GRID = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0"
@@ -51,24 +52,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------- workers (module level: picklable)
-def _grid_task(spec: RunSpec, crit: SloCriterion, task: tuple[str, float]) -> dict[str, Any]:
+def _grid_task(spec: RunSpec, crit: StableCriterion, task: tuple[str, float]) -> dict[str, Any]:
     from simulator.capacity import run_point
 
     return run_point(task[0], task[1], spec, criterion=crit)
 
 
-def _capacity_task(spec: RunSpec, crit: SloCriterion, tol: float, task: tuple[str, dict]) -> dict[str, Any]:
-    from simulator.capacity import find_capacity, run_point
+def _capacity_task(spec: RunSpec, crit: StableCriterion, tol: float, task: tuple[str, dict]) -> dict[str, Any]:
+    """Both capacities of one policy: ``{"stable": ..., "paper": ...}`` plus policy and wall time."""
+    from simulator.capacity import find_capacities, run_point
 
     policy, known = task
     t0 = time.perf_counter()
-    res = find_capacity(lambda q: run_point(policy, q, spec, criterion=crit), crit, tol=tol, known=known)
+    res: dict[str, Any] = find_capacities(lambda q: run_point(policy, q, spec, criterion=crit), crit, tol=tol,
+                                          known=known)
     res["policy"] = policy
     res["wall_time_s"] = time.perf_counter() - t0
     return res
 
 
-def _queue_task(spec: RunSpec, crit: SloCriterion, task: tuple[str, float]) -> dict[str, Any]:
+def _queue_task(spec: RunSpec, crit: StableCriterion, task: tuple[str, float]) -> dict[str, Any]:
     from simulator.capacity import run_point
 
     s = run_point(task[0], task[1], spec, record_steps=True, criterion=crit)
@@ -96,7 +99,7 @@ def _pool_map(fn, tasks: list, workers: int, desc: str) -> list:
 # ---------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> int:
     spec = RunSpec.from_args(args)
-    crit = criterion_from_args(args)
+    crit = criterion_from_args(args, spec)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for p in policies:
         if p not in POLICIES:
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     rows.sort(key=lambda r: (policies.index(r["policy"]), r["qps"]))
     bound = stability_bound(spec, policies[0])
     results: dict[str, Any] = {"config": {**spec.describe(), "policies": policies, "qps_grid": grid,
-                                          "criterion": asdict(crit),
+                                          "criterion": crit.describe(), "capacity_criterion": args.criterion,
                                           "command": "slai-serve compare " + " ".join(sys.argv[2:])},
                                "stability_bound": bound, "tol": args.tol, "grid": rows}
     _save(out_dir, results)
@@ -123,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
         known = {p: {r["qps"]: r for r in rows if r["policy"] == p} for p in policies}
         ctasks = [(p, known[p]) for p in policies]
         for c in _pool_map(partial(_capacity_task, spec, crit, args.tol), ctasks, args.workers, "capacity"):
-            c["fraction_of_stability_bound"] = c["capacity_qps"] / bound["lambda_max_nominal_qps"]
-            caps[c["policy"]] = c
+            rec = capacity_record(c["policy"], {k: c[k] for k in ("stable", "paper")}, bound, args.criterion)
+            rec["wall_time_s"] = c["wall_time_s"]
+            caps[c["policy"]] = rec
         results["capacity"] = {p: caps[p] for p in policies}
         _save(out_dir, results)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from contract.cost_models import PAPER_MODEL, CostModel
 from scheduler_svc.core import SchedulerConfig, SchedulerCore, StepResult, make_core
-from simulator.metrics import MetricsCollector
+from simulator.metrics import MetricsCollector, steady_window_start
 from simulator.workloads import WorkloadItem
 
 # event kinds: the value is the tie-break at equal times
@@ -214,8 +214,10 @@ class Simulator:
     """The event loop around one ``SchedulerCore``."""
 
     def __init__(self, core: SchedulerCore, cost_model: CostModel = PAPER_MODEL, policy: str = "",
-                 record_steps: bool = True, max_sim_time_s: float | None = None) -> None:
+                 record_steps: bool = True, max_sim_time_s: float | None = None,
+                 steady_fraction: float | None = 0.5) -> None:
         self.core = core
+        self.steady_fraction = steady_fraction  # the metrics' steady-state window: arrivals after this share
         self.cost = cost_model
         self.policy = policy or core.policy.name
         self.max_sim_time_s = max_sim_time_s
@@ -227,6 +229,8 @@ class Simulator:
     def run(self, items: list[WorkloadItem]) -> SimResult:
         ex, core = self.executor, self.core
         items = sorted(items, key=lambda it: it.arrival_s)
+        if self.steady_fraction is not None:
+            self.metrics.steady_from_s = steady_window_start((it.arrival_s for it in items), self.steady_fraction)
         self.now, wall, stalled = run_events([ex], items, self.cost, self.metrics, lambda it: ex, self.max_sim_time_s)
         return SimResult(policy=self.policy, metrics=self.metrics, steps=self.steps, sim_time_s=self.now,
                          wall_time_s=wall, num_steps=core.num_steps, num_preemptions=core.num_preemptions,
@@ -236,7 +240,7 @@ class Simulator:
 
 def simulate(policy: str, items: list[WorkloadItem], cost_model: CostModel = PAPER_MODEL,
              num_blocks: int = 14733, overrides: list[str] | tuple[str, ...] = (), record_steps: bool = True,
-             max_sim_time_s: float | None = None) -> SimResult:
-    """Run ``items`` through a fresh core running ``policy``."""
+             max_sim_time_s: float | None = None, steady_fraction: float | None = 0.5) -> SimResult:
+    """Run ``items`` through a fresh core running ``policy``; ``steady_fraction``: see :class:`Simulator`."""
     core = build_core(policy, num_blocks, overrides)
-    return Simulator(core, cost_model, policy, record_steps, max_sim_time_s).run(items)
+    return Simulator(core, cost_model, policy, record_steps, max_sim_time_s, steady_fraction).run(items)

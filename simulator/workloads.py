@@ -11,7 +11,8 @@ shared by the simulator and the live load generator:
   ``clip_factor / qps`` (the authors' generator clips at 3/QPS, so the effective
   rate is 1 / (1 - e^-3) = 1.052x nominal; :func:`effective_qps` reports it);
 * each request is paying with probability ``paying_prob`` (TBT SLO 0.1 s),
-  otherwise free (0.5 s);
+  otherwise free (0.5 s); a tier may also carry a TTFT objective
+  (``paying_ttft_s`` / ``free_ttft_s``, None by default, as in the paper);
 * optionally (``shared_prefix_len`` L, ``num_prefixes`` K) every prompt starts with
   one of K shared prefixes of L tokens (a system prompt, drawn uniformly), followed
   by its own trace-length prompt: requests then carry synthetic token ids, so the
@@ -61,6 +62,7 @@ class WorkloadItem:
     prefix_id: int = -1  # which shared prefix the prompt starts with (-1: none)
     prefix_len: int = 0  # its length, included in prompt_len
     uid: int = 0  # distinguishes this request's own tokens from every other's
+    ttft_slo_s: float | None = None  # the tier's TTFT objective, if it has one
 
     def to_request(self) -> Request:
         """The core's request for this item: no token ids, unless it has a shared prefix."""
@@ -73,7 +75,7 @@ class WorkloadItem:
             ids.extend([2_000_000_000 + self.uid] * (self.prompt_len - n_pre))
         return Request(req_id=self.req_id, num_prompt_tokens=self.prompt_len, max_tokens=self.output_len,
                        arrival_s=self.arrival_s, tier=Tier.PAYING if self.tier == "paying" else Tier.FREE,
-                       tbt_slo_s=self.tbt_slo_s, prompt_token_ids=ids)
+                       tbt_slo_s=self.tbt_slo_s, ttft_slo_s=self.ttft_slo_s, prompt_token_ids=ids)
 
 
 def resolve_trace(spec: str | None) -> Path | None:
@@ -151,7 +153,8 @@ def make_workload(num_requests: int, qps: float, seed: int = 42, trace: str | Pa
                   clip_factor: float | None = 3.0, paying_prob: float = 0.05,
                   paying_tbt_s: float = PAYING_TBT_S, free_tbt_s: float = FREE_TBT_S,
                   max_total: int | None = 8192, shared_prefix_len: int = 0,
-                  num_prefixes: int = 0) -> list[WorkloadItem]:
+                  num_prefixes: int = 0, paying_ttft_s: float | None = None,
+                  free_ttft_s: float | None = None) -> list[WorkloadItem]:
     """The paper's workload: ``num_requests`` items sorted by arrival.
 
     ``trace``: a CSV path, ``"paper"``, or ``None`` for the synthetic generator.
@@ -159,6 +162,7 @@ def make_workload(num_requests: int, qps: float, seed: int = 42, trace: str | Pa
     ``shared_prefix_len`` > 0: each prompt is one of ``num_prefixes`` shared prefixes
     of that many tokens followed by its trace-length prompt (shortened so that
     prompt + output <= ``max_total``), with synthetic token ids.
+    ``paying_ttft_s`` / ``free_ttft_s``: the tiers' TTFT objectives (None: none; 0 counts as none).
     """
     if num_requests < 0:
         raise ValueError("num_requests must be >= 0")
@@ -191,7 +195,8 @@ def make_workload(num_requests: int, qps: float, seed: int = 42, trace: str | Pa
             extra = {"prefix_id": prefix_ids[i], "prefix_len": shared_prefix_len, "uid": i}
         items.append(WorkloadItem(
             req_id=f"r{i}", arrival_s=arrivals[i], prompt_len=int(p), output_len=int(d),
-            tier="paying" if is_paying else "free", tbt_slo_s=paying_tbt_s if is_paying else free_tbt_s, **extra))
+            tier="paying" if is_paying else "free", tbt_slo_s=paying_tbt_s if is_paying else free_tbt_s,
+            ttft_slo_s=(paying_ttft_s if is_paying else free_ttft_s) or None, **extra))
     return items
 
 

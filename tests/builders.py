@@ -11,13 +11,15 @@ _ids = itertools.count()
 
 
 def make_request(prompt_len: int = 32, max_tokens: int = 4, *, tier: Tier = Tier.FREE, arrival_s: float = 0.0,
-                 tbt_slo_s: float | None = None, req_id: str | None = None, token_ids: bool = False) -> Request:
-    """A request; ``tbt_slo_s`` defaults to the tier's paper value (0.1 s / 0.5 s)."""
+                 tbt_slo_s: float | None = None, req_id: str | None = None, token_ids: bool = False,
+                 ttft_slo_s: float | None = None) -> Request:
+    """A request; ``tbt_slo_s`` defaults to the tier's paper value (0.1 s / 0.5 s); no TTFT objective unless given."""
     if tbt_slo_s is None:
         tbt_slo_s = DEFAULT_TBT_S[tier]
     rid = req_id if req_id is not None else f"r{next(_ids)}"
     ids = tuple(range(1, prompt_len + 1)) if token_ids else None
-    return Request(rid, prompt_len, max_tokens, arrival_s, tier=tier, tbt_slo_s=tbt_slo_s, prompt_token_ids=ids)
+    return Request(rid, prompt_len, max_tokens, arrival_s, tier=tier, tbt_slo_s=tbt_slo_s, ttft_slo_s=ttft_slo_s,
+                   prompt_token_ids=ids)
 
 
 def make_requests(n: int, prompt_len: int = 32, max_tokens: int = 4, **kw) -> list[Request]:

@@ -50,6 +50,9 @@ class SchedulerConfig:
         "help": "slai-adaptive: KV used fraction at which the step budget reaches kv_min_token_budget"})
     kv_min_token_budget: int = field(default=384, metadata={
         "help": "slai-adaptive: step budget at kv_step_high KV use (>= max_token_budget: no KV cap)"})
+    ttft_urgent_fraction: float = field(default=0.5, metadata={
+        "help": "slai-adaptive: a request with a TTFT objective jumps the prefill order once it has waited "
+                "this share of the objective"})
     # --- RAD ---
     tile_size: int = field(default=16, metadata={"help": "rad: budget and chunks are multiples of this"})
     # --- 2025-2026 baselines (fairbatching and qoserve also use max_token_budget, tile_slack_fraction) ---
@@ -70,6 +73,8 @@ class SchedulerConfig:
             raise ValueError(f"memory_limit must be in (0, 1], got {self.memory_limit}")
         if not 0 <= self.kv_step_low < self.kv_step_high <= 1:
             raise ValueError(f"need 0 <= kv_step_low < kv_step_high <= 1, got {self.kv_step_low}, {self.kv_step_high}")
+        if not 0 <= self.ttft_urgent_fraction <= 1:
+            raise ValueError(f"ttft_urgent_fraction must be in [0, 1], got {self.ttft_urgent_fraction}")
         if self.default_tbt_s <= 0 or self.default_ttft_s <= 0:
             raise ValueError("default_tbt_s and default_ttft_s must be > 0")
         if self.hybrid_alpha < 0:

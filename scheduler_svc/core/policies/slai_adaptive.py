@@ -44,16 +44,30 @@ mechanism below serves that balance.
    ``length / aging_tokens_per_s`` seconds after it: its TTFT stays bounded,
    where plain SPF can starve it near capacity. Several partial prefills can
    exist; the victim on KV shortage is still the most recently paused one.
+4. **TTFT objectives jump the order when they come due.** A request that carries
+   a TTFT objective (``Request.ttft_slo_s``: the API key's tier in the gateway's
+   key file, or ``--paying-ttft`` / ``--free-ttft`` in the simulator) becomes
+   *urgent* once it has waited ``ttft_urgent_fraction`` of it without a first
+   token. Urgent requests, waiting or paused, are prefilled before the rest of
+   their tier and of lower tiers (paying first still holds), earliest TTFT
+   deadline first (EDF among the few that need it); SRPT with aging orders the
+   rest. Aging bounds every wait, but only in tokens per
+   second; a tier's own objective needs a deadline, and SRPT alone would let a
+   long paying prompt miss a 1 s objective behind a stream of short free ones.
+   Requests without an objective (the paper's workload) never become urgent,
+   so their plans are unchanged (docs/scheduler.md, "TTFT objectives").
 
 Everything else (LST heap, critical / non-critical decodes, victim order) is SLAI's.
 """
 
 from __future__ import annotations
 
+import heapq
+
 from scheduler_svc.core.batch_builder import BatchBuilder
 from scheduler_svc.core.policies.slai import SlaiPolicy
 from scheduler_svc.core.queues import AgingSpfQueue
-from scheduler_svc.core.request import Request
+from scheduler_svc.core.request import Request, RequestStatus
 from scheduler_svc.core.step_model import OnlineStepModel
 
 
@@ -67,6 +81,32 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         self.last_budget = self.config.token_budget
         self.kv_used = 0.0  # KV use when the current step was scheduled
         self.serve_all_decodes = False  # KV at or above memory_limit: no decode is deferred
+        # requests with a TTFT objective and no first token yet: (urgent from, seq, req) until they come
+        # due, then in ``urgent`` (point 4 of the module docstring)
+        self._ttft_pending: list[tuple[float, int, Request]] = []
+        self.urgent: list[Request] = []
+
+    def on_arrival(self, req: Request, now: float) -> None:
+        super().on_arrival(req, now)
+        if req.ttft_slo_s is not None and req.first_token_s is None:
+            due = req.arrival_s + self.config.ttft_urgent_fraction * req.ttft_slo_s
+            heapq.heappush(self._ttft_pending, (due, req.seq, req))
+
+    def most_urgent(self, b: BatchBuilder, now: float) -> Request | None:
+        """The urgent request with the earliest TTFT deadline that waits or is paused (None: none)."""
+        pending, urgent = self._ttft_pending, self.urgent
+        while pending and pending[0][0] <= now:
+            urgent.append(heapq.heappop(pending)[2])
+        if not urgent:
+            return None
+        urgent[:] = [r for r in urgent if r.first_token_s is None and not r.is_finished]
+        best = None
+        for r in urgent:
+            if b.is_scheduled(r) or (r.status == RequestStatus.RUNNING and r not in self.paused):
+                continue  # in this step already, or its chunk is in flight
+            if best is None or r.arrival_s + r.ttft_slo_s < best.arrival_s + best.ttft_slo_s:
+                best = r
+        return best
 
     def on_step_end(self, served: list[Request], now: float) -> None:
         core = self.core
@@ -96,10 +136,23 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         return tier, tokens + self.config.aging_tokens_per_s * req.arrival_s
 
     def schedule_prefills(self, b: BatchBuilder, now: float) -> None:
-        """Paused prefills and new admissions by shortest remaining prompt (aged)."""
+        """Urgent TTFT objectives first (earliest deadline), then paused prefills and new admissions by
+        shortest remaining prompt (aged)."""
+        check_urgent = bool(self._ttft_pending or self.urgent)
         while b.num_tokens < b.token_budget:
             paused = min(self.paused, key=lambda r: self._key(r, r.num_uncomputed_tokens), default=None)
             head = self.waiting.peek()
+            urgent = self.most_urgent(b, now) if check_urgent else None
+            if urgent is not None and self._tier_allows(urgent, paused, head):
+                if urgent.status == RequestStatus.RUNNING:  # paused
+                    self.paused.remove(urgent)
+                    b.add_chunk(urgent, min(urgent.num_uncomputed_tokens, b.budget_left))
+                    continue
+                if b.can_admit(urgent):
+                    self.waiting.discard(urgent)
+                    b.admit(urgent, min(urgent.num_uncomputed_tokens, b.budget_left))
+                    continue
+                check_urgent = False  # it does not fit now: the usual order for the rest of this step
             take_new = head is not None and b.can_admit(head) and (  # can_admit: cached prefix looked up
                 paused is None
                 or self._key(head, head.num_uncomputed_tokens) < self._key(paused, paused.num_uncomputed_tokens))
@@ -111,6 +164,13 @@ class SlaiAdaptivePolicy(SlaiPolicy):
                 b.add_chunk(paused, min(paused.num_uncomputed_tokens, b.budget_left))
             else:
                 return
+
+    def _tier_allows(self, urgent: Request, *others: Request | None) -> bool:
+        """With user priority an urgent request jumps only its own and lower tiers: a free request's
+        objective never delays a paying prompt that is next in the usual order."""
+        if not self.config.user_priority:
+            return True
+        return all(r is None or int(urgent.tier) <= int(r.tier) for r in others)
 
     def kv_budget_cap(self, kv_used: float) -> int:
         """The largest step KV use allows: ``max_token_budget`` up to ``kv_step_low``,

@@ -145,3 +145,47 @@ def test_kv_step_settings_are_validated():
                 {"kv_min_token_budget": 0}):
         with pytest.raises(ValueError):
             SchedulerConfig(**bad)
+
+
+def _first_chunk_step(ttft_slo_s, steps=20, **config):
+    """Index of the step that first prefills a long paying prompt while six short paying prompts arrive
+    every step (shortest-first alone never reaches it); None if it never does."""
+    core = make_core("slai-adaptive", num_blocks=20000, config=SchedulerConfig(max_token_budget=512, **config))
+    long = make_request(4000, 1, tier=Tier.PAYING, ttft_slo_s=ttft_slo_s)
+    core.add(long, 0.0)
+    now = 0.0
+    for i in range(steps):
+        for _ in range(6):
+            core.add(make_request(100, 1, tier=Tier.PAYING, arrival_s=now), now)
+        plan, _, now = step(core, now, dt=0.05)
+        chunks = prefill_chunks(plan)
+        if long.req_id in chunks:
+            assert plan.new[0].req_id == long.req_id  # its first chunk, ahead of the short ones
+            return i, now - 0.05
+    return None
+
+
+def test_a_due_ttft_objective_jumps_the_shortest_first_order():
+    assert _first_chunk_step(None) is None  # no objective: SRPT keeps serving the short ones
+    i, t = _first_chunk_step(1.0)  # due after half of its 1 s objective
+    assert 0.5 <= t < 0.55, (i, t)
+    i, t = _first_chunk_step(1.0, ttft_urgent_fraction=0.0)  # due at once
+    assert i == 0
+
+
+def test_a_free_tiers_due_objective_does_not_jump_paying_prompts():
+    core = make_core("slai-adaptive", num_blocks=20000, config=SchedulerConfig(max_token_budget=512))
+    free = make_request(4000, 1, ttft_slo_s=0.2)
+    core.add(free, 0.0)
+    now = 0.0
+    for _ in range(6):  # due after 0.1 s, but six short paying prompts arrive every step
+        for _ in range(6):
+            core.add(make_request(100, 1, tier=Tier.PAYING, arrival_s=now), now)
+        plan, _, now = step(core, now, dt=0.05)
+        assert free.req_id not in prefill_chunks(plan)
+    for _ in range(3):  # no more arrivals: the free prompt follows the paying backlog
+        plan, _, now = step(core, now, dt=0.05)
+        if free.req_id in prefill_chunks(plan):
+            break
+    assert plan.new[-1].req_id == free.req_id  # after the step's paying prompts
+    assert not any(r.is_paying for r in core.policy.waiting)
