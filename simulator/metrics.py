@@ -117,7 +117,7 @@ class MetricsCollector:
     def on_step_events(self, events: Iterable[Any], t: float) -> None:
         """``on_token(ev.req_id, t, 1, ev.finish_reason)`` for each core ``TokenEvent`` of one simulated step
         (one token each), in one call: the simulator's per-token hot path."""
-        records, tbt = self.records, self._tbt
+        records = self.records
         for ev in events:
             rec = records[ev.req_id]
             last = rec.last_token_s
@@ -125,7 +125,7 @@ class MetricsCollector:
                 rec.first_token_s = t
             else:
                 gap = t - last
-                tbt[rec.tier].append(gap)
+                rec.samples.append(gap)  # its tier's samples, in or out of the steady window
                 if gap > rec.tbt_slo_s:
                     rec.num_tbt_violations += 1
                 if gap > rec.max_tbt_s:
