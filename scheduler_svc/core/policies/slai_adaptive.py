@@ -54,7 +54,7 @@ from scheduler_svc.core.batch_builder import BatchBuilder
 from scheduler_svc.core.policies.slai import SlaiPolicy
 from scheduler_svc.core.queues import AgingSpfQueue
 from scheduler_svc.core.request import Request
-from scheduler_svc.core.step_model import OnlineStepModel
+from scheduler_svc.core.step_fit import OnlineStepFit, StepShape
 
 
 class SlaiAdaptivePolicy(SlaiPolicy):
@@ -63,14 +63,24 @@ class SlaiAdaptivePolicy(SlaiPolicy):
     def __init__(self, config=None) -> None:
         super().__init__(config)
         self.waiting = AgingSpfQueue(self.config.user_priority, self.config.aging_tokens_per_s)
-        self.step_model = OnlineStepModel()
+        self.step_model = OnlineStepFit()
+        self._observed_step = -1  # step_id of the last measured plan fed to step_model
         self.last_budget = self.config.token_budget
         self.kv_used = 0.0  # KV use when the current step was scheduled
         self.serve_all_decodes = False  # KV at or above memory_limit: no decode is deferred
 
     def on_step_end(self, served: list[Request], now: float) -> None:
         core = self.core
-        self.step_model.observe(core.last_step_tokens, core.last_step_s)
+        plan = core.last_step_plan
+        if plan is not None and plan.step_id != self._observed_step:
+            # each measured step once (scheduling ahead calls this before the step's result)
+            self._observed_step = plan.step_id
+            ctx = 0
+            for s in plan.cached:
+                if s.is_decode:
+                    ctx += s.num_computed_tokens
+            st = plan.stats
+            self.step_model.observe(StepShape(st.num_prefill_tokens, st.num_decodes, ctx), core.last_step_s)
         super().on_step_end(served, now)
 
     def schedule(self, b: BatchBuilder, now: float) -> None:
@@ -83,13 +93,22 @@ class SlaiAdaptivePolicy(SlaiPolicy):
 
     def tightest_slack(self, now: float) -> float | None:
         """Seconds until the earliest deadline of a decode-ready request, or None."""
+        return self.decode_load(now)[0]
+
+    def decode_load(self, now: float) -> tuple[float | None, int, int]:
+        """(tightest slack or None, decode-ready requests, their summed KV context):
+        what the next step's decodes will cost, for sizing its prefill."""
         best = None
+        decodes = ctx = 0
         for req in self.core.running.values():
-            if req.is_decode and req.last_token_s is not None:
-                slack = req.last_token_s + self.tbt_of(req) - now
-                if best is None or slack < best:
-                    best = slack
-        return best
+            if req.is_decode:
+                decodes += 1
+                ctx += req.num_computed_tokens
+                if req.last_token_s is not None:
+                    slack = req.last_token_s + self.tbt_of(req) - now
+                    if best is None or slack < best:
+                        best = slack
+        return best, decodes, ctx
 
     def _key(self, req: Request, tokens: int) -> tuple[int, float]:
         tier = int(req.tier) if self.config.user_priority else 0
@@ -128,8 +147,13 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         if not self.step_model.ready:
             budget = lo
         else:
-            slack = self.tightest_slack(now)
-            budget = hi if slack is None else self.step_model.max_tokens_within(c.tile_slack_fraction * slack)
+            slack, decodes, ctx = self.decode_load(now)
+            if slack is None:
+                budget = hi
+            else:
+                # the step carries (about) every ready decode: their count and context cost time too
+                prefill = self.step_model.max_prefill_within(c.tile_slack_fraction * slack, decodes, ctx)
+                budget = decodes + prefill if prefill > 0 else 0
             budget = min(hi, max(lo, budget))
         budget = min(budget, self.kv_budget_cap(self.kv_used))
         self.last_budget = budget
