@@ -88,7 +88,10 @@ class OnlineStepFit:
                 row[j] = f * row[j] + xi * x[j]
             xy[i] = f * xy[i] + xi * duration_s
         self._n += 1
-        if self._n >= self.min_samples:
+        # the prefill-token slope is only known once step sizes have varied (all steps at one
+        # size would let the ridge split their time between intercept and slope arbitrarily)
+        w, sx, sxx = xx[0][0], xx[0][1], xx[1][1]
+        if self._n >= self.min_samples and w * sxx - sx * sx > 1e-9 * w * sxx:
             coef = self._solve()
             if coef is not None:
                 self.coef = coef
