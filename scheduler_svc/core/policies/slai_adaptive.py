@@ -18,9 +18,20 @@ mechanism below serves that balance.
 1. **Slack-sized steps, capped by KV use.** Each step takes the largest budget
    whose *predicted* time fits ``tile_slack_fraction`` of the tightest decode
    slack (previous token time + TBT - now), between ``token_budget`` and
-   ``max_token_budget``; the prediction is an online least-squares fit of
-   measured step times (``step_model.py``). Big steps amortise the fixed
-   per-step cost and prefill faster while memory is plentiful. The budget is
+   ``max_token_budget``. Big steps amortise the fixed per-step cost and
+   prefill faster while memory is plentiful. The prediction is an online
+   least-squares fit of measured step times over the step's composition
+   (``step_fit.py``): prefill tokens, decodes, the decodes' summed KV context,
+   and whether it mixes prefill and decode. All four are known when the step
+   is sized (every ready decode rides in it), so the budget is the decodes plus
+   the largest prefill whose predicted step fits. On a GPU a decode costs more
+   than a prefill token (per-sequence work, reading its whole KV context) and
+   mixing has a price; a fit on the token count alone averaged those costs
+   away and, under the GPU-shaped cost model (docs/results.md), predicted steps
+   17 ms short on average (48 ms at worst) exactly when long-context decodes
+   were running, so steps overran the paying TBT and that objective bound
+   capacity. Learned from measured timings, never from the simulator's cost
+   model, the same fit serves the live executor. The budget is
    then capped by KV use: ``max_token_budget`` up to ``kv_step_low`` of the
    pool, falling linearly to ``kv_min_token_budget`` at ``kv_step_high``.
    Shorter steps shorten every request's time between tokens, which is what
