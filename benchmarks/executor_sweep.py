@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (throughput)")
     p.add_argument("--no-baselines", action="store_true", help="skip generate / generate_batch")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler op table of each sweep point's last repeat -> profile.txt")
     p.add_argument("--out", default="out/bench-executor", help="output folder")
 
 
@@ -120,7 +122,14 @@ def sweep(runner, args) -> list[dict]:
                                                block_ids=tuple(blocks), num_new_tokens=prefill, sample=True),)
                     cached = tuple(CachedRequestSlice(req_id=rid, num_computed_tokens=computed[rid], num_new_tokens=1,
                                                       is_decode=True, sample=True) for rid in reqs)
-                    result = runner.execute(BatchPlan(step_id=step_id, new=new, cached=cached))
+                    plan = BatchPlan(step_id=step_id, new=new, cached=cached)
+                    cpu0 = time.thread_time_ns()
+                    if args.profile and rep == steps_per_point - 1:  # the last repeat of each point
+                        result = _profiled(runner, plan, f"{prefill} prefill + {num_decodes} decodes @ ctx {context}",
+                                           Path(args.out) / "profile.txt")
+                    else:
+                        result = runner.execute(plan)
+                    cpu_ms = (time.thread_time_ns() - cpu0) / 1e6
                     step_id += 1
                     for rid in reqs:
                         computed[rid] += 1
@@ -128,24 +137,39 @@ def sweep(runner, args) -> list[dict]:
                         runner.release([f"p{step_id - 1}"])
                         alloc.give(blocks)
                     if rep >= args.warmup:
-                        rows.append(_row(prefill, num_decodes, context, computed, reqs, result))
+                        rows.append(_row(prefill, num_decodes, context, computed, reqs, result, cpu_ms))
             runner.release(list(reqs))
             for blocks in reqs.values():
                 alloc.give(blocks)
             if rows:
                 r = rows[-1]
                 print(f"  ctx {context:5d}  decodes {num_decodes:3d}  last: prefill {r['num_prefill_tokens']:5d}"
-                      f"  forward {r['forward_ms']:8.2f} ms", flush=True)
+                      f"  forward {r['forward_ms']:8.2f} ms  cpu {r['cpu_ms']:8.2f} ms", flush=True)
     return rows
 
 
-def _row(prefill: int, num_decodes: int, context: int, computed: dict, reqs: dict, result) -> dict:
+def _profiled(runner, plan, title: str, path: Path):
+    """Run ``plan`` under ``torch.profiler``; append its op table (by self time) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = runner.execute(plan)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
+    with path.open("a") as f:
+        f.write(f"## {title}: forward {result.forward_ns / 1e6:.1f} ms\n{table}\n")
+    return result
+
+
+def _row(prefill: int, num_decodes: int, context: int, computed: dict, reqs: dict, result, cpu_ms: float) -> dict:
     dctx = sum(computed[r] - 1 for r in reqs)  # context each decode attended to (its num_computed_tokens)
     return {
         "num_prefill_tokens": prefill, "num_decodes": num_decodes, "context_len": context if num_decodes else 0,
         "decode_context": dctx, "chunk_context": prefill * prefill,
         "prepare_ms": result.prepare_ns / 1e6, "forward_ms": result.forward_ns / 1e6,
         "sample_ms": result.sample_ns / 1e6, "total_ms": result.total_ns / 1e6,
+        # NOTE: CPU time of the calling thread, all of the step's compute with --threads 1;
+        # unlike wall time it barely moves when other jobs share the cores (docs/executor.md)
+        "cpu_ms": cpu_ms,
     }
 
 
@@ -243,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.txt").unlink(missing_ok=True)
     need_tokens = (max(_ints(args.decodes) or [0]) * (max(_ints(args.contexts) or [0]) + 64)
                    + max(_ints(args.prefill_tokens) or [0])
                    + max(_ints(args.batches) or [0]) * (args.prompt_tokens + args.gen_tokens))
@@ -279,6 +304,8 @@ def _fit(steps_csv: Path, model_json: Path) -> dict | None:
     except ImportError:
         return None  # no fitter in this build: the timings are the product
     rows = load_timings(steps_csv, "forward_ms")
+    if len(rows) < 2:  # e.g. one point swept for --profile: nothing to fit
+        return None
     # NOTE: keep the better of the absolute and relative fits: on noisy CPU data
     # the absolute hinge fit sometimes lands on a knee that fits the data points
     # but predicts nonsense through max(a0, a1 + b x) (rmse > the data's range).

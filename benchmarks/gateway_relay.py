@@ -2,11 +2,12 @@
 
     python -m benchmarks.gateway_relay --streams 128 --tokens 200 [--step-ms 25] [--model-dir DIR]
 
-Three processes on loopback: a paced fake scheduler (one TokenEvent per stream
-per step, like the real scheduler), the real ``slai-serve gateway``, and this
-client with ``--streams`` concurrent gRPC streams. Reports chunks/s delivered,
-client-side TBT percentiles, and the gateway's CPU time per chunk. With
-``--step-ms 0`` the fake scheduler emits as fast as it can (raw capacity).
+Three processes on loopback: a paced fake scheduler (like the real scheduler's Session stream:
+every step, one token for every live request, batched into one message), the real ``slai-serve
+gateway``, and this client with ``--streams`` concurrent gRPC streams. Reports tokens/s delivered,
+client-side TBT percentiles (their P99 above ``--step-ms`` is what the relay adds), and the
+gateway's CPU time per token. With ``--step-ms 0`` the fake scheduler steps as fast as it can (raw
+capacity).
 """
 
 from __future__ import annotations
@@ -27,19 +28,43 @@ async def _fake_scheduler(port: int, step_ms: float, vocab_ids: list[int]) -> No
     from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
     class Paced(scheduler_pb2_grpc.SchedulerServiceServicer):
-        async def Submit(self, request, context):
-            t0 = time.monotonic()
-            n = request.max_tokens
-            for i in range(n):
-                if step_ms:
+        """Like the real scheduler's Session: every step, one token for every live request of the
+        gateway, all in one message (with ``--step-ms 0``: steps back to back)."""
+
+        async def Session(self, request_iterator, context):
+            live: dict[str, list] = {}  # id -> [request, tokens sent, arrival]
+            wake = asyncio.Event()
+
+            async def read() -> None:
+                async for msg in request_iterator:
+                    if msg.WhichOneof("kind") == "submit":
+                        live[msg.submit.request.request_id] = [msg.submit.request, 0, time.monotonic()]
+                        wake.set()
+                    else:
+                        live.pop(msg.abort.request_id, None)
+
+            reader = asyncio.ensure_future(read())
+            try:
+                while True:
+                    if not live:
+                        wake.clear()
+                        await wake.wait()
                     await asyncio.sleep(step_ms / 1e3)
-                ev = scheduler_pb2.TokenEvent(request_id=request.request_id, token_ids=[vocab_ids[i % len(vocab_ids)]],
-                                              time_s=time.monotonic(), ttft_s=time.monotonic() - t0 if i == 0 else 0)
-                if i == n - 1:
-                    ev.finish_reason = common_pb2.FINISH_REASON_LENGTH
-                    ev.usage.prompt_tokens = len(request.prompt_token_ids)
-                    ev.usage.completion_tokens = n
-                yield ev
+                    now = time.monotonic()
+                    out = scheduler_pb2.SchedulerMessage()
+                    for rid, st in list(live.items()):
+                        req, i, t0 = st
+                        ev = out.events.add(request_id=rid, token_ids=[vocab_ids[i % len(vocab_ids)]], time_s=now,
+                                            ttft_s=now - t0 if i == 0 else 0)
+                        st[1] = i + 1
+                        if i + 1 == req.max_tokens:
+                            ev.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                            ev.usage.prompt_tokens = len(req.prompt_token_ids)
+                            ev.usage.completion_tokens = req.max_tokens
+                            del live[rid]
+                    yield out
+            finally:
+                reader.cancel()
 
         async def Abort(self, request, context):
             return scheduler_pb2.AbortResponse(found=False)

@@ -49,7 +49,7 @@ def start(server: str, args, venv: Path, keys: Path, log: Path) -> subprocess.Po
                "--scheduling-policy", "priority"]
     else:
         cmd = [sys.executable, "-m", "slai_serve.cli", "up", "--policy", args.policy, "--api-keys", str(keys),
-               "--http-port", str(args.port), "--executor-arg=--dtype", f"--executor-arg={args.dtype}",
+               "--http-port", str(args.port), "--dtype", args.dtype,
                "--log-dir", str(log.parent)]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}

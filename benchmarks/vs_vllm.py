@@ -97,7 +97,7 @@ def server_command(server: str, dtype: str, port: int, model_dir: Path, venv: Pa
                 "--dtype", dtype, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port),
                 *extra]
     return [sys.executable, "-m", "slai_serve.cli", "up", "--http-port", str(port),
-            "--executor-arg=--dtype", f"--executor-arg={dtype}", "--log-dir", str(log_dir), *extra]
+            "--dtype", dtype, "--log-dir", str(log_dir), *extra]
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:

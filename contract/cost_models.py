@@ -97,10 +97,15 @@ class CostModel:
         return t
 
     def step_time_s(self, plan: BatchPlan) -> float:
-        """Step time of ``plan`` in seconds, including the fixed overhead."""
+        """Step time of ``plan`` in seconds, including the fixed overhead.
+
+        Uses the plan's ``stats`` when they count its tokens; otherwise (a plan decoded
+        off the wire carries no stats, e.g. in the fake executor) walks its slices.
+        """
         st = plan.stats
-        if not self.needs_context:
-            return 1e-3 * self.time_ms(st.num_prefill_tokens + st.num_decodes, st.num_decodes)
+        n = st.num_prefill_tokens + st.num_decodes
+        if n and not self.needs_context:
+            return 1e-3 * self.time_ms(n, st.num_decodes)
         f = plan_features(plan)
         return 1e-3 * self.time_ms(f["batch_tokens"], f["num_decodes"], f["sum_decode_context"],
                                    f["sum_chunk_context"])

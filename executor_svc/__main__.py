@@ -25,6 +25,13 @@ from wire.service_main import run_service, serve_until_signal
 log = logging.getLogger("executor_svc")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a preset name, or a model folder")
     p.add_argument("--preset", default=None, help="random-weight model shape (e.g. tiny-llama, mistral-7b); "
@@ -36,7 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default=None, help="listen host of /metrics (default: --host)")
     service_auth.add_arguments(p)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default by device)")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="model dtype; default fp32 on CPU, fp16 on CUDA; auto: bf16 on a CPU with "
+                        "amx_bf16/avx512_bf16, else fp32 (docs/executor.md, 'Data types')")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice, one per core)")
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-blocks", type=int, default=None, help="exact number of KV blocks")
     kv.add_argument("--memory-fraction", type=float, default=None, help="fraction of free device memory for KV")
@@ -66,7 +77,8 @@ def build_runner(args: argparse.Namespace):
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(load_format=args.load_format, device=device, dtype=args.dtype, num_blocks=args.kv_blocks,
-              max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed)
+              max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+              num_threads=args.threads)
     if args.memory_fraction is not None:
         kw["memory_fraction"] = args.memory_fraction
     return ModelRunner(args.preset or args.model, **kw)

@@ -6,8 +6,9 @@ keyword argument. For every layer, :func:`paged_attention_forward`:
 
 1. writes the step's new K/V into the cache at the plan's slots;
 2. attends, in the split form that is fast on CPU (docs/executor.md, 'Attention backends'):
-   * all decodes (one query token each) in ONE batched SDPA over gathered,
-     padded KV with a key-padding mask and GQA packed into the query;
+   * all decodes (one query token each) in ONE batched attention (two matmuls,
+     fp32 softmax) over gathered, padded KV with a key-padding mask and GQA
+     packed into the query;
    * each prefill chunk in its own SDPA with a LOWER-RIGHT causal mask (the
      chunk's queries sit at the end of its keys); SDPA's ``is_causal`` is
      top-left aligned, so it is only used when the chunk has no context.
@@ -64,6 +65,9 @@ class PrefillChunk:
     q_len: int  # tokens computed now
     context_len: int  # KV tokens before this chunk (0 for a fresh prompt)
     read_slots: torch.Tensor | None  # [context_len + q_len] slots; None when context_len == 0
+    # lower-right causal mask [q_len, context_len + q_len], built by the first layer and
+    # reused by the others (0.2-0.5 ms per layer for 256 queries)
+    mask: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +81,7 @@ class PagedStep:
     num_decodes: int = 0  # decodes occupy packed rows [0, num_decodes)
     decode_slots: torch.Tensor | None = None  # [B, L_max] gather slots (padded with slot 0)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L_max] True = attend; None if all lengths equal
+    decode_bias: torch.Tensor | None = None  # [B, 1, L_max] fp32 0 / -inf form of decode_mask (first layer)
     # NOTE: gathers go into these reused flat buffers (a runner workspace). Fresh
     # 10+ MB outputs per layer cost page faults: a 32 x 512
     # decode gather took 10 ms fresh vs 2.5 ms into a reused buffer on CPU.
@@ -114,7 +119,7 @@ def paged_attention_forward(
         out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
         k_cache, v_cache = step.kv.k[layer], step.kv.v[layer]  # [KV, slots, D]
         if step.num_decodes:
-            out[: step.num_decodes] = _decode_sdpa(step, q, k_cache, v_cache, scaling)
+            out[: step.num_decodes] = _decode_attention(step, q, k_cache, v_cache, scaling)
         for chunk in step.prefills:
             out[chunk.q_start : chunk.q_start + chunk.q_len] = _prefill_sdpa(
                 step, chunk, q, k_new, v_new, k_cache, v_cache, scaling
@@ -122,19 +127,32 @@ def paged_attention_forward(
     return out.unsqueeze(0), None
 
 
-def _decode_sdpa(step: PagedStep, q: torch.Tensor, k_cache, v_cache, scaling) -> torch.Tensor:
+def _decode_attention(step: PagedStep, q: torch.Tensor, k_cache, v_cache, scaling) -> torch.Tensor:
     num_heads, head_dim = q.shape[0], q.shape[2]
     num_kv = k_cache.shape[0]
     batch, max_len = step.decode_slots.shape
-    # GQA packed into the query: query head h uses KV head h // n_rep, so
-    # [B, H, D] -> [B, KV, n_rep, D] attends against [B, KV, L, D] without repeat_kv.
-    qd = q[:, :batch].transpose(0, 1).reshape(batch, num_kv, num_heads // num_kv, head_dim)
+    n_rep = num_heads // num_kv
+    # GQA packed into the query: query head h = kv * n_rep + r uses KV head kv, so
+    # [H, B, D] -> [KV, B, n_rep, D] attends against [KV, B, L, D] without repeat_kv.
+    qd = q[:, :batch].reshape(num_kv, n_rep, batch, head_dim).transpose(1, 2)
     flat = step.decode_slots.reshape(-1)
-    # [KV, B*L, D] -> [B, KV, L, D]; each (L, D) plane stays contiguous
-    kd = _gather(k_cache, flat, step.k_buf).view(num_kv, batch, max_len, head_dim).transpose(0, 1)
-    vd = _gather(v_cache, flat, step.v_buf).view(num_kv, batch, max_len, head_dim).transpose(0, 1)
-    o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=step.decode_mask, scale=scaling)
-    return o.reshape(batch, num_heads, head_dim)
+    # [KV, B*L, D] -> [KV, B, L, D]: a view of the gather, every (L, D) plane contiguous
+    kd = _gather(k_cache, flat, step.k_buf).view(num_kv, batch, max_len, head_dim)
+    vd = _gather(v_cache, flat, step.v_buf).view(num_kv, batch, max_len, head_dim)
+    # NOTE: two batched matmuls with an fp32 softmax, not SDPA: torch's CPU flash
+    # kernel gains nothing from bf16 here (4.5 ms per layer for 64 decodes x 336 keys,
+    # same as fp32), while bf16 matmuls take 2.0 ms; in fp32 both are equal. K and V
+    # keep the gather's [KV, B] batch order: a transposed batch made matmul copy
+    # them first (docs/executor.md, 'Where a step's time goes').
+    scores = torch.matmul(qd, kd.transpose(-1, -2)).float().mul_(scaling)  # [KV, B, n_rep, L]
+    if step.decode_mask is not None:
+        if step.decode_bias is None:  # built once per step, shared by every layer
+            bias = torch.zeros(batch, max_len, dtype=torch.float32, device=q.device)
+            step.decode_bias = bias.masked_fill_(~step.decode_mask.view(batch, max_len), float("-inf"))[:, None, :]
+        scores.add_(step.decode_bias)  # [B, 1, L] broadcast over KV and n_rep
+    probs = torch.softmax(scores, dim=-1).to(vd.dtype)
+    out = torch.matmul(probs, vd)  # [KV, B, n_rep, D]
+    return out.permute(1, 0, 2, 3).reshape(batch, num_heads, head_dim)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
@@ -160,8 +178,9 @@ def _prefill_sdpa(step: PagedStep, chunk: PrefillChunk, q, k_new, v_new, k_cache
         kc = _gather(k_cache, chunk.read_slots, step.k_buf).unsqueeze(0)  # [1, KV, total, D]
         vc = _gather(v_cache, chunk.read_slots, step.v_buf).unsqueeze(0)
         # lower-right causal: query i (absolute position context+i) sees keys <= context+i
-        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=chunk.context_len)
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scaling, enable_gqa=True)
+        if chunk.mask is None:
+            chunk.mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=chunk.context_len)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.mask, scale=scaling, enable_gqa=True)
     return o[0].transpose(0, 1)  # [n, H, D]
 
 

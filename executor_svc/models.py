@@ -150,16 +150,47 @@ def preset_config(name: str) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **_PRESET_SPECIAL, **kwargs)
 
 
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # what --dtype accepts (plus fp32/bf16/fp16)
+
+# NOTE: x86 CPU flags (Linux /proc/cpuinfo) of the units that run bf16 matmuls natively;
+# torch's oneDNN uses them for bf16 linear layers (docs/executor.md, 'Data types').
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_units(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The CPU's native bf16 matrix units among :data:`CPU_BF16_FLAGS` (empty when none or unknown)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:  # not Linux: unknown, treated as none
+        return ()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return tuple(f for f in CPU_BF16_FLAGS if f in flags)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """``None``/"auto" -> fp32 on CPU (fast and exact there), fp16 on CUDA."""
+    """The model dtype for a ``--dtype`` value.
+
+    ``None`` (no choice made) -> fp32 on CPU (exact against references), fp16 on CUDA.
+    ``"auto"`` -> on CPU bf16 when the CPU has native bf16 units (:func:`cpu_bf16_units`),
+    else fp32 (emulated bf16 matmuls are slower than fp32); fp16 on CUDA.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    is_cuda = torch.device(device).type == "cuda"
+    if dtype is None:
+        return torch.float16 if is_cuda else torch.float32
+    if dtype == "auto":
+        if is_cuda:
+            return torch.float16
+        return torch.bfloat16 if cpu_bf16_units() else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
     return table[dtype]
 
 

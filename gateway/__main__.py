@@ -24,7 +24,7 @@ import sys
 from contract.model_files import default_model_dir, is_converted
 from contract.tiers import FREE_TBT_S, PAYING_TBT_S
 from gateway.auth import open_store
-from gateway.config import GatewayConfig, default_tier_policies
+from gateway.config import POOL_ROUTING_RULES, GatewayConfig, default_tier_policies
 from gateway.key_file import ReloadingKeyStore
 from wire import service_auth
 from wire.service_main import run_service, serve_until_signal
@@ -49,7 +49,14 @@ def _at_least(kind, low):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=_env("SCHEDULER", "127.0.0.1:50061"),
-                        help="scheduler address host:port (env SLAI_GATEWAY_SCHEDULER)")
+                        help="scheduler address host:port (env SLAI_GATEWAY_SCHEDULER); one pool")
+    parser.add_argument("--pools", default=_env("POOLS", ""),
+                        help="schedulers to route across, one per pool: comma-separated host:port, or one DNS "
+                             "name that resolves to several addresses (env SLAI_GATEWAY_POOLS); overrides "
+                             "--scheduler")
+    parser.add_argument("--pool-routing", default=_env("POOL_ROUTING", "jsw"), choices=POOL_ROUTING_RULES,
+                        help="how a request's pool is chosen: jsw = least outstanding work (default), p2c = the "
+                             "less loaded of two random pools, round-robin (env SLAI_GATEWAY_POOL_ROUTING)")
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"),
                         help="listen host for gRPC and HTTP (env SLAI_GATEWAY_HOST; 0.0.0.0: every interface)")
     parser.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50051)), help="gRPC port")
@@ -111,8 +118,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     tiers = default_tier_policies()
     tiers["paying"] = dataclasses.replace(tiers["paying"], tbt_slo_s=args.paying_tbt, ttft_slo_s=args.paying_ttft)
     tiers["free"] = dataclasses.replace(tiers["free"], tbt_slo_s=args.free_tbt, ttft_slo_s=args.free_ttft)
+    from gateway.pools import dns_name, resolve_pools
+    pools = resolve_pools(args.pools) if args.pools else ()
     return GatewayConfig(
-        scheduler_address=args.scheduler, grpc_address=f"{args.host}:{args.grpc_port}", http_host=args.host,
+        scheduler_address=pools[0] if pools else args.scheduler, pools=pools, pool_routing=args.pool_routing,
+        pools_dns=(dns_name(args.pools) or "") if args.pools else "",
+        grpc_address=f"{args.host}:{args.grpc_port}", http_host=args.host,
         http_port=args.http_port, model_dir=args.model_dir, model_name=args.model_name,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout, default_tier=args.default_tier,
@@ -147,9 +158,9 @@ async def serve(config: GatewayConfig, api_keys: str = "") -> None:
     _warn_exposure(log, config, keys.enabled)
     service = GenerationService(config, tokenizer)
     running = await start_gateway(config, service, keys)
-    log.info("gateway up: gRPC :%d, HTTP %s, model %s (max_model_len %d), scheduler %s, keys %s",
+    log.info("gateway up: gRPC :%d, HTTP %s, model %s (max_model_len %d), scheduler(s) %s (routing %s), keys %s",
              running.grpc_port, running.http_port, service.model_name, service.max_model_len,
-             config.scheduler_address, "on" if keys.enabled else "off")
+             ",".join(config.pool_addresses), config.pool_routing, "on" if keys.enabled else "off")
     await serve_until_signal(lambda: running.stop(config.drain_timeout_s), log, config.drain_timeout_s)
 
 
@@ -158,11 +169,12 @@ def _warn_exposure(log: logging.Logger, config: GatewayConfig, keys_enabled: boo
     host = config.http_host
     if not keys_enabled and not service_auth.is_loopback_host(host):
         log.warning("no --api-keys on %s: every client gets the %r tier", host, config.default_tier)
-    sched_host = config.scheduler_address.rsplit(":", 1)[0]
-    if not config.service_token and not config.scheduler_address.startswith("unix:") \
-            and not service_auth.is_loopback_host(sched_host):
-        log.warning("no service token: the scheduler at %s refuses the gateway unless it runs with "
-                    "--insecure-no-auth (set %s)", config.scheduler_address, service_auth.SERVICE_TOKEN_ENV)
+    for address in config.pool_addresses:
+        sched_host = address.rsplit(":", 1)[0]
+        if not config.service_token and not address.startswith("unix:") \
+                and not service_auth.is_loopback_host(sched_host):
+            log.warning("no service token: the scheduler at %s refuses the gateway unless it runs with "
+                        "--insecure-no-auth (set %s)", address, service_auth.SERVICE_TOKEN_ENV)
 
 
 def run(args: argparse.Namespace) -> int:

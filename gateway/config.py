@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from contract.tiers import FREE_TBT_S, PAYING_TBT_S, Tier
 
 TIER_NAMES: dict[str, Tier] = {"paying": Tier.PAYING, "free": Tier.FREE}
+POOL_ROUTING_RULES = ("jsw", "p2c", "round-robin")  # gateway/pools.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,11 @@ def parse_tier(name: str) -> str:
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     scheduler_address: str = field(default="127.0.0.1:50061", metadata={"help": "scheduler host:port"})
+    pools: tuple[str, ...] = field(default=(), metadata={
+        "help": "schedulers (pools) to route across; empty = the one at scheduler_address"})
+    pool_routing: str = field(default="jsw", metadata={"help": "jsw | p2c | round-robin (gateway/pools.py)"})
+    pools_dns: str = field(default="", metadata={
+        "help": "name:port that --pools named: re-resolved every 30 s, pools follow its addresses"})
     grpc_address: str = field(default="127.0.0.1:50051", metadata={"help": "gRPC listen address"})
     http_host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen host"})
     http_port: int = field(default=8000, metadata={"help": "HTTP listen port; 0 = pick one, -1 = no HTTP"})
@@ -76,6 +82,8 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         parse_tier(self.default_tier)
+        if self.pool_routing not in POOL_ROUTING_RULES:
+            raise ValueError(f"pool_routing must be one of {', '.join(POOL_ROUTING_RULES)}, got {self.pool_routing!r}")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")
         if self.max_concurrent_requests < 1:
@@ -101,3 +109,8 @@ class GatewayConfig:
         for name in TIER_NAMES:
             if name not in self.tiers:
                 raise ValueError(f"tier {name!r} has no policy")
+
+    @property
+    def pool_addresses(self) -> tuple[str, ...]:
+        """The schedulers this gateway routes across (one: ``scheduler_address``)."""
+        return tuple(self.pools) or (self.scheduler_address,)

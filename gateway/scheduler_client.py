@@ -1,5 +1,6 @@
-"""The gateway's side of the gateway <-> scheduler boundary: one channel, its calls, and the only place
-the gateway reads or builds scheduler protobuf (``SubmitRequest`` out, ``TokenEvent`` in).
+"""The gateway's side of the gateway <-> scheduler boundary: one channel, its calls, and (with
+``gateway/scheduler_session.py``, the multiplexed Session stream) the only place the gateway reads or
+builds scheduler protobuf (``SubmitRequest`` out, ``TokenEvent`` in).
 
 The scheduler's side of the same messages is ``scheduler_svc/submit_codec.py``.
 """
@@ -13,9 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import codec
 from gateway.config import GatewayConfig, TierPolicy
+from gateway.scheduler_errors import is_final, scheduler_error  # noqa: F401 - re-exported
+from gateway.scheduler_session import SchedulerSession
 from gateway.types import GenerationInput, Timings
 from wire import enums
-from wire.grpc_server import AdmissionRejected, message_size_options
+from wire.grpc_server import keepalive_client_options, message_size_options
 from wire.logprobs_codec import logprobs_from_pb
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from wire.service_auth import call_metadata
@@ -31,33 +34,9 @@ SCHEDULER_CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
     *message_size_options(),
+    # a pool whose host vanishes must break its Session stream so its requests fail over (gateway/pools.py)
+    *keepalive_client_options(),
 )
-
-
-def scheduler_error(exc: grpc.aio.AioRpcError) -> Exception:
-    """Translate the scheduler's status into the gateway's exception of the same meaning."""
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        retry = 1.0
-        for key, value in (exc.trailing_metadata() or ()):
-            if key == "retry-after-s":
-                try:
-                    retry = float(value)
-                except ValueError:
-                    pass
-        return AdmissionRejected(f"scheduler is full: {details}", retry_after_s=retry)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ValueError(details)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ConnectionError(f"scheduler unavailable: {details}")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return LookupError(details)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        # the gateway's own configuration is wrong, not the client's request: a 503 naming the fix
-        log.error("the scheduler refused the gateway: %s", details)
-        return ConnectionError(f"scheduler unavailable: it refused this gateway's service token ({details}); "
-                               "give the gateway the scheduler's SLAI_SERVICE_TOKEN")
-    return RuntimeError(f"scheduler error {code.name}: {details}")
 
 
 def submit_request(request_id: str, prompt_ids: list[int], max_tokens: int, inp: GenerationInput,
@@ -105,11 +84,6 @@ def event_logprobs(ev: scheduler_pb2.TokenEvent) -> tuple | None:
     return logprobs_from_pb(ev.logprobs) if ev.logprobs else None
 
 
-def is_final(ev: scheduler_pb2.TokenEvent) -> bool:
-    """The event that ends a request's stream (it carries the finish reason, usage and timings)."""
-    return ev.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-
-
 class TimingTracker:
     """Rebuilds a request's timings from its token events (used when the gateway stops it early)."""
 
@@ -144,26 +118,28 @@ class TimingTracker:
 class SchedulerClient:
     """The gateway's channel to its scheduler. Every call carries the service token."""
 
-    def __init__(self, config: GatewayConfig, channel: grpc.aio.Channel | None = None) -> None:
-        self.address = config.scheduler_address
-        self._channel = channel or grpc.aio.insecure_channel(config.scheduler_address,
-                                                             options=SCHEDULER_CHANNEL_OPTIONS)
+    def __init__(self, config: GatewayConfig, channel: grpc.aio.Channel | None = None,
+                 address: str | None = None) -> None:
+        self.address = address or config.scheduler_address
+        self._channel = channel or grpc.aio.insecure_channel(self.address, options=SCHEDULER_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         self._token = config.service_token
         self._auth = call_metadata(config.service_token)  # proves to the scheduler that this is the gateway
+        self.session = SchedulerSession(self._stub, self.address, self._auth)
 
     async def close(self) -> None:
+        await self.session.close()
         await self._channel.close()
 
     def state(self) -> str:
         """The channel's connectivity state (``READY``, ``TRANSIENT_FAILURE``, ...)."""
         return self._channel.get_state(try_to_connect=True).name
 
-    def submit(self, msg: scheduler_pb2.SubmitRequest, timeout_s: float,
-               trace_metadata=()) -> grpc.aio.UnaryStreamCall:
-        """Start a request; the call streams its ``TokenEvent`` messages. Cancelling it aborts the request."""
-        return self._stub.Submit(msg, timeout=timeout_s, wait_for_ready=False,
-                                 metadata=call_metadata(self._token, tuple(trace_metadata or ())))
+    def submit(self, msg: scheduler_pb2.SubmitRequest, trace_metadata=()):
+        """Start a request on this gateway's Session stream; iterate the returned
+        ``gateway.scheduler_session.SessionCall`` for its ``TokenEvent`` messages. Cancelling it aborts
+        the request."""
+        return self.session.submit(msg, trace_metadata)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request at the scheduler; True if it was running there."""
@@ -193,3 +169,47 @@ class SchedulerClient:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
             return False, f"scheduler {self.address} reports {status} (no executor ready?)"
         return True, ""
+
+
+def continuation_request(msg: scheduler_pb2.SubmitRequest, streamed: list[int]) -> scheduler_pb2.SubmitRequest:
+    """``msg`` continued after ``streamed`` tokens: those appended to the prompt, the rest of max_tokens
+    (how a request moves to another pool, as the scheduler moves one between executors)."""
+    out = scheduler_pb2.SubmitRequest()
+    out.CopyFrom(msg)
+    out.prompt_token_ids.extend(streamed)
+    out.max_tokens = msg.max_tokens - len(streamed)
+    return out
+
+
+def length_final_event(request_id: str) -> scheduler_pb2.TokenEvent:
+    """A final event for a request whose every token arrived but whose own final event was lost."""
+    return scheduler_pb2.TokenEvent(request_id=request_id, finish_reason=common_pb2.FINISH_REASON_LENGTH)
+
+
+def as_client_view(ev: scheduler_pb2.TokenEvent, *, first_of_pool: bool, gap_s: float, final: bool,
+                   prompt_tokens: int, completion_tokens: int, ttft_s: float, e2e_s: float,
+                   max_tbt_s: float) -> scheduler_pb2.TokenEvent:
+    """Rewrite a continued request's event in the client's terms: the new pool's first token is not the
+    client's first (TBT = ``gap_s``); the final event counts the original prompt and every token, with
+    the first pool's TTFT and the gateway's clock for e2e and the largest gap."""
+    if first_of_pool:
+        ev.ttft_s = 0.0
+        ev.tbt_s = gap_s
+    if final:
+        ev.usage.prompt_tokens = prompt_tokens
+        ev.usage.completion_tokens = completion_tokens
+        t = ev.timings
+        t.ttft_s = ttft_s or t.ttft_s
+        t.e2e_s = e2e_s
+        t.max_tbt_s = max(t.max_tbt_s, max_tbt_s)
+    return ev
+
+
+def merge_stats(responses: list[scheduler_pb2.StatsResponse]) -> scheduler_pb2.StatsResponse:
+    """Several pools' ``StatsResponse`` as one: every executor, the queues summed."""
+    out = scheduler_pb2.StatsResponse(policy=responses[0].policy if responses else "")
+    for r in responses:
+        out.executors.extend(r.executors)
+        out.num_queued_total += r.num_queued_total
+        out.num_queued_prompt_tokens += r.num_queued_prompt_tokens
+    return out

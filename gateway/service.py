@@ -22,15 +22,11 @@ from gateway.admission import Admission, Slot, current_slot
 from gateway.config import GatewayConfig, TierPolicy
 from gateway.fan_out import fan_out, merge_streams
 from gateway.logprobs import LogprobsTracker
+from gateway.pools import PoolCall, PoolSet
 from gateway.prepare import Prepared, Preparer
 from gateway.readiness import Readiness
-from gateway.scheduler_client import (
-    SchedulerClient,
-    TimingTracker,
-    event_logprobs,
-    is_final,
-    scheduler_error,
-)
+from gateway.scheduler_client import SchedulerClient, TimingTracker, event_logprobs, is_final, merge_stats
+from gateway.scheduler_session import CallCancelled
 from gateway.slo_headers import with_slo_headers
 from gateway.stream_buffer import ABORTED, TokenBuffer
 from gateway.tokenizer import ModelTokenizer
@@ -51,14 +47,23 @@ class GenerationService:
         self.tokenizer = tokenizer
         self.model_name = config.model_name or tokenizer.name
         self.max_model_len = config.max_model_len or tokenizer.max_model_len
-        self.scheduler = SchedulerClient(config, channel)
-        self._in_flight: dict[str, grpc.aio.UnaryStreamCall | None] = {}
+        # one scheduler client (one Session stream) per pool; ``channel`` (tests) is the first pool's
+        self.pools = PoolSet([SchedulerClient(config, channel if i == 0 else None, address=a)
+                              for i, a in enumerate(config.pool_addresses)], config.pool_routing)
+        if config.pools_dns:  # one DNS name: follow its addresses as pools are scaled
+            self.pools.follow(config.pools_dns, lambda address: SchedulerClient(config, address=address))
+        self._in_flight: dict[str, PoolCall | None] = {}
         self.metrics = GatewayMetrics()
         self.readiness = Readiness()  # kept by gateway.server's SchedulerWatcher; read by /health
         self._closing: str | None = None  # set by finish_in_flight: why every stream ends now
         self.admission = Admission(config.max_concurrent_requests)
         self.preparer = Preparer(config, tokenizer, self.model_name, self.max_model_len,
                                  in_flight=lambda rid: rid in self._in_flight)
+
+    @property
+    def scheduler(self) -> SchedulerClient:
+        """The first pool's scheduler (Stats and the channel state in ``/health`` with one pool)."""
+        return self.pools.first
 
     @property
     def num_in_flight(self) -> int:
@@ -70,15 +75,16 @@ class GenerationService:
         return self.preparer.max_prompt_chars
 
     async def close(self) -> None:
-        await self.scheduler.close()
+        await self.pools.close()
         self.preparer.close()
 
     def scheduler_state(self) -> str:
         return self.scheduler.state()
 
     async def scheduler_health(self, timeout_s: float = 1.0) -> tuple[bool, str]:
-        """``(True, "")`` if the scheduler's grpc.health.v1 says SERVING, else ``(False, why)``."""
-        return await self.scheduler.health(timeout_s)
+        """``(True, "")`` if a pool's scheduler says SERVING (grpc.health.v1), else ``(False, why)``.
+        Each check also puts pools back into rotation or takes them out (gateway/pools.py)."""
+        return await self.pools.health(timeout_s)
 
     def finish_in_flight(self, reason: str) -> int:
         """End every request in flight now with ``ConnectionError(reason)`` (gRPC UNAVAILABLE, HTTP 503 or an
@@ -210,7 +216,7 @@ class GenerationService:
         try:
             if self._closing is not None:
                 raise ConnectionError(self._closing)
-            call = self.scheduler.submit(prep.submit, self.config.request_timeout_s, tracing.grpc_metadata(span))
+            call = self.pools.submit(prep.submit, tracing.grpc_metadata(span))
             self._in_flight[rid] = call
             # NOTE: reading the Submit stream in its own task keeps a client that stops reading from
             # holding the request open without bound: the reader stops at a full buffer and aborts the
@@ -278,7 +284,7 @@ class GenerationService:
                 # the client went away (or an error): cancelling the Submit stream aborts upstream
                 call.cancel()
 
-    async def _read(self, rid: str, call: grpc.aio.UnaryStreamCall, buf: TokenBuffer,
+    async def _read(self, rid: str, call: PoolCall, buf: TokenBuffer,
                     tracker: TimingTracker) -> None:
         """Pull ``call``'s events into ``buf`` until the stream ends or the client stalls."""
         try:
@@ -297,30 +303,20 @@ class GenerationService:
                     buf.close(ABORTED)
                     return
             buf.close(ABORTED)  # the stream ended without a finish reason
-        except grpc.aio.AioRpcError as exc:
-            if self._closing is not None:
-                buf.close(ConnectionError(self._closing))  # finish_in_flight cancelled the call
-            elif exc.code() == grpc.StatusCode.CANCELLED and self._in_flight.get(rid) is not call:
-                buf.close(ABORTED)  # aborted through the gateway's Abort
-            else:
-                buf.close(scheduler_error(exc))
-        except asyncio.CancelledError:
-            # NOTE: a locally cancelled call raises CancelledError from its iterator (Abort and
-            # finish_in_flight cancel it); a cancellation of this task (the consumer is gone) must propagate.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
+        except CallCancelled:
+            # the call was cancelled here: Abort, a stop sequence, or finish_in_flight (the drain's cut)
             buf.close(ConnectionError(self._closing) if self._closing is not None else ABORTED)
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             buf.close(exc)
 
-    def _abort_upstream(self, rid: str, call: grpc.aio.UnaryStreamCall) -> None:
-        # Cancelling the Submit stream is the abort (scheduler.proto); Abort makes it explicit.
+    def _abort_upstream(self, rid: str, call: PoolCall) -> None:
+        # cancelling the call sends an abort on its pool's Session stream (scheduler.proto)
         call.cancel()
-        asyncio.get_running_loop().create_task(self._send_abort(rid))
 
     async def _send_abort(self, rid: str) -> bool:
-        return await self.scheduler.abort(rid)
+        """Abort ``rid`` at every pool (it may run on one through another gateway)."""
+        found = await asyncio.gather(*(p.client.abort(rid) for p in self.pools.pools))
+        return any(found)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request (the local stream if it runs here, and at the scheduler).
@@ -342,5 +338,7 @@ class GenerationService:
         return local or upstream
 
     async def stats(self):
-        """The scheduler's ``StatsResponse``."""
-        return await self.scheduler.stats()
+        """The scheduler's ``StatsResponse`` (with several pools: their executors and queues together)."""
+        if len(self.pools.pools) == 1:
+            return await self.scheduler.stats()
+        return merge_stats(await asyncio.gather(*(p.client.stats() for p in self.pools.pools)))

@@ -48,7 +48,7 @@ class RequestStream:
 
     __slots__ = ("req_id", "req", "_items", "_waiter", "driver", "num_prompt_tokens", "base_outputs", "base_preemptions",
                  "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "max_tbt_s", "done",
-                 "num_pending_tokens", "full_since")
+                 "num_pending_tokens", "full_since", "notify")
 
     def __init__(self, req: Request) -> None:
         self.req_id = req.req_id
@@ -67,6 +67,8 @@ class RequestStream:
         self.done = False  # the final item is queued
         self.num_pending_tokens = 0  # token ids queued and not taken by get()
         self.full_since: float | None = None  # when the pending tokens reached the bound (the dispatcher's)
+        # set by a Session (scheduler_svc/session.py): called on every put instead of waking get()
+        self.notify: Callable[[RequestStream], None] | None = None
 
     def put(self, item: TokenEvent | BaseException) -> TokenEvent | None:
         """Queue an event (or the exception that ends the stream).
@@ -89,10 +91,19 @@ class RequestStream:
                 items[-1] = _coalesce(tail, item)
             else:
                 items.append(item)
+        if self.notify is not None:
+            self.notify(self)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
         return view
+
+    def drain(self) -> list:
+        """Every queued item at once (what a Session sends at its next flush); never waits."""
+        items, self._items = self._items, []
+        self.num_pending_tokens = 0
+        self.full_since = None
+        return items
 
     async def get(self) -> TokenEvent | BaseException:
         """The next event (or the exception that ends the stream); token events not taken
@@ -328,6 +339,18 @@ class Dispatcher:
                        sampling=old.sampling)
 
     # ------------------------------------------------------------------ stats
+    def load(self) -> tuple[int, int, int, int]:
+        """(outstanding tokens, live requests, healthy executors, requests waiting for KV): the
+        pool's load that Session streams publish to gateways (their pool routing balances it)."""
+        work = healthy = queued = 0
+        for d in self.drivers:
+            work += d.work
+            if d.healthy:
+                healthy += 1
+            if d.core is not None:
+                queued += d.core.num_waiting
+        return work, len(self.streams), healthy, queued
+
     def executor_stats(self) -> list[ExecutorStatsView]:
         out = []
         for d in self.drivers:

@@ -5,6 +5,9 @@ admits (AdmissionRejected -> RESOURCE_EXHAUSTED), routes, then streams the
 request's ``TokenEvent``s; the last one carries finish reason, usage and
 timings. A client that cancels (or drops) the stream aborts the request: its KV
 is freed now and the executor is told in the next plan's ``finished_ids``.
+
+Session is the same for many requests of one gateway on one bidi stream, with their
+events batched per step (``scheduler_svc/session.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from scheduler_svc import submit_codec
 from scheduler_svc.config import ServiceConfig
 from scheduler_svc.dispatcher import Dispatcher
 from scheduler_svc.pool_load import pool_load
+from scheduler_svc.session import GatewaySession, event_to_pb, start_span
 from scheduler_svc.step_loop import Clock
 from telemetry import step_tracing, tracing
-from wire.grpc_server import ServiceServer, start_server
+from wire.grpc_server import ServiceServer, keepalive_server_options, start_server
 from wire.pb.slai.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,30 +38,36 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Submit(self, request, context):
         d = self.dispatcher
         stream = d.submit(submit_codec.request_from_submit_pb(request, d.clock()))
-        req, metrics = stream.req, d.metrics
-        if d.spans is not None:
-            d.spans.start(req.req_id, carrier=context.invocation_metadata(), tier=req.tier,
-                          max_tokens=req.max_tokens, temperature=req.sampling.temperature, top_p=req.sampling.top_p,
-                          prompt_tokens=req.num_prompt_tokens, tbt_slo_s=req.tbt_slo_s, ttft_slo_s=req.ttft_slo_s)
+        start_span(d, stream, context.invocation_metadata())
         try:
             while True:
                 item = await stream.get()  # ttft_s / tbt_s: the client's view, across failovers
                 if isinstance(item, BaseException):
                     raise item
-                if item.finish_reason is None:
-                    yield submit_codec.token_event_to_pb(item)
-                    continue
-                final = stream.final_fields(item)
-                if metrics is not None:
-                    metrics.record_finish(req.tier, final["e2e_s"], final["queue_s"],
-                                          prompt_tokens=final["prompt_tokens"],
-                                          completion_tokens=final["completion_tokens"],
-                                          finish_reason=item.finish_reason)
-                yield submit_codec.final_token_event_to_pb(item, **final)
-                return
+                yield event_to_pb(d, stream, item)
+                if item.finish_reason is not None:
+                    return
         finally:
             if not stream.done:  # the client went away: free the request's KV
                 d.abort(stream.req_id)
+
+    async def Session(self, request_iterator, context):
+        session = GatewaySession(self.dispatcher)
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    session.on_message(msg)
+            finally:
+                session.input_closed()
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            async for msg in session.messages():
+                yield msg
+        finally:
+            reader.cancel()
+            session.close()
 
     async def Abort(self, request, context):
         return scheduler_pb2.AbortResponse(found=self.dispatcher.abort(request.request_id))
@@ -90,7 +100,8 @@ async def serve(config: ServiceConfig, address: str = "127.0.0.1:0", clock: Cloc
         metrics.watch_pool(lambda: pool_load(dispatcher))
     servicer = SchedulerServicer(dispatcher)
     srv = await start_server([lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, s)],
-                             [SERVICE_NAME], address, serving=False, service_token=config.service_token)
+                             [SERVICE_NAME], address, serving=False, service_token=config.service_token,
+                             options=keepalive_server_options())  # gateways ping their Session streams
     holder["srv"] = srv
     dispatcher.start()
     return srv, dispatcher

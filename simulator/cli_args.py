@@ -58,7 +58,37 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--executors", type=int, default=1,
                    help="simulated executors, each with its own core and KV pool; --qps is the total (default 1)")
     g.add_argument("--routing", default=None, choices=("least-work", "round-robin", "power-of-two"),
-                   help="routing at admission (default least-work when --executors > 1)")
+                   help="routing at admission (default least-work when --executors > 1); "
+                        "with --pools, each pool's scheduler's rule")
+    g.add_argument("--pools", type=int, default=1,
+                   help="split the executors into this many pools (one scheduler each) behind gateways (default 1)")
+    g.add_argument("--executors-per-pool", type=int, default=None,
+                   help="executors in each pool (then --executors is ignored; default: --executors / --pools)")
+    g.add_argument("--pool-routing", default="jsw", choices=("jsw", "p2c", "round-robin"),
+                   help="the gateways' rule across pools (default %(default)s)")
+    g.add_argument("--load-refresh-s", type=float, default=0.1,
+                   help="how often each pool publishes its load to the gateways, s (0 = exact; default %(default)s)")
+    g.add_argument("--gateways", type=int, default=1, help="gateways, arrivals spread in rotation (default 1)")
+
+
+def pool_shape(a: argparse.Namespace) -> tuple[int, int]:
+    """(pools, executors per pool) from ``--pools`` / ``--executors`` / ``--executors-per-pool``, checked."""
+    pools = a.pools
+    if pools < 1:
+        raise SystemExit(f"--pools must be >= 1, got {pools}")
+    if a.executors_per_pool is not None:
+        per = a.executors_per_pool
+    elif a.executors % pools:
+        raise SystemExit(f"--executors {a.executors} does not split evenly into --pools {pools}")
+    else:
+        per = a.executors // pools
+    if per < 1:
+        raise SystemExit(f"need at least one executor per pool, got {per}")
+    if not (math.isfinite(a.load_refresh_s) and a.load_refresh_s >= 0):
+        raise SystemExit(f"--load-refresh-s must be a finite number >= 0, got {a.load_refresh_s}")
+    if a.gateways < 1:
+        raise SystemExit(f"--gateways must be >= 1, got {a.gateways}")
+    return pools, per
 
 
 @dataclass(frozen=True)

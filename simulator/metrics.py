@@ -92,6 +92,27 @@ class MetricsCollector:
         if finish_reason is not None:
             rec.finish_reason = finish_reason
 
+    def on_step_events(self, events: Iterable[Any], t: float) -> None:
+        """``on_token(ev.req_id, t, 1, ev.finish_reason)`` for each core ``TokenEvent`` of one simulated step
+        (one token each), in one call: the simulator's per-token hot path."""
+        records, tbt = self.records, self._tbt
+        for ev in events:
+            rec = records[ev.req_id]
+            last = rec.last_token_s
+            if last is None:
+                rec.first_token_s = t
+            else:
+                gap = t - last
+                tbt[rec.tier].append(gap)
+                if gap > rec.tbt_slo_s:
+                    rec.num_tbt_violations += 1
+                if gap > rec.max_tbt_s:
+                    rec.max_tbt_s = gap
+            rec.last_token_s = t
+            rec.num_tokens += 1
+            if ev.finish_reason is not None:
+                rec.finish_reason = ev.finish_reason
+
     def on_event(self, ev: Any) -> None:
         """A core ``TokenEvent`` (duck-typed: req_id, token_ids, time_s, finish_reason)."""
         self.on_token(ev.req_id, ev.time_s, len(ev.token_ids), ev.finish_reason)

@@ -133,7 +133,7 @@ def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: Co
 
     Returns (simulated end time, wall seconds, stalled: stopped with requests that could never be scheduled).
     """
-    on_token = metrics.on_token
+    on_token, on_step_events = metrics.on_token, metrics.on_step_events
     for it in items:
         metrics.register(it.req_id, it.arrival_s, it.tier, it.tbt_slo_s, it.prompt_len, it.output_len)
     heap: list[tuple[float, int, int, Any]] = []
@@ -172,8 +172,7 @@ def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: Co
             core = ex.core
             ids = plan.sampling_ids()
             result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(0,) * len(ids))
-            for ev in core.update(plan, result, t):
-                on_token(ev.req_id, t, 1, ev.finish_reason)
+            on_step_events(core.update(plan, result, t), t)
             if heap and heap[0][0] <= t:  # another event at this very instant goes first
                 seq += 1
                 push(heap, (t, SCHEDULE, seq, ex))

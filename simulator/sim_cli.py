@@ -7,7 +7,14 @@ import json
 import sys
 
 from scheduler_svc.core.policies.registry import POLICIES
-from simulator.cli_args import RunSpec, add_cluster_arguments, add_workload_arguments, clean_json, stability_bound
+from simulator.cli_args import (
+    RunSpec,
+    add_cluster_arguments,
+    add_workload_arguments,
+    clean_json,
+    pool_shape,
+    stability_bound,
+)
 from simulator.metrics import SloCriterion
 
 
@@ -25,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from simulator.capacity import run_point
 
     spec = RunSpec.from_args(args)
-    if args.executors > 1 or args.routing is not None:
+    if args.executors > 1 or args.routing is not None or args.pools > 1 or args.executors_per_pool is not None:
         return _run_cluster(args, spec)
     s = run_point(args.policy, args.qps, spec, record_steps=bool(args.steps_out), criterion=SloCriterion())
     steps = s.pop("_steps", None)
@@ -42,18 +49,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_cluster(args: argparse.Namespace, spec: RunSpec) -> int:
-    """``--executors K --routing NAME``: K cores behind one router (simulator/cluster.py)."""
+    """``--executors K --routing NAME [--pools P --pool-routing RULE]``: K cores behind one router,
+    or P pools of them behind gateways (simulator/cluster.py)."""
     from simulator.cluster import run_cluster_point
 
     if args.steps_out:
         raise SystemExit("slai-serve sim: --steps-out needs a single executor")
-    s = run_cluster_point(args.policy, args.qps, spec, args.executors, args.routing or "least-work",
-                          criterion=SloCriterion())
+    pools, per = pool_shape(args)
+    s = run_cluster_point(args.policy, args.qps, spec, pools * per, args.routing or "least-work",
+                          criterion=SloCriterion(), pools=pools, pool_routing=args.pool_routing,
+                          load_refresh_s=args.load_refresh_s, gateways=args.gateways)
     s.update(spec.describe())
     s["num_requests"] = spec.num_requests
     s["stability_bound_per_executor"] = stability_bound(spec, args.policy)
-    return _emit(clean_json(s), args.json,
-                 ("executors", "routing", "qps_per_executor", "requests_by_executor", "work_spread_mean_tokens"))
+    extra = ("executors", "routing", "qps_per_executor", "requests_by_executor", "work_spread_mean_tokens")
+    if pools > 1:
+        extra += ("pools", "pool_routing", "load_refresh_s", "requests_by_pool", "pool_work_spread_mean_tokens",
+                  "pool_load_error_mean_tokens")
+    return _emit(clean_json(s), args.json, extra)
 
 
 def _emit(out: dict, as_json: bool, extra: tuple[str, ...] = ()) -> int:

@@ -9,8 +9,9 @@ arrivals, lengths and tiers as the simulator). Each request is sent at its
 arrival time on its own gRPC stream with ``ignore_eos`` and ``max_tokens`` =
 its output length. The gateway takes text, so a prompt of exactly N tokens is a
 single-token word repeated (checked with the model's tokenizer). A request's
-tier comes from its API key: ``--api-keys`` (the gateway's key file; one key
-per tier is picked) or ``--paying-key`` / ``--free-key``.
+tier comes from its API key: ``--paying-key`` / ``--free-key``, ``--api-keys`` (the
+gateway's key file; one key per tier is picked), or by default the demo key file
+that ``slai-serve up`` gives its gateway (slai_serve/demo_keys.py).
 
 Metrics are computed by :mod:`simulator.metrics` from client-side timestamps (one
 clock: this process), so the JSON has the same keys and definitions as
@@ -57,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--api-keys", default="", help="the gateway's key file: one key per tier is used")
     a.add_argument("--paying-key", default="", help="API key of the paying tier")
     a.add_argument("--free-key", default="", help="API key of the free tier")
+    a.add_argument("--no-keys", action="store_true", help="send no API keys (every request gets the gateway's "
+                                                          "default tier); default: the demo key file `up` uses")
     p.add_argument("--model-dir", default="", help="tokenizer folder used to build exact-length prompts "
                                                    "(default: the converted SmolLM2)")
     p.add_argument("--scheduler", default="", help="scheduler address: adds policy and preemption counts "
@@ -90,11 +93,19 @@ class PromptBuilder:
 
 
 def tier_keys(args: argparse.Namespace) -> dict[str, str | None]:
+    """One key per tier: ``--paying-key``/``--free-key``, else from ``--api-keys``, else (unless
+    ``--no-keys``) from the demo key file that ``slai-serve up`` gives its gateway by default."""
     keys: dict[str, str | None] = {"paying": args.paying_key or None, "free": args.free_key or None}
-    if args.api_keys:
+    key_file = args.api_keys
+    if not key_file and not getattr(args, "no_keys", False) and not all(keys.values()):
+        from slai_serve.demo_keys import demo_keys_path
+
+        path = demo_keys_path()
+        key_file = str(path) if path.is_file() else ""
+    if key_file:
         from gateway.auth import load_key_file
 
-        store = load_key_file(args.api_keys)
+        store = load_key_file(key_file)
         for tier in keys:
             keys[tier] = keys[tier] or store.key_for_tier(tier)
     return keys
@@ -170,8 +181,15 @@ def scheduler_stats(address: str, service_token: str = "") -> dict[str, Any] | N
             print(f"bench-serve: the scheduler refused Stats ({exc.details()}); set {SERVICE_TOKEN_ENV} to the "
                   "stack's service token", file=sys.stderr)
         return None
+    steps = sum(e.num_steps for e in st.executors)
+
+    def step_weighted(field: str) -> float:  # a mean over all executors' steps
+        return sum(getattr(e, field) * e.num_steps for e in st.executors) / steps if steps else 0.0
+
     return {"policy": st.policy, "num_preemptions": sum(e.num_preemptions for e in st.executors),
-            "num_steps": sum(e.num_steps for e in st.executors)}
+            "num_steps": steps, "mean_batch_s": step_weighted("mean_batch_s"),
+            "mean_rpc_overhead_s": step_weighted("mean_rpc_overhead_s"),
+            "mean_executor_wait_s": step_weighted("mean_executor_wait_s")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
                           paying_prob=args.paying_prob, paying_tbt_s=args.paying_tbt, free_tbt_s=args.free_tbt,
                           max_total=builder.max_model_len)
     keys = tier_keys(args)
+    unkeyed = sorted({it.tier for it in items if not keys.get(it.tier)})
+    if unkeyed:
+        print(f"bench-serve: no API key for tier(s) {', '.join(unkeyed)}: those requests get the gateway's "
+              "default tier (give --api-keys, or start the stack with `slai-serve up`'s demo keys)", file=sys.stderr)
     token = ""
     if args.scheduler:
         from wire.service_auth import read_service_token
@@ -206,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
         collector, extra = asyncio.run(replay(args.gateway, items, builder, keys, args.max_prompt_len,
                                               args.max_output_len, args.timeout))
     records = extra.pop("_records")
+    if extra["errors_by_code"].get("UNAUTHENTICATED") and not (args.api_keys or args.paying_key or args.free_key):
+        print("bench-serve: the gateway refused the demo keys (UNAUTHENTICATED): it runs with another key file; "
+              "give --api-keys FILE, or --no-keys", file=sys.stderr)
     if args.records_out:
         with open(args.records_out, "w") as fh:
             for r in sorted(records, key=lambda r: r["arrival_s"]):

@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("simulator.compare", "run every policy over a QPS grid; write tables and plots"),
     "fit-cost-model": ("simulator.fit_cli", "fit a step-time cost model from recorded executor timings"),
     "bench-serve": ("slai_serve.bench_serve", "replay a workload against a running gateway"),
+    "agree": ("slai_serve.agree", "run the live stack (fake executor sleeping a cost model) and the simulator "
+                                  "on one workload; print both"),
     "client": ("gateway.client_cli", "stream a completion from a running gateway"),
 }
 

@@ -3,6 +3,12 @@
     slai-serve up                      # embedded SmolLM2 on CPU; gateway gRPC :50051, HTTP :8000
     slai-serve up --fake --executors 2 # model-free stack (FakeRunner), two executors
     slai-serve up --api-keys keys.yaml --policy sarathi
+    slai-serve up --fake --pools 2 --executors 2 --gateways 2  # 2 pools x 2 executors behind 2 gateways
+
+Without ``--api-keys`` the gateway gets the demo key file (one paying and one
+free key, anonymous requests paying: slai_serve/demo_keys.py), which
+``bench-serve`` uses to send its tiered workload; ``--no-demo-keys`` runs it
+without any key file.
 
 Processes start on loopback (or ``--host``, which their /metrics ports follow too) in
 dependency order, each awaited until its ``grpc.health.v1`` status is SERVING. They
@@ -126,7 +132,9 @@ class LocalStack:
     fake: bool = False
     model: str = "default"  # executor --model (with --fake: ignored)
     model_dir: str = ""  # gateway tokenizer folder; "" = the converted default model
-    num_executors: int = 1
+    num_executors: int = 1  # per pool
+    num_pools: int = 1  # schedulers, each with its own num_executors executors (docs/gateway.md, "Pools")
+    num_gateways: int = 1  # every gateway routes across every pool
     policy: str = "slai"
     host: str = "127.0.0.1"
     gateway_grpc_port: int = DEFAULT_GATEWAY_GRPC_PORT
@@ -138,6 +146,8 @@ class LocalStack:
     drain_timeout_s: float = 10.0
     startup_timeout_s: float = 600.0
     log_dir: str | None = None  # None: inherit this terminal; "" : a temp dir
+    dtype: str = ""  # executor --dtype ("" = the executor's default); ignored with fake
+    executor_threads: int = 0  # executor --threads (0 = torch's default); ignored with fake
     executor_args: list[str] = field(default_factory=list)
     scheduler_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
@@ -152,6 +162,14 @@ class LocalStack:
     procs: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.num_pools < 1 or self.num_executors < 1 or self.num_gateways < 1:
+            raise ValueError("--pools, --executors and --gateways must be >= 1")
+        self._gateway_ports = [self.gateway_grpc_port + g for g in range(self.num_gateways)]
+        self._http_ports = [self.http_port + g if self.http_port > 0 else self.http_port
+                            for g in range(self.num_gateways)]
+        self._scheduler_ports = [self.scheduler_port + p for p in range(self.num_pools)]
+        if self.executor_threads < 0:
+            raise ValueError(f"--threads: must be >= 1 (0 = torch's default), got {self.executor_threads}")
         if not self.restart_backoff_s > 0:
             raise ValueError(f"--restart-backoff: must be > 0, got {self.restart_backoff_s:g}")
         if not self.restart_backoff_max_s >= self.restart_backoff_s:
@@ -168,6 +186,23 @@ class LocalStack:
         return f"{self.host}:{self.gateway_grpc_port}"
 
     @property
+    def gateway_addresses(self) -> list[str]:
+        return [f"{self.host}:{port}" for port in self._gateway_ports]
+
+    @property
+    def scheduler_addresses(self) -> list[str]:
+        """One per pool (the first is ``scheduler_address``)."""
+        return [f"{self.host}:{port}" for port in self._scheduler_ports]
+
+    def executor_addresses(self, pool: int) -> list[str]:
+        first = self.executor_port + pool * self.num_executors
+        return [f"{self.host}:{first + i}" for i in range(self.num_executors)]
+
+    def _name(self, pool: int, what: str) -> str:
+        """``scheduler`` / ``executor-0`` with one pool; ``pool1-scheduler`` ... with several."""
+        return what if self.num_pools == 1 else f"pool{pool}-{what}"
+
+    @property
     def http_base(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
@@ -176,25 +211,37 @@ class LocalStack:
         return f"{self.host}:{self.scheduler_port}"
 
     def endpoints(self) -> dict[str, str]:
-        out = {"gateway_grpc": self.gateway_address, "openai_http": self.http_base + "/v1",
-               "scheduler": self.scheduler_address}
-        for i in range(self.num_executors):
-            out[f"executor_{i}"] = f"{self.host}:{self.executor_port + i}"
+        out = {"gateway_grpc": self.gateway_address, "openai_http": self.http_base + "/v1"}
+        for g, addr in enumerate(self.gateway_addresses[1:], 1):
+            out[f"gateway_grpc_{g}"] = addr
+            if self.http_port >= 0:
+                out[f"openai_http_{g}"] = f"http://{self.host}:{self._http_ports[g]}/v1"
+        for p in range(self.num_pools):
+            out[self._name(p, "scheduler").replace("-", "_")] = self.scheduler_addresses[p]
+            for i, addr in enumerate(self.executor_addresses(p)):
+                out[self._name(p, f"executor_{i}").replace("-", "_")] = addr
         return out
 
     # ------------------------------------------------------------ lifecycle
     def _resolve_ports(self) -> None:
-        if self.gateway_grpc_port == 0:
-            self.gateway_grpc_port = free_port(self.host)
-        if self.http_port == 0:
-            self.http_port = free_port(self.host)
-        if self.scheduler_port == 0:
-            self.scheduler_port = free_port(self.host)
-        # NOTE: executors (and their metrics ports, after the scheduler's) use consecutive ports
+        # NOTE: with several pools / gateways, port N is the first one's and the others follow it
+        # (or each gets a free port when N is 0)
+        def ports(first: int, n: int) -> list[int]:
+            if first < 0:
+                return [first] * n
+            return [free_port(self.host) for _ in range(n)] if first == 0 else [first + k for k in range(n)]
+
+        self._gateway_ports = ports(self.gateway_grpc_port, self.num_gateways)
+        self._http_ports = ports(self.http_port, self.num_gateways)
+        self._scheduler_ports = ports(self.scheduler_port, self.num_pools)
+        self.gateway_grpc_port, self.http_port = self._gateway_ports[0], self._http_ports[0]
+        self.scheduler_port = self._scheduler_ports[0]
+        # NOTE: executors (and their metrics ports, after each scheduler's) use consecutive ports
+        num_exec = self.num_executors * self.num_pools
         if self.executor_port == 0:
-            self.executor_port = free_port_block(self.host, self.num_executors)
+            self.executor_port = free_port_block(self.host, num_exec)
         if self.metrics_port == 0:
-            self.metrics_port = free_port_block(self.host, self.num_executors + 1)
+            self.metrics_port = free_port_block(self.host, num_exec + self.num_pools)
 
     def _spawn(self, proc: Proc) -> None:
         # NOTE: per-service settings (OTEL_SERVICE_NAME, SLAI_METRICS_PORT) win over the stack-wide ``env``
@@ -229,6 +276,16 @@ class LocalStack:
                 tail = "\n" + proc.log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{exc}{tail}") from None
 
+    def executor_argv(self, i: int) -> list[str]:
+        """``slai-serve`` arguments of executor ``i`` (``executor_args`` last, so they win)."""
+        argv = ["executor", "--host", self.host, "--port", str(self.executor_port + i)]
+        if self.fake:
+            return [*argv, "--fake", *self.executor_args]
+        argv += ["--model", self.model]
+        argv += ["--dtype", self.dtype] if self.dtype else []
+        argv += ["--threads", str(self.executor_threads)] if self.executor_threads else []
+        return argv + self.executor_args
+
     def start(self) -> LocalStack:
         from wire.service_auth import read_service_token
 
@@ -240,28 +297,37 @@ class LocalStack:
         model_dir = self.model_dir or str(ensure_model_dir())
         metrics = self.metrics_port
         try:
-            for i in range(self.num_executors):
-                argv = ["executor", "--host", self.host, "--port", str(self.executor_port + i)]
-                argv += ["--fake"] if self.fake else ["--model", self.model]
-                self._spawn(Proc(f"executor-{i}", argv + self.executor_args, f"{self.host}:{self.executor_port + i}",
-                                 env={"SLAI_METRICS_PORT": str(metrics + 1 + i if metrics >= 0 else -1),
-                                      "OTEL_SERVICE_NAME": "slai-executor"}))
+            for pool in range(self.num_pools):
+                # pool p's /metrics ports: its scheduler's, then its executors'
+                pm = metrics + pool * (self.num_executors + 1) if metrics >= 0 else -1
+                for i, addr in enumerate(self.executor_addresses(pool)):
+                    self._spawn(Proc(self._name(pool, f"executor-{i}"),
+                                     self.executor_argv(pool * self.num_executors + i), addr,
+                                     env={"SLAI_METRICS_PORT": str(pm + 1 + i if pm >= 0 else -1),
+                                          "OTEL_SERVICE_NAME": "slai-executor"}))
             for p in list(self.procs):
                 self._wait(p, "", deadline)
-            executors = ",".join(f"{self.host}:{self.executor_port + i}" for i in range(self.num_executors))
-            self._spawn(Proc("scheduler", ["scheduler", "--policy", self.policy, "--executors", executors,
-                                           "--host", self.host, "--port", str(self.scheduler_port),
-                                           *self.scheduler_args], self.scheduler_address,
-                             env={"SLAI_METRICS_PORT": str(metrics), "OTEL_SERVICE_NAME": "slai-scheduler"}))
-            self._wait(self.procs[-1], "", deadline)
-            gw = ["gateway", "--scheduler", self.scheduler_address, "--host", self.host,
-                  "--grpc-port", str(self.gateway_grpc_port), "--http-port", str(self.http_port),
-                  "--model-dir", model_dir, "--drain-timeout", str(self.drain_timeout_s)]
-            if self.api_keys:
-                gw += ["--api-keys", self.api_keys]
-            self._spawn(Proc("gateway", gw + self.gateway_args, self.gateway_address,
-                             env={"OTEL_SERVICE_NAME": "slai-gateway"}))
-            self._wait(self.procs[-1], "slai.v1.GatewayService", deadline)
+            for pool in range(self.num_pools):
+                pm = metrics + pool * (self.num_executors + 1) if metrics >= 0 else -1
+                self._spawn(Proc(self._name(pool, "scheduler"), [
+                    "scheduler", "--policy", self.policy, "--executors", ",".join(self.executor_addresses(pool)),
+                    "--host", self.host, "--port", str(self._scheduler_ports[pool]), *self.scheduler_args],
+                    self.scheduler_addresses[pool],
+                    env={"SLAI_METRICS_PORT": str(pm), "OTEL_SERVICE_NAME": "slai-scheduler"}))
+            for p in self.procs[-self.num_pools:]:
+                self._wait(p, "", deadline)
+            route = (["--pools", ",".join(self.scheduler_addresses)] if self.num_pools > 1
+                     else ["--scheduler", self.scheduler_address])
+            for g in range(self.num_gateways):
+                gw = ["gateway", *route, "--host", self.host,
+                      "--grpc-port", str(self._gateway_ports[g]), "--http-port", str(self._http_ports[g]),
+                      "--model-dir", model_dir, "--drain-timeout", str(self.drain_timeout_s)]
+                if self.api_keys:
+                    gw += ["--api-keys", self.api_keys]
+                self._spawn(Proc("gateway" if g == 0 else f"gateway-{g}", gw + self.gateway_args,
+                                 self.gateway_addresses[g], env={"OTEL_SERVICE_NAME": "slai-gateway"}))
+            for p in self.procs[-self.num_gateways:]:
+                self._wait(p, "slai.v1.GatewayService", deadline)
         except BaseException:
             self.stop()
             raise
@@ -332,7 +398,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fake", action="store_true", help="FakeRunner executors: no model, deterministic tokens")
     parser.add_argument("--model", default="default", help="executor model: 'default' (SmolLM2), preset or folder")
     parser.add_argument("--model-dir", default="", help="gateway tokenizer folder (default: the converted SmolLM2)")
-    parser.add_argument("--executors", type=int, default=1, help="number of executor processes")
+    parser.add_argument("--executors", type=int, default=1, help="number of executor processes (per pool)")
+    parser.add_argument("--pools", type=int, default=1,
+                        help="pools to start: each is one scheduler with its own --executors executors; the "
+                             "gateways route across them (gateway --pools)")
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes, each routing across every pool")
     parser.add_argument("--policy", default="slai", help="scheduling policy (slai, sarathi, vllm, edf, rad, ...)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="listen host of every service and /metrics port (the services share a service token)")
@@ -342,10 +412,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor-port", type=int, default=DEFAULT_EXECUTOR_PORT, help="first executor's port")
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                         help="scheduler /metrics port; executors use the next ones (-1 = off)")
-    parser.add_argument("--api-keys", default="", help="gateway key file (key -> tier)")
+    parser.add_argument("--api-keys", default="", help="gateway key file (key -> tier); default: the demo key file "
+                                                       "(one paying and one free key, slai_serve/demo_keys.py)")
+    parser.add_argument("--no-demo-keys", action="store_true",
+                        help="without --api-keys, run the gateway without any key file (everyone paying)")
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds each service gets to drain")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--log-dir", default=None, help="write one log per service here (default: this terminal)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                        help="executor model dtype (default: the executor's, fp32 on CPU); auto: bf16 on a CPU "
+                             "with amx_bf16/avx512_bf16 units (docs/executor.md, 'Data types')")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="executor torch threads (0 = torch's default: one per core)")
     parser.add_argument("--executor-arg", action="append", default=[], help="extra executor flag (repeatable)")
     parser.add_argument("--scheduler-arg", action="append", default=[], help="extra scheduler flag (repeatable)")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra gateway flag (repeatable)")
@@ -361,12 +439,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stack_from_args(args: argparse.Namespace) -> LocalStack:
+    api_keys = args.api_keys
+    if not api_keys and not getattr(args, "no_demo_keys", False):
+        from slai_serve.demo_keys import ensure_demo_keys
+
+        api_keys = str(ensure_demo_keys())
     return LocalStack(fake=args.fake, model=args.model, model_dir=args.model_dir, num_executors=args.executors,
+                      num_pools=args.pools, num_gateways=args.gateways,
                       policy=args.policy, host=args.host, gateway_grpc_port=args.grpc_port, http_port=args.http_port,
                       scheduler_port=args.scheduler_port, executor_port=args.executor_port,
-                      metrics_port=args.metrics_port, api_keys=args.api_keys, drain_timeout_s=args.drain_timeout,
+                      metrics_port=args.metrics_port, api_keys=api_keys, drain_timeout_s=args.drain_timeout,
                       startup_timeout_s=args.startup_timeout, log_dir=args.log_dir,
-                      executor_args=args.executor_arg, scheduler_args=args.scheduler_arg,
+                      dtype=args.dtype or "", executor_threads=args.threads, executor_args=args.executor_arg,
+                      scheduler_args=args.scheduler_arg,
                       gateway_args=args.gateway_arg, restart_backoff_s=args.restart_backoff,
                       restart_backoff_max_s=args.restart_backoff_max, crash_loop_restarts=args.crash_loop_restarts,
                       crash_loop_window_s=args.crash_loop_window)
@@ -397,6 +482,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:14s} {addr}")
     print("pids: " + ", ".join(f"{p.name}={p.popen.pid}" for p in stack.procs))
     print(f'try:  slai-serve client "What is the capital of France?" --chat --gateway {stack.gateway_address}')
+    if stack.api_keys:
+        print(f"keys: {stack.api_keys} (requests without a key get the key file's default tier; "
+              "bench-serve sends each tier's key from it)" if not args.api_keys else f"keys: {stack.api_keys}")
     if stack.log_dir:
         print(f"logs: {stack.log_dir}")
     print("Ctrl-C to stop.", flush=True)

@@ -265,8 +265,10 @@ def test_gateway_deployment_reaches_a_pool_by_its_dns_name(name):
     (c, _, gw), = slai_containers(dep["spec"]["template"]["spec"])
     sts = one(objs, "StatefulSet", "slai-pool")
     _, _, sched = next(x for x in slai_containers(sts["spec"]["template"]["spec"]) if x[1] == "scheduler")
-    # a StatefulSet pod's stable name on its headless Service: <statefulset>-<ordinal>.<service>
-    assert gw.scheduler == f"{sts['metadata']['name']}-0.{sts['spec']['serviceName']}:{sched.port}"
+    # the pools' headless Service: one DNS name that resolves to every ready pool (gateway --pools)
+    assert gw.pools == f"{sts['spec']['serviceName']}:{sched.port}"
+    svc_pools = one(objs, "Service", sts["spec"]["serviceName"])
+    assert svc_pools["spec"]["clusterIP"] == "None"
     svc = one(objs, "Service", "slai-gateway")
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert {p["port"] for p in svc["spec"]["ports"]} == {gw.grpc_port, gw.http_port}

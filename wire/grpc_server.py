@@ -40,6 +40,22 @@ def message_size_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, 
     return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
 
+# NOTE: a peer whose host vanishes (power loss, a partitioned network, a deleted network namespace)
+# sends no RST: without keepalive a long-lived stream to it (the gateway's Session) waits forever.
+# Callers ping every 2 s while a call is open and give up after 2 s more without an answer; servers
+# must then accept pings that often (their default allows one per 5 min and answers more with GOAWAY).
+def keepalive_client_options(interval_ms: int = 2000, timeout_ms: int = 2000) -> list[tuple[str, int]]:
+    """Channel options: detect a silent peer within ``interval_ms + timeout_ms`` while a call is open."""
+    return [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_timeout_ms", timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0)]
+
+
+def keepalive_server_options(min_interval_ms: int = 1000) -> list[tuple[str, int]]:
+    """Server options that accept the callers' keepalive pings (see ``keepalive_client_options``)."""
+    return [("grpc.http2.min_ping_interval_without_data_ms", min_interval_ms),
+            ("grpc.http2.max_ping_strikes", 0)]
+
+
 class AdmissionRejected(Exception):
     """The service is full; the client should retry after ``retry_after_s``."""
 

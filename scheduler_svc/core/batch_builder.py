@@ -121,19 +121,35 @@ class BatchBuilder:
     def add_decodes(self, reqs, victim: VictimFn) -> int:
         """``add_decode`` for each of ``reqs`` in order; returns how many were scheduled
         (the others preempted themselves)."""
-        # NOTE: the hot path of every policy (once per decode per step): keep it flat.
-        scheduled, cached = self.scheduled, self.cached
+        # NOTE: the hot path of every policy (once per decode per step): keep it flat. ``req.is_decode`` and
+        # ``alloc.can_append()`` are inlined: ``can_append`` is "a free block exists", and the free count
+        # only changes when an append takes a block or ``_make_room`` preempts. ``alloc.append`` is called
+        # only when the last block is full (what it would check first).
+        scheduled, add_slice = self.scheduled, self.cached.append
         alloc = self.core.allocator
-        has_free, append = alloc.can_append, alloc.append
+        append, tnew, slice_cls = alloc.append, tuple.__new__, CachedRequestSlice
+        tables, block_size = alloc.block_tables, alloc.block_size
+        num_free = alloc.num_free_blocks
         n = 0
         for req in reqs:
             rid = req.req_id
             computed = req.num_computed_tokens
-            if not req.is_decode or rid in scheduled:
+            out = req.num_output_tokens
+            if out <= 0 or req.num_prompt_tokens + out - computed != 1 or rid in scheduled:
                 raise ValueError(f"{rid!r} is not an unscheduled decode")
-            if not has_free() and not self._make_room(req, victim):
-                continue
-            cached.append(CachedRequestSlice(rid, append(rid, computed + 1), computed, 1, True, True))
+            if not num_free:
+                room = self._make_room(req, victim)
+                num_free = alloc.num_free_blocks
+                if not room:
+                    continue
+            if computed < len(tables[rid]) * block_size:  # room for token computed + 1 in the last block
+                added = ()
+            else:
+                added = append(rid, computed + 1)
+                if added:
+                    num_free = alloc.num_free_blocks
+            # a CachedRequestSlice, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__)
+            add_slice(tnew(slice_cls, (rid, added, computed, 1, True, True)))
             scheduled[rid] = req
             n += 1
         self.num_tokens += n

@@ -50,6 +50,12 @@ class BlockAllocator:
     def used_fraction(self) -> float:
         return self.num_used_blocks / self.num_blocks
 
+    @property
+    def block_tables(self) -> dict[str, list[int]]:
+        """Every request's live block table (read only): the decode hot path checks the last block's
+        room here and calls :meth:`append` only when a new block is needed."""
+        return self._tables
+
     def block_table(self, req_id: str) -> list[int]:
         """The request's blocks in token order (a copy)."""
         return list(self._tables.get(req_id, ()))

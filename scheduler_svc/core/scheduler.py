@@ -251,20 +251,42 @@ class SchedulerCore:
         events: list[TokenEvent] = []
         served: list[Request] = []
         requests, running, on_token = self.requests, RequestStatus.RUNNING, self._on_token
+        add_event, add_served, tnew = events.append, served.append, tuple.__new__
         for slices in (plan.new, plan.cached):
             for s in slices:
-                req = requests.get(s.req_id)
+                rid = s.req_id
+                req = requests.get(rid)
                 if req is None or req.status != running:
                     continue  # aborted while the step ran: its token (if any) is dropped
-                req.num_computed_tokens += s.num_new_tokens
-                if s.sample:
-                    token = sampled.get(s.req_id)
+                if not s.sample:
+                    req.num_computed_tokens += s.num_new_tokens
+                else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
+                    token = sampled.get(rid)
                     if token is None:
-                        raise ValueError(f"step {plan.step_id}: no token sampled for {s.req_id!r}")
-                    events.append(on_token(req, token, now))
-                    if req.status != running:
-                        continue  # finished by this token
-                served.append(req)
+                        raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
+                    # NOTE: the hot path (once per decode per step): a token that is neither the first
+                    # nor the last is ``_on_token`` inlined, without its lifecycle events (it has none)
+                    last = req.last_token_s
+                    n_out = req.num_output_tokens + 1
+                    stops = req.sampling.stop_token_ids
+                    if (last is None or n_out >= req.max_tokens
+                            or (stops and not req.sampling.ignore_eos and token in stops)):
+                        add_event(on_token(req, token, now))
+                        if req.status != running:
+                            continue  # finished by this token
+                        add_served(req)
+                        continue
+                    req.last_token_s = now
+                    if req.prompt_token_ids is not None:
+                        req.output_token_ids.append(token)
+                    req.num_output_tokens = n_out
+                    n_prompt = req.num_prompt_tokens
+                    req.num_computed_tokens = n_prompt + n_out - 1  # the new token has no KV yet
+                    # a TokenEvent, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__ and
+                    # its defaults: every field must be here, logprobs (None) last; _with_logprobs fills it)
+                    add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last,
+                                                   None)))
+                add_served(req)
         self.policy.on_step_end(served, now)
         if result.logprobs:
             return _with_logprobs(events, result)

@@ -17,10 +17,12 @@ def test_bench_executor_smoke(tmp_path):
     bench.add_arguments(parser)
     args = parser.parse_args(["--model", "tiny-mistral", "--prefill-tokens", "0,16", "--decodes", "0,2",
                               "--contexts", "32", "--repeats", "1", "--warmup", "0", "--batches", "2",
-                              "--gen-tokens", "3", "--no-baselines", "--out", str(tmp_path)])
+                              "--gen-tokens", "3", "--no-baselines", "--profile", "--out", str(tmp_path)])
     assert bench.run(args) == 0
     header = (tmp_path / "steps.csv").read_text().splitlines()[0].split(",")
-    assert {"num_prefill_tokens", "num_decodes", "decode_context", "forward_ms", "total_ms"} <= set(header)
+    assert {"num_prefill_tokens", "num_decodes", "decode_context", "forward_ms", "total_ms", "cpu_ms"} <= set(header)
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.count("## ") == 3 and "16 prefill + 2 decodes @ ctx 32" in profile and "aten::" in profile
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["throughput"][0]["batch"] == 2 and report["throughput"][0]["runner_tok_s"] > 0
     assert len(report["medians"]) == 3  # (16, 0), (0, 2), (16, 2)

@@ -71,3 +71,19 @@ def test_select_backend():
             select_backend(torch.device("cuda"), torch.float16, "flash-attn")
     with pytest.raises(ValueError):
         select_backend(cpu, torch.float32, "xformers")
+
+
+def test_cpu_bf16_units_and_auto_dtype(tmp_path):
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n\nprocessor\t: 1\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert models.cpu_bf16_units(amx) == ("amx_bf16", "avx512_bf16")
+    assert models.cpu_bf16_units(plain) == ()
+    assert models.cpu_bf16_units(tmp_path / "missing") == ()
+    native = bool(models.cpu_bf16_units())
+    assert models.resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert models.resolve_dtype(None, "cpu") == torch.float32  # no choice made: exact fp32
+    assert models.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        models.resolve_dtype("int8", "cpu")

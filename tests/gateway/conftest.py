@@ -74,6 +74,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
     cancelled: set = field(default_factory=set)
     aborted: set = field(default_factory=set)
     finished: set = field(default_factory=set)
+    trace_contexts: list = field(default_factory=list)  # each Session submit's trace context
     clock: float = 100.0
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever cancelled/aborted grows
 
@@ -131,6 +132,40 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             self.cancelled.add(rid)
             self.changed.set()
             raise
+
+    async def Session(self, request_iterator, context):
+        """The Submit script of each request, multiplexed on one stream (what the gateway speaks):
+        an abort message cancels the request's script, a rejection comes back as a RequestError."""
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: dict[str, asyncio.Task] = {}
+
+        async def run(sub) -> None:
+            rid = sub.request.request_id
+            try:
+                async for ev in self.Submit(sub.request, context):
+                    out.put_nowait(scheduler_pb2.SchedulerMessage(events=[ev]))
+            except AdmissionRejected as exc:
+                out.put_nowait(scheduler_pb2.SchedulerMessage(errors=[scheduler_pb2.RequestError(
+                    request_id=rid, code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=str(exc),
+                    retry_after_s=exc.retry_after_s)]))
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                if msg.WhichOneof("kind") == "submit":
+                    self.trace_contexts.append(dict(msg.submit.trace_context))
+                    tasks[msg.submit.request.request_id] = asyncio.get_running_loop().create_task(run(msg.submit))
+                elif (task := tasks.get(msg.abort.request_id)) is not None:
+                    self.aborted.add(msg.abort.request_id)
+                    task.cancel()
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while True:
+                yield await out.get()
+        finally:
+            reader.cancel()
+            for task in tasks.values():
+                task.cancel()
 
     async def Abort(self, request, context):
         self.aborted.add(request.request_id)

@@ -35,6 +35,23 @@ def test_plan_features_and_context_terms():
     assert PAPER_MODEL.step_time_s(plan) == pytest.approx(PAPER_MODEL.time_ms(252) / 1e3)
 
 
+def test_a_plan_off_the_wire_costs_what_the_simulator_charges():
+    """The fake executor prices plans decoded from the wire, which carry no stats: it must
+    charge what the simulator charges for the same plan (not the 1-token floor)."""
+    from wire.executor_codec import plan_from_pb, plan_to_pb
+
+    plan = BatchPlan(
+        step_id=3,
+        new=(NewRequestSlice(req_id="a", num_tokens=300, num_new_tokens=300, sample=True),),
+        cached=tuple(CachedRequestSlice(f"d{i}", (), 100 + i, 1, True, True) for i in range(40)),
+        stats=PlanStats(num_prefill_tokens=300, num_decodes=40))
+    wired = plan_from_pb(plan_to_pb(plan))
+    assert wired.stats == PlanStats()  # the wire carries no stats
+    assert PAPER_MODEL.step_time_s(wired) == PAPER_MODEL.step_time_s(plan) == pytest.approx(PAPER_MODEL.time_ms(340) / 1e3)
+    assert PAPER_MODEL.step_time_s(wired) > PAPER_MODEL.time_ms(0) / 1e3
+    assert PAPER_MODEL.step_time_s(BatchPlan()) == pytest.approx(PAPER_MODEL.time_ms(0) / 1e3)
+
+
 def test_json_round_trip(tmp_path):
     m = CostModel(name="x", a0_ms=20, a1_ms=5, b_ms_per_token=0.08, c_ms_per_decode=0.3,
                   d_ms_per_context_token=1e-4, e_ms_per_chunk_context=2e-6, overhead_ms=0.7, description="t")

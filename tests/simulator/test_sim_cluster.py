@@ -87,3 +87,4 @@ def test_sim_cli_executors_and_routing(capsys):
     assert out["requests_by_executor"] == [10, 10, 10, 10] and out["qps_per_executor"] == 2.0
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["routing"] == "least-work"
+

@@ -54,18 +54,50 @@ class DeadlineHeap:
             push(heap, (key_of(req), req.arrival_s, t, req))
         self._top_valid = False
 
+    def push_keyed(self, reqs, keys) -> None:
+        """``push(req, key)`` for each pair of ``reqs`` and ``keys`` (keys computed by the caller, in bulk)."""
+        heap, live, ticket = self._heap, self._live, self._ticket
+        entries = [(key, req.arrival_s, next(ticket), req) for req, key in zip(reqs, keys)]
+        for e in entries:
+            live[e[3].req_id] = e[2]
+        # NOTE: tickets are unique, so entries are totally ordered and what peek/pop return depends only on
+        # which entries the heap holds, not on its layout: a heapify after extend is as good as pushes (and
+        # cheaper when most of the heap is new, as after a step that served every decode)
+        if not heap:  # a sorted list is a heap, and the next pop_live_n of everything finds it sorted
+            entries.sort()
+            heap.extend(entries)
+        elif len(entries) > len(heap):
+            heap.extend(entries)
+            heapq.heapify(heap)
+        else:
+            push = heapq.heappush
+            for e in entries:
+                push(heap, e)
+        self._top_valid = False
+
     def pop_live_n(self, n: int) -> list[Request]:
         """Pop up to ``n`` live requests in key order."""
-        h, live, pop = self._heap, self._live, heapq.heappop
+        h, live, pop, running = self._heap, self._live, heapq.heappop, RequestStatus.RUNNING
         self._top_valid = False
         out: list[Request] = []
+        add = out.append
+        if n >= len(h):  # everything goes: one sort (entries are totally ordered) instead of a pop each
+            h.sort()
+            for _, _, t, req in h:
+                rid = req.req_id
+                if live.get(rid) == t:
+                    del live[rid]
+                    if req.status == running:
+                        add(req)
+            h.clear()
+            return out
         while h and len(out) < n:
             _, _, t, req = pop(h)
             rid = req.req_id
             if live.get(rid) == t:
                 del live[rid]
-                if req.status == RequestStatus.RUNNING:
-                    out.append(req)
+                if req.status == running:
+                    add(req)
         return out
 
     def discard(self, req: Request) -> None:

@@ -27,7 +27,8 @@ class PausedPrefillPolicy(Policy):
         paused = self.paused
         ready = []
         for req in served:
-            if req.is_decode:
+            out = req.num_output_tokens  # ``req.is_decode``, inlined: this runs once per decode per step
+            if out > 0 and req.num_prompt_tokens + out - req.num_computed_tokens == 1:
                 if paused and req in paused:
                     paused.remove(req)
                 ready.append(req)

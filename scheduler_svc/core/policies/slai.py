@@ -49,9 +49,18 @@ class SlaiPolicy(PausedPrefillPolicy):
         mean = core.estimator.mean_s
         # delta depends only on KV use, which does not change during step 0: compute it once
         self.current_offset = self.offset()
-        key = self.decode_key
         # at most one partial prefill exists (only the chunk that used up the budget stops short); the rest decode
-        self.decode_heap.push_all(self.track_served(served), lambda req: key(req, end, mean))
+        ready = self.track_served(served)
+        if type(self).decode_key is not SlaiPolicy.decode_key:  # a subclass's own key (EDF)
+            key = self.decode_key
+            self.decode_heap.push_all(ready, lambda req: key(req, end, mean))
+            return
+        # NOTE: the hot path (once per decode per step): ``decode_key`` inlined, the same float operations
+        # in the same order (end + tbt, minus offset x mean), so keys are bit-identical
+        om = self.current_offset * mean
+        dflt = self.config.default_tbt_s
+        self.decode_heap.push_keyed(ready, [end + (r.tbt_slo_s if r.tbt_slo_s is not None else dflt) - om
+                                            for r in ready])
 
     def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
         """The heap key: SLAI's last schedulable time, with delta frozen at push time."""

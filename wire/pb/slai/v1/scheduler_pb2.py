@@ -25,27 +25,41 @@ _sym_db = _symbol_database.Default()
 from wire.pb.slai.v1 import common_pb2 as slai_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17slai/v1/scheduler.proto\x12\x07slai.v1\x1a\x14slai/v1/common.proto\"\xc0\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.slai.v1.SamplingParams\x12\x1b\n\x04tier\x18\x05 \x01(\x0e\x32\r.slai.v1.Tier\x12\x11\n\ttbt_slo_s\x18\x06 \x01(\x01\x12\x12\n\nttft_slo_s\x18\x07 \x01(\x01\"\xfe\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.slai.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.slai.v1.Usage\x12(\n\x07timings\x18\x05 \x01(\x0b\x32\x17.slai.v1.RequestTimings\x12\x0e\n\x06time_s\x18\x06 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x07 \x01(\x01\x12\r\n\x05tbt_s\x18\x08 \x01(\x01\x12#\n\x08logprobs\x18\t \x03(\x0b\x32\x11.slai.v1.Logprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x97\x04\n\rExecutorStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x18\n\x10kv_used_fraction\x18\x06 \x01(\x01\x12\x14\n\x0cmean_batch_s\x18\x07 \x01(\x01\x12\x11\n\tnum_steps\x18\x08 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x04\x12!\n\x19last_num_critical_decodes\x18\n \x01(\r\x12$\n\x1clast_num_noncritical_decodes\x18\x0b \x01(\r\x12\x1f\n\x17last_num_prefill_tokens\x18\x0c \x01(\r\x12\x13\n\x0blast_offset\x18\r \x01(\x01\x12\x17\n\x0fmean_decision_s\x18\x0e \x01(\x01\x12\x1c\n\x14mean_executor_wait_s\x18\x0f \x01(\x01\x12\x1b\n\x13mean_rpc_overhead_s\x18\x10 \x01(\x01\x12\x1f\n\x17num_steps_planned_ahead\x18\x11 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x12 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x13 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x14 \x01(\x01\"\x86\x01\n\rStatsResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12)\n\texecutors\x18\x02 \x03(\x0b\x32\x16.slai.v1.ExecutorStats\x12\x18\n\x10num_queued_total\x18\x03 \x01(\r\x12 \n\x18num_queued_prompt_tokens\x18\x04 \x01(\x04\x32\xbb\x01\n\x10SchedulerService\x12\x37\n\x06Submit\x12\x16.slai.v1.SubmitRequest\x1a\x13.slai.v1.TokenEvent0\x01\x12\x36\n\x05\x41\x62ort\x12\x15.slai.v1.AbortRequest\x1a\x16.slai.v1.AbortResponse\x12\x36\n\x05Stats\x12\x15.slai.v1.StatsRequest\x1a\x16.slai.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17slai/v1/scheduler.proto\x12\x07slai.v1\x1a\x14slai/v1/common.proto\"j\n\x0eGatewayMessage\x12(\n\x06submit\x18\x01 \x01(\x0b\x32\x16.slai.v1.SessionSubmitH\x00\x12&\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x15.slai.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\xae\x01\n\rSessionSubmit\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.slai.v1.SubmitRequest\x12?\n\rtrace_context\x18\x02 \x03(\x0b\x32(.slai.v1.SessionSubmit.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\x10SchedulerMessage\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.slai.v1.TokenEvent\x12%\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x15.slai.v1.RequestError\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.slai.v1.PoolLoad\"X\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\"o\n\x08PoolLoad\x12\x1a\n\x12outstanding_tokens\x18\x01 \x01(\x04\x12\x14\n\x0cnum_requests\x18\x02 \x01(\r\x12\x1d\n\x15num_healthy_executors\x18\x03 \x01(\r\x12\x12\n\nnum_queued\x18\x04 \x01(\r\"\xc0\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.slai.v1.SamplingParams\x12\x1b\n\x04tier\x18\x05 \x01(\x0e\x32\r.slai.v1.Tier\x12\x11\n\ttbt_slo_s\x18\x06 \x01(\x01\x12\x12\n\nttft_slo_s\x18\x07 \x01(\x01\"\xfe\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.slai.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.slai.v1.Usage\x12(\n\x07timings\x18\x05 \x01(\x0b\x32\x17.slai.v1.RequestTimings\x12\x0e\n\x06time_s\x18\x06 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x07 \x01(\x01\x12\r\n\x05tbt_s\x18\x08 \x01(\x01\x12#\n\x08logprobs\x18\t \x03(\x0b\x32\x11.slai.v1.Logprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x97\x04\n\rExecutorStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x18\n\x10kv_used_fraction\x18\x06 \x01(\x01\x12\x14\n\x0cmean_batch_s\x18\x07 \x01(\x01\x12\x11\n\tnum_steps\x18\x08 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x04\x12!\n\x19last_num_critical_decodes\x18\n \x01(\r\x12$\n\x1clast_num_noncritical_decodes\x18\x0b \x01(\r\x12\x1f\n\x17last_num_prefill_tokens\x18\x0c \x01(\r\x12\x13\n\x0blast_offset\x18\r \x01(\x01\x12\x17\n\x0fmean_decision_s\x18\x0e \x01(\x01\x12\x1c\n\x14mean_executor_wait_s\x18\x0f \x01(\x01\x12\x1b\n\x13mean_rpc_overhead_s\x18\x10 \x01(\x01\x12\x1f\n\x17num_steps_planned_ahead\x18\x11 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x12 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x13 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x14 \x01(\x01\"\x86\x01\n\rStatsResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12)\n\texecutors\x18\x02 \x03(\x0b\x32\x16.slai.v1.ExecutorStats\x12\x18\n\x10num_queued_total\x18\x03 \x01(\r\x12 \n\x18num_queued_prompt_tokens\x18\x04 \x01(\x04\x32\xfe\x01\n\x10SchedulerService\x12\x37\n\x06Submit\x12\x16.slai.v1.SubmitRequest\x1a\x13.slai.v1.TokenEvent0\x01\x12\x36\n\x05\x41\x62ort\x12\x15.slai.v1.AbortRequest\x1a\x16.slai.v1.AbortResponse\x12\x36\n\x05Stats\x12\x15.slai.v1.StatsRequest\x1a\x16.slai.v1.StatsResponse\x12\x41\n\x07Session\x12\x17.slai.v1.GatewayMessage\x1a\x19.slai.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slai.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITREQUEST']._serialized_start=59
-  _globals['_SUBMITREQUEST']._serialized_end=251
-  _globals['_TOKENEVENT']._serialized_start=254
-  _globals['_TOKENEVENT']._serialized_end=508
-  _globals['_ABORTREQUEST']._serialized_start=510
-  _globals['_ABORTREQUEST']._serialized_end=544
-  _globals['_ABORTRESPONSE']._serialized_start=546
-  _globals['_ABORTRESPONSE']._serialized_end=576
-  _globals['_STATSREQUEST']._serialized_start=578
-  _globals['_STATSREQUEST']._serialized_end=592
-  _globals['_EXECUTORSTATS']._serialized_start=595
-  _globals['_EXECUTORSTATS']._serialized_end=1130
-  _globals['_STATSRESPONSE']._serialized_start=1133
-  _globals['_STATSRESPONSE']._serialized_end=1267
-  _globals['_SCHEDULERSERVICE']._serialized_start=1270
-  _globals['_SCHEDULERSERVICE']._serialized_end=1457
+  _globals['_SESSIONSUBMIT_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_SESSIONSUBMIT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_GATEWAYMESSAGE']._serialized_start=58
+  _globals['_GATEWAYMESSAGE']._serialized_end=164
+  _globals['_SESSIONSUBMIT']._serialized_start=167
+  _globals['_SESSIONSUBMIT']._serialized_end=341
+  _globals['_SESSIONSUBMIT_TRACECONTEXTENTRY']._serialized_start=290
+  _globals['_SESSIONSUBMIT_TRACECONTEXTENTRY']._serialized_end=341
+  _globals['_SCHEDULERMESSAGE']._serialized_start=343
+  _globals['_SCHEDULERMESSAGE']._serialized_end=470
+  _globals['_REQUESTERROR']._serialized_start=472
+  _globals['_REQUESTERROR']._serialized_end=560
+  _globals['_POOLLOAD']._serialized_start=562
+  _globals['_POOLLOAD']._serialized_end=673
+  _globals['_SUBMITREQUEST']._serialized_start=676
+  _globals['_SUBMITREQUEST']._serialized_end=868
+  _globals['_TOKENEVENT']._serialized_start=871
+  _globals['_TOKENEVENT']._serialized_end=1125
+  _globals['_ABORTREQUEST']._serialized_start=1127
+  _globals['_ABORTREQUEST']._serialized_end=1161
+  _globals['_ABORTRESPONSE']._serialized_start=1163
+  _globals['_ABORTRESPONSE']._serialized_end=1193
+  _globals['_STATSREQUEST']._serialized_start=1195
+  _globals['_STATSREQUEST']._serialized_end=1209
+  _globals['_EXECUTORSTATS']._serialized_start=1212
+  _globals['_EXECUTORSTATS']._serialized_end=1747
+  _globals['_STATSRESPONSE']._serialized_start=1750
+  _globals['_STATSRESPONSE']._serialized_end=1884
+  _globals['_SCHEDULERSERVICE']._serialized_start=1887
+  _globals['_SCHEDULERSERVICE']._serialized_end=2141
 # @@protoc_insertion_point(module_scope)

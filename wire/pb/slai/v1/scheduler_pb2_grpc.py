@@ -49,6 +49,11 @@ class SchedulerServiceStub:
                 request_serializer=slai_dot_v1_dot_scheduler__pb2.StatsRequest.SerializeToString,
                 response_deserializer=slai_dot_v1_dot_scheduler__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/slai.v1.SchedulerService/Session',
+                request_serializer=slai_dot_v1_dot_scheduler__pb2.GatewayMessage.SerializeToString,
+                response_deserializer=slai_dot_v1_dot_scheduler__pb2.SchedulerMessage.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -76,6 +81,16 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """One gateway's multiplexed stream (docs/scheduler.md, "The session stream"): the gateway
+        sends submits and aborts for many requests; the scheduler answers with the token events of
+        every step batched into one message, per-request errors, and its outstanding work (the
+        gateway's pool routing reads it). Ending the stream aborts the session's requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +108,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=slai_dot_v1_dot_scheduler__pb2.StatsRequest.FromString,
                     response_serializer=slai_dot_v1_dot_scheduler__pb2.StatsResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=slai_dot_v1_dot_scheduler__pb2.GatewayMessage.FromString,
+                    response_serializer=slai_dot_v1_dot_scheduler__pb2.SchedulerMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +196,33 @@ class SchedulerService:
             '/slai.v1.SchedulerService/Stats',
             slai_dot_v1_dot_scheduler__pb2.StatsRequest.SerializeToString,
             slai_dot_v1_dot_scheduler__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/slai.v1.SchedulerService/Session',
+            slai_dot_v1_dot_scheduler__pb2.GatewayMessage.SerializeToString,
+            slai_dot_v1_dot_scheduler__pb2.SchedulerMessage.FromString,
             options,
             channel_credentials,
             insecure,
