@@ -56,6 +56,7 @@ class SchedulerCore:
         self.last_batch_end_s: float | None = None
         self.last_step_s = 0.0  # duration of the last non-empty step (schedule -> update)
         self.last_step_tokens = 0  # tokens in that step
+        self.last_step_plan: BatchPlan | None = None  # that step's plan (policies that fit its composition)
         self.num_preemptions = 0
         self.num_steps = 0
         self.num_waiting_tokens = 0  # uncomputed (uncached) prompt tokens of waiting requests (admission control)
@@ -236,6 +237,7 @@ class SchedulerCore:
             self.last_step_s = now - (sent if last is None or last < sent else last)
             st = plan.stats
             self.last_step_tokens = st.num_prefill_tokens + st.num_decodes  # = plan.num_tokens, without the sum
+            self.last_step_plan = plan
             self.estimator.observe(self.last_step_s)
             self.num_steps += 1
         self._last_result_s = now

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from contract.plan import BatchPlan
 from scheduler_svc.core.config import SchedulerConfig
 from scheduler_svc.core.request import Request, RequestStatus
 
@@ -116,6 +117,11 @@ class CoreView(Protocol):
     @property
     def last_step_tokens(self) -> int:
         """Tokens (prefill + decode) in that step."""
+        ...
+
+    @property
+    def last_step_plan(self) -> BatchPlan | None:
+        """The plan of that step (its slices give its composition); None before the first."""
         ...
 
     @property

@@ -18,9 +18,20 @@ mechanism below serves that balance.
 1. **Slack-sized steps, capped by KV use.** Each step takes the largest budget
    whose *predicted* time fits ``tile_slack_fraction`` of the tightest decode
    slack (previous token time + TBT - now), between ``token_budget`` and
-   ``max_token_budget``; the prediction is an online least-squares fit of
-   measured step times (``step_model.py``). Big steps amortise the fixed
-   per-step cost and prefill faster while memory is plentiful. The budget is
+   ``max_token_budget``. Big steps amortise the fixed per-step cost and
+   prefill faster while memory is plentiful. The prediction is an online
+   least-squares fit of measured step times over the step's composition
+   (``step_fit.py``): prefill tokens, decodes, the decodes' summed KV context,
+   and whether it mixes prefill and decode. All four are known when the step
+   is sized (every ready decode rides in it), so the budget is the decodes plus
+   the largest prefill whose predicted step fits. On a GPU a decode costs more
+   than a prefill token (per-sequence work, reading its whole KV context) and
+   mixing has a price; a fit on the token count alone averaged those costs
+   away and, under the GPU-shaped cost model (docs/results.md), predicted steps
+   17 ms short on average (48 ms at worst) exactly when long-context decodes
+   were running, so steps overran the paying TBT and that objective bound
+   capacity. Learned from measured timings, never from the simulator's cost
+   model, the same fit serves the live executor. The budget is
    then capped by KV use: ``max_token_budget`` up to ``kv_step_low`` of the
    pool, falling linearly to ``kv_min_token_budget`` at ``kv_step_high``.
    Shorter steps shorten every request's time between tokens, which is what
@@ -68,7 +79,7 @@ from scheduler_svc.core.batch_builder import BatchBuilder
 from scheduler_svc.core.policies.slai import SlaiPolicy
 from scheduler_svc.core.queues import AgingSpfQueue
 from scheduler_svc.core.request import Request, RequestStatus
-from scheduler_svc.core.step_model import OnlineStepModel
+from scheduler_svc.core.step_fit import OnlineStepFit, StepShape
 
 
 class SlaiAdaptivePolicy(SlaiPolicy):
@@ -77,7 +88,8 @@ class SlaiAdaptivePolicy(SlaiPolicy):
     def __init__(self, config=None) -> None:
         super().__init__(config)
         self.waiting = AgingSpfQueue(self.config.user_priority, self.config.aging_tokens_per_s)
-        self.step_model = OnlineStepModel()
+        self.step_model = OnlineStepFit()
+        self._observed_step = -1  # step_id of the last measured plan fed to step_model
         self.last_budget = self.config.token_budget
         self.kv_used = 0.0  # KV use when the current step was scheduled
         self.serve_all_decodes = False  # KV at or above memory_limit: no decode is deferred
@@ -110,7 +122,16 @@ class SlaiAdaptivePolicy(SlaiPolicy):
 
     def on_step_end(self, served: list[Request], now: float) -> None:
         core = self.core
-        self.step_model.observe(core.last_step_tokens, core.last_step_s)
+        plan = core.last_step_plan
+        if plan is not None and plan.step_id != self._observed_step:
+            # each measured step once (scheduling ahead calls this before the step's result)
+            self._observed_step = plan.step_id
+            ctx = 0
+            for s in plan.cached:
+                if s.is_decode:
+                    ctx += s.num_computed_tokens
+            st = plan.stats
+            self.step_model.observe(StepShape(st.num_prefill_tokens, st.num_decodes, ctx), core.last_step_s)
         super().on_step_end(served, now)
 
     def schedule(self, b: BatchBuilder, now: float) -> None:
@@ -123,13 +144,22 @@ class SlaiAdaptivePolicy(SlaiPolicy):
 
     def tightest_slack(self, now: float) -> float | None:
         """Seconds until the earliest deadline of a decode-ready request, or None."""
+        return self.decode_load(now)[0]
+
+    def decode_load(self, now: float) -> tuple[float | None, int, int]:
+        """(tightest slack or None, decode-ready requests, their summed KV context):
+        what the next step's decodes will cost, for sizing its prefill."""
         best = None
+        decodes = ctx = 0
         for req in self.core.running.values():
-            if req.is_decode and req.last_token_s is not None:
-                slack = req.last_token_s + self.tbt_of(req) - now
-                if best is None or slack < best:
-                    best = slack
-        return best
+            if req.is_decode:
+                decodes += 1
+                ctx += req.num_computed_tokens
+                if req.last_token_s is not None:
+                    slack = req.last_token_s + self.tbt_of(req) - now
+                    if best is None or slack < best:
+                        best = slack
+        return best, decodes, ctx
 
     def _key(self, req: Request, tokens: int) -> tuple[int, float]:
         tier = int(req.tier) if self.config.user_priority else 0
@@ -188,8 +218,13 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         if not self.step_model.ready:
             budget = lo
         else:
-            slack = self.tightest_slack(now)
-            budget = hi if slack is None else self.step_model.max_tokens_within(c.tile_slack_fraction * slack)
+            slack, decodes, ctx = self.decode_load(now)
+            if slack is None:
+                budget = hi
+            else:
+                # the step carries (about) every ready decode: their count and context cost time too
+                prefill = self.step_model.max_prefill_within(c.tile_slack_fraction * slack, decodes, ctx)
+                budget = decodes + prefill if prefill > 0 else 0
             budget = min(hi, max(lo, budget))
         budget = min(budget, self.kv_budget_cap(self.kv_used))
         self.last_budget = budget
