@@ -71,8 +71,8 @@ ROWS: tuple[Row, ...] = (
     Row("short-2rps", _random(256, 64), 64, "2"),
     Row("long-inf", _random(2048, 128), 16, "inf"),
     Row("long-0.2rps", _random(2048, 128), 16, "0.2"),
-    Row("prefix-inf", _PREFIX, 64, "inf"),
-    Row("prefix-2rps", _PREFIX, 64, "2"),
+    Row("prefix-inf", _PREFIX, 32, "inf"),
+    Row("prefix-2rps", _PREFIX, 32, "2"),
 )
 
 # the fields of vllm bench serve's result JSON that the report uses
