@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ def server_command(server: str, dtype: str, port: int, model_dir: Path, venv: Pa
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:
-    """Seconds until ``/v1/models`` answers 200 (both servers serve it)."""
+    """Seconds until ``/v1/models`` answers 200 (both servers serve it), or 401 where keys are required."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         if proc.poll() is not None:
@@ -122,6 +123,9 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as resp:
                 if resp.status == 200:
                     return time.monotonic() - t0
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:  # up, and asking for an API key (a key file is configured)
+                return time.monotonic() - t0
         except OSError:
             pass
         time.sleep(1.0)
