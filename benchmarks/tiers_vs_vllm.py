@@ -87,7 +87,7 @@ def markdown(data: dict) -> str:
               f"`slai-serve up --policy {s['policy']}` with tiers by API key; vLLM: "
               "`--scheduling-policy priority` with `priority` 0 (paying) / 1 (free). Client: "
               "`slai-serve bench-serve --http` for both, one server at a time."), "",
-             "Attainment: the share of a tier's requests whose every token gap met the tier's TBT objective. "
+             "Attainment: the share of a tier's token gaps within the tier's TBT objective. "
              "Meets: each tier's P99 TBT within its objective (the paper's criterion).", "",
              "| QPS | server | paying attainment | free attainment | paying P99 TBT s | free P99 TBT s "
              "| paying median TTFT s | free median TTFT s | finished | meets both |",
