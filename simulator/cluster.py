@@ -144,14 +144,7 @@ class ClusterSimulator:
         self.executors = [SimExecutor(i, c) for i, c in enumerate(cores)]
         self.router = Router(routing, seed)
         self.routing = routing
-        self.cost = cost_model
-        self.policy = policy or cores[0].policy.name
-        self.max_sim_time_s = max_sim_time_s
-        self.record_decisions = record_decisions
-        self.now = 0.0
-        self.metrics = MetricsCollector()
-        # the stable criterion's steady-state window, as in the one-executor Simulator (simulator/sim.py)
-        self.steady_fraction: float | None = 0.5
+        _init_run_state(self, cost_model, policy or cores[0].policy.name, max_sim_time_s, record_decisions)
 
     def run(self, items: list[WorkloadItem]) -> ClusterResult:
         execs, router = self.executors, self.router
@@ -170,6 +163,19 @@ class ClusterSimulator:
         self.now, wall, stalled = run_events(execs, items, self.cost, self.metrics, route, self.max_sim_time_s)
         return ClusterResult(policy=self.policy, routing=self.routing, metrics=self.metrics, executors=execs,
                              sim_time_s=self.now, wall_time_s=wall, stalled=stalled, decisions=decisions)
+
+
+def _init_run_state(sim: Any, cost_model: CostModel, policy: str, max_sim_time_s: float | None,
+                    record_decisions: bool) -> None:
+    """What both cluster simulators hold besides their executors and routers."""
+    sim.cost = cost_model
+    sim.policy = policy
+    sim.max_sim_time_s = max_sim_time_s
+    sim.record_decisions = record_decisions
+    sim.now = 0.0
+    sim.metrics = MetricsCollector()
+    # the stable criterion's steady-state window, as in the one-executor Simulator (simulator/sim.py)
+    sim.steady_fraction = 0.5
 
 
 def _set_steady_window(metrics: MetricsCollector, items: list[WorkloadItem], fraction: float | None) -> None:
@@ -268,14 +274,7 @@ class PoolClusterSimulator:
         self.gateways = [_SimGateway(POOL_ROUTINGS[pool_routing], 1_000_003 * (seed + 1) + g, n)
                          for g in range(gateways)]
         self.routing, self.pool_routing, self.load_refresh_s = routing, pool_routing, load_refresh_s
-        self.cost = cost_model
-        self.policy = policy or pools[0][0].policy.name
-        self.max_sim_time_s = max_sim_time_s
-        self.record_decisions = record_decisions
-        self.now = 0.0
-        self.metrics = MetricsCollector()
-        # the stable criterion's steady-state window, as in the one-executor Simulator (simulator/sim.py)
-        self.steady_fraction: float | None = 0.5
+        _init_run_state(self, cost_model, policy or pools[0][0].policy.name, max_sim_time_s, record_decisions)
 
     def run(self, items: list[WorkloadItem]) -> ClusterResult:
         execs, pools, gws = self.executors, self.pools, self.gateways
