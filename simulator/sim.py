@@ -215,8 +215,11 @@ class Simulator:
 
     def __init__(self, core: SchedulerCore, cost_model: CostModel = PAPER_MODEL, policy: str = "",
                  record_steps: bool = True, max_sim_time_s: float | None = None,
-                 steady_fraction: float | None = 0.5) -> None:
+                 steady_fraction: float | None = 0.5, plan_ahead_lead_s: float | None = None) -> None:
         self.core = core
+        # None: decide each step at the previous one's end (the default); a lead: decide it where the live
+        # scheduler does, that long before the running step's predicted end (simulator/plan_ahead.py)
+        self.plan_ahead_lead_s = plan_ahead_lead_s
         self.steady_fraction = steady_fraction  # the metrics' steady-state window: arrivals after this share
         self.cost = cost_model
         self.policy = policy or core.policy.name
@@ -231,7 +234,14 @@ class Simulator:
         items = sorted(items, key=lambda it: it.arrival_s)
         if self.steady_fraction is not None:
             self.metrics.steady_from_s = steady_window_start((it.arrival_s for it in items), self.steady_fraction)
-        self.now, wall, stalled = run_events([ex], items, self.cost, self.metrics, lambda it: ex, self.max_sim_time_s)
+        if self.plan_ahead_lead_s is None:
+            self.now, wall, stalled = run_events([ex], items, self.cost, self.metrics, lambda it: ex,
+                                                 self.max_sim_time_s)
+        else:
+            from simulator.plan_ahead import run_events_ahead
+
+            self.now, wall, stalled = run_events_ahead([ex], items, self.cost, self.metrics, lambda it: ex,
+                                                       self.plan_ahead_lead_s, self.max_sim_time_s)
         return SimResult(policy=self.policy, metrics=self.metrics, steps=self.steps, sim_time_s=self.now,
                          wall_time_s=wall, num_steps=core.num_steps, num_preemptions=core.num_preemptions,
                          busy_time_s=ex.busy_time_s, kv_used_max=ex.kv_used_max, stalled=stalled,
@@ -240,7 +250,10 @@ class Simulator:
 
 def simulate(policy: str, items: list[WorkloadItem], cost_model: CostModel = PAPER_MODEL,
              num_blocks: int = 14733, overrides: list[str] | tuple[str, ...] = (), record_steps: bool = True,
-             max_sim_time_s: float | None = None, steady_fraction: float | None = 0.5) -> SimResult:
-    """Run ``items`` through a fresh core running ``policy``; ``steady_fraction``: see :class:`Simulator`."""
+             max_sim_time_s: float | None = None, steady_fraction: float | None = 0.5,
+             plan_ahead_lead_s: float | None = None) -> SimResult:
+    """Run ``items`` through a fresh core running ``policy``; ``steady_fraction``, ``plan_ahead_lead_s``:
+    see :class:`Simulator`."""
     core = build_core(policy, num_blocks, overrides)
-    return Simulator(core, cost_model, policy, record_steps, max_sim_time_s, steady_fraction).run(items)
+    return Simulator(core, cost_model, policy, record_steps, max_sim_time_s, steady_fraction,
+                     plan_ahead_lead_s).run(items)

@@ -66,9 +66,9 @@ async def replay_http(base_url: str, items: list, builder, keys: dict[str, str |
     client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout_s), limits=limits)
     t0 = time.monotonic() + 0.2
 
-    async def one(item) -> None:
+    async def one(index: int, item) -> None:
         p_len, o_len = clip_lengths(item.prompt_len, item.output_len, max_prompt, max_output, builder.max_model_len)
-        body: dict[str, Any] = {"model": model, "prompt": builder.prompt(p_len), "max_tokens": o_len,
+        body: dict[str, Any] = {"model": model, "prompt": builder.prompt(p_len, index), "max_tokens": o_len,
                                 "stream": True, "ignore_eos": True, "return_token_ids": True}
         if priority:
             body["priority"] = TIER_PRIORITY[item.tier]
@@ -103,7 +103,7 @@ async def replay_http(base_url: str, items: list, builder, keys: dict[str, str |
 
     wall0 = time.monotonic()
     try:
-        await asyncio.gather(*(one(it) for it in items))
+        await asyncio.gather(*(one(i, it) for i, it in enumerate(items)))
     finally:
         await client.aclose()
     extra = {"num_rejected": errors.get("HTTP_429", 0), "num_errors": sum(errors.values()),

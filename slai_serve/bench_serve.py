@@ -75,9 +75,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @dataclass(slots=True)
 class PromptBuilder:
+    """Prompts of an exact token length from single-token words.
+
+    ``prompt(n, index)`` makes the prompts of different requests differ in their
+    first tokens (``index`` in binary, ``word`` for 0 and ``alt`` for 1, over the
+    first :attr:`MARK_TOKENS` positions): with prefix caching on (the scheduler's
+    default) identical prompts would share their KV blocks and skip most of their
+    prefill, which the trace's requests (and the simulator's, which carry no token
+    ids) do not. Without ``index`` the prompt is ``word`` repeated.
+    """
+
+    MARK_TOKENS = 16  # one KV block (docs/scheduler.md, *Prefix caching*): distinct first blocks share nothing
+
     word: str
     num_special: int  # tokens the tokenizer adds around any prompt (BOS/EOS)
     max_model_len: int
+    alt: str = ""  # a second single-token word that mixes freely with ``word`` ("" : none found)
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> PromptBuilder:
@@ -87,10 +100,27 @@ class PromptBuilder:
         word, _ = tok.repeatable_token()
         num_special = len(tok.encode(word)) - 1
         assert len(tok.encode(word * 10)) == 10 + num_special
-        return cls(word, num_special, tok.max_model_len)
+        return cls(word, num_special, tok.max_model_len, _mixing_word(tok, word, num_special))
 
-    def prompt(self, num_tokens: int) -> str:
-        return self.word * max(1, num_tokens - self.num_special)
+    def prompt(self, num_tokens: int, index: int | None = None) -> str:
+        n = max(1, num_tokens - self.num_special)
+        if index is None or not self.alt:
+            return self.word * n
+        k = min(n, self.MARK_TOKENS)
+        mark = "".join(self.alt if (index >> i) & 1 else self.word for i in range(k))
+        return mark + self.word * (n - k)
+
+
+def _mixing_word(tok, word: str, num_special: int) -> str:
+    """A single-token word other than ``word`` such that any mix of the two encodes to one token per piece."""
+    pattern = [(i * 7 + i // 3) % 2 for i in range(64)]  # both orders, runs of one and two
+    for alt in (" a", " the", " hello", " x", " of", " and"):
+        if alt == word or len(tok.encode(alt, add_special_tokens=False)) != 1:
+            continue
+        text = "".join(alt if b else word for b in pattern)
+        if len(tok.encode(text)) == len(pattern) + num_special:
+            return alt
+    return ""
 
 
 def tier_keys(args: argparse.Namespace) -> dict[str, str | None]:
@@ -125,6 +155,7 @@ async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[s
     collector = MetricsCollector()
     errors: Counter = Counter()
     records: list[dict] = []
+    timings: dict[str, dict[str, float]] = {}  # req_id -> its RequestTimings (scheduler clock), when finished
     from wire.grpc_server import message_size_options
 
     channel = grpc.aio.insecure_channel(gateway, options=message_size_options())
@@ -132,9 +163,9 @@ async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[s
     meta = {t: (("authorization", f"Bearer {k}"),) if k else None for t, k in keys.items()}
     t0 = time.monotonic() + 0.2  # a little slack to build the first requests
 
-    async def one(item) -> None:
+    async def one(index: int, item) -> None:
         p_len, o_len = clip_lengths(item.prompt_len, item.output_len, max_prompt, max_output, builder.max_model_len)
-        req = build_request(builder.prompt(p_len), max_tokens=o_len, ignore_eos=True,
+        req = build_request(builder.prompt(p_len, index), max_tokens=o_len, ignore_eos=True,
                             request_id=f"bench-{item.req_id}-{int(t0 * 1e3) % 10**9}")
         collector.register(item.req_id, item.arrival_s, item.tier, item.tbt_slo_s, p_len, o_len)
         delay = t0 + item.arrival_s - time.monotonic()
@@ -148,6 +179,9 @@ async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[s
                 done = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if done:
                     finish = enums.FINISH_FROM_PB[chunk.finish_reason]
+                    if chunk.HasField("timings"):  # the same request on the scheduler's clock
+                        t = chunk.timings
+                        timings[item.req_id] = {"ttft_s": t.ttft_s, "e2e_s": t.e2e_s, "max_tbt_s": t.max_tbt_s}
                 collector.on_token(item.req_id, now, len(chunk.token_ids), finish)
         except grpc.aio.AioRpcError as exc:
             errors[exc.code().name] += 1
@@ -155,11 +189,11 @@ async def replay(gateway: str, items: list, builder: PromptBuilder, keys: dict[s
         records.append(request_record(item, collector.records[item.req_id], p_len, o_len, finish))
 
     wall0 = time.monotonic()
-    await asyncio.gather(*(one(it) for it in items))
+    await asyncio.gather(*(one(i, it) for i, it in enumerate(items)))
     wall = time.monotonic() - wall0
     await channel.close()
     extra = {"num_rejected": errors.get("RESOURCE_EXHAUSTED", 0), "num_errors": sum(errors.values()),
-             "errors_by_code": dict(errors), "wall_time_s": wall, "_records": records}
+             "errors_by_code": dict(errors), "wall_time_s": wall, "_records": records, "_timings": timings}
     return collector, extra
 
 
@@ -226,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         collector, extra = asyncio.run(replay(args.gateway, items, builder, keys, args.max_prompt_len,
                                               args.max_output_len, args.timeout))
     records = extra.pop("_records")
+    extra.pop("_timings", None)
     if extra["errors_by_code"].get("UNAUTHENTICATED") and not (args.api_keys or args.paying_key or args.free_key):
         print("bench-serve: the gateway refused the demo keys (UNAUTHENTICATED): it runs with another key file; "
               "give --api-keys FILE, or --no-keys", file=sys.stderr)
