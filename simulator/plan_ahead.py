@@ -22,9 +22,10 @@ does not model that wait; this loop does, by construction:
 
 What it leaves out, on purpose: the live stack's own time (RPC hops, decision,
 the sleep's overshoot); a simulation that adds a measured per-step overhead does so
-through the cost model (``CostModel.with_overhead``). It is only switched on where a
-simulation stands in for the live stack (``slai-serve agree``, ``sim --plan-ahead``);
-the default simulator keeps deciding at the step's end, bit for bit as before.
+through the cost model (``CostModel.with_overhead``). It is switched on where a
+simulation stands in for the live stack (``simulate(..., plan_ahead_lead_s=...)``, as
+``slai-serve agree`` does); the default simulator keeps deciding at the step's end,
+bit for bit as before (docs/results.md, *Live agreement*).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ import json
 import os
 import stat
 
+import pytest
+
+from contract.model_files import default_model_dir
 from contract.tiers import Tier
 from gateway.auth import load_key_file
 from slai_serve import agree, bench_serve, launch
@@ -86,3 +89,77 @@ def test_scheduler_ttft_mean_pools_the_tiers_of_the_histogram(tmp_path):
                     'slai_inter_token_latency_seconds_sum{tier="free"} 99.0\n')
     assert agree.scheduler_ttft_mean(page.as_uri()) == 2.0 / 4
     assert agree.scheduler_ttft_mean((tmp_path / "missing").as_uri()) is None
+
+
+def test_agreement_is_judged_per_clock():
+    live = {"ttft_p50_s": 0.6, "scheduler_ttft_p50_s": 0.52, "tbt_p99_s": 0.2, "e2e_p50_s": 10.0,
+            "scheduler_e2e_p50_s": 10.0, "num_steps": 1000}
+    sim = {"ttft_p50_s": 0.5, "scheduler_ttft_p50_s": 0.5, "tbt_p99_s": 0.2, "e2e_p50_s": 10.0,
+           "scheduler_e2e_p50_s": 10.0, "num_steps": 1000}
+    rows = agree.compare(live, sim)
+    assert not agree.agrees_on(rows, agree.CLIENT_CLOCK)  # 20% on the client's clock
+    assert agree.agrees_on(rows, agree.SCHEDULER_CLOCK)  # 4% on the scheduler's
+    del live["num_steps"]
+    assert not agree.agrees_on(agree.compare(live, sim), agree.SCHEDULER_CLOCK)  # missing is not met
+
+
+def test_histogram_quantile_pools_series_and_interpolates_like_prometheus():
+    page = ('# TYPE x histogram\n'
+            'x_bucket{le="0.1",tier="free"} 10.0\nx_bucket{le="0.2",tier="free"} 90.0\n'
+            'x_bucket{le="+Inf",tier="free"} 100.0\nx_bucket{tier="paying",le="0.1"} 0.0\n'
+            'x_bucket{tier="paying",le="0.2"} 0.0\nx_bucket{tier="paying",le="+Inf"} 0.0\nx_sum{tier="free"} 1.0\n')
+    assert agree.histogram_quantile(page, "x", 0.5) == pytest.approx(0.1 + 0.1 * 40 / 80)
+    assert agree.histogram_quantile(page, "x", 0.99) == pytest.approx(0.2)  # in +Inf: the last finite bound
+    assert agree.histogram_quantile(page, "y", 0.5) is None
+    # the simulated side through the same buckets gives what the scheduler's histogram would say
+    samples = [0.05] * 10 + [0.15] * 80 + [0.3] * 10
+    assert agree.samples_quantile(samples, (0.1, 0.2), 0.5) == agree.histogram_quantile(page, "x", 0.5)
+    assert agree.samples_quantile([0.1], (0.1, 0.2), 0.5) == pytest.approx(0.05)  # le: the bound is inside
+    assert agree.samples_quantile([], (0.1,), 0.5) is None
+
+
+def test_scheduler_clock_summary_from_request_timings():
+    timings = {f"r{i}": {"ttft_s": 0.1 * i, "e2e_s": 1.0 + i, "max_tbt_s": 0.1} for i in range(1, 4)}
+    page = 'slai_inter_token_latency_seconds_bucket{le="0.5",tier="free"} 4.0\n' \
+           'slai_inter_token_latency_seconds_bucket{le="+Inf",tier="free"} 4.0\n'
+    s = agree.scheduler_clock_summary(timings, page)
+    assert s["scheduler_ttft_p50_s"] == pytest.approx(0.2) and s["scheduler_e2e_p50_s"] == pytest.approx(3.0)
+    assert s["scheduler_ttft_mean_s"] == pytest.approx(0.2)
+    assert s["scheduler_tbt_p99_s"] == pytest.approx(0.495)
+    assert agree.scheduler_clock_summary({}, None) == {"scheduler_ttft_p50_s": None, "scheduler_ttft_mean_s": None,
+                                                       "scheduler_e2e_p50_s": None, "scheduler_tbt_p99_s": None}
+
+
+def test_the_simulated_side_plans_ahead_with_the_live_schedulers_lead():
+    assert agree.live_plan_ahead_lead_s([]) == pytest.approx(0.003)  # ServiceConfig's default
+    assert agree.live_plan_ahead_lead_s(["--pipeline-lead-ms", "5", "--log-level", "INFO"]) == pytest.approx(0.005)
+    assert agree.live_plan_ahead_lead_s(["--no-pipeline"]) is None
+    with pytest.raises(ValueError, match="pipeline-lead-ms"):
+        agree.live_plan_ahead_lead_s(["--pipeline-lead-ms=-1"])
+
+
+def test_prompts_of_different_requests_share_no_kv_block():
+    """Identical prompts would hit the scheduler's prefix cache, which the simulated requests cannot."""
+    b = bench_serve.PromptBuilder(" the", 1, 8192, alt=" a")
+    p = [_pieces(b.prompt(100, i)) for i in range(300)]
+    assert all(len(x) == 99 for x in p)  # 100 tokens with the one special token
+    assert len({tuple(x[:16]) for x in p}) == len(p)  # every first KV block (16 tokens) differs
+    assert all(set(x[16:]) == {" the"} for x in p)
+    assert b.prompt(100) == " the" * 99  # without an index: the repeated word, as before
+    assert bench_serve.PromptBuilder(" the", 0, 8192).prompt(5, 3) == " the" * 5  # no second word: unmarked
+
+
+def _pieces(text: str) -> list[str]:
+    return [" " + w for w in text.split(" ")[1:]]
+
+
+@pytest.mark.skipif(not (default_model_dir() / "tokenizer.json").is_file(), reason="no tokenizer")
+def test_marked_prompts_keep_their_exact_token_length():
+    from gateway.tokenizer import ModelTokenizer
+
+    b = bench_serve.PromptBuilder.from_model_dir(str(default_model_dir()))
+    assert b.alt
+    tok = ModelTokenizer.from_dir(str(default_model_dir()))
+    for n, i in [(1, 5), (3, 7), (16, 65535), (17, 3), (300, 12345)]:
+        assert len(tok.encode(b.prompt(n, i))) == max(n, 1 + b.num_special)
+    assert tok.encode(b.prompt(40, 1))[:16] != tok.encode(b.prompt(40, 2))[:16]
