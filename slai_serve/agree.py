@@ -11,13 +11,22 @@ with ``slai-serve sim``'s core and cost model. It prints both with their ratios
 and the agreement goals: median TTFT within 10 %, P99 TBT and median
 end-to-end within 5 %, step counts within 5 % (docs/results.md, *Live agreement*).
 
-What the two cannot share, and why they still should agree: the live run pays
-real RPC, gateway and detokenizing time per token, and the sleep's overshoot,
-which planning ahead hides from the executor (docs/scheduler.md); the simulator
-charges exactly the model. So each load is also simulated with the live stack's
-measured per-step overhead added to the cost model (columns ``sim+ovh``): when the
+What the two share by construction: the core, the cost model, the requests (each
+prompt distinct in its first KV block, so the live prefix cache finds nothing the
+simulated requests could not), and the instant each step is decided: the simulated
+side plans ahead as the live driver does (``simulator/plan_ahead.py``, the live
+scheduler's ``pipeline_lead_s``; ``--sim-at-step-end`` for the plain simulator, whose
+numbers are also shown as ``sim@end``).
+
+What they cannot share, and why they still should agree: the live run pays real
+RPC, gateway and detokenizing time per token, and the sleep's overshoot; the
+simulator charges exactly the model. So each load is also simulated with the live
+stack's measured per-step overhead added to the cost model (``sim+ovh``): when the
 live run agrees with that but not with the plain simulation, the gap is the
-machine's overhead, not a difference in what the two model.
+machine's overhead, not a difference in what the two model. And the load client
+times tokens on its own clock, after the gateway and delivery: the ``scheduler_*``
+rows are the same requests on the scheduler's clock (the one the simulator models),
+and the verdict is given on both.
 """
 
 from __future__ import annotations
