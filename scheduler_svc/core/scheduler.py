@@ -64,7 +64,7 @@ class SchedulerCore:
         self._events: list[LifecycleEvent] = []
         self._seq = itertools.count()
         self._step_ids = itertools.count(1)
-        self._in_flight: deque[tuple[BatchPlan, float, float]] = deque()  # (plan, scheduled at, expected end)
+        self._in_flight: deque[tuple[BatchPlan, float]] = deque()  # (plan, scheduled at)
         self._advanced: tuple[BatchPlan, list[Request]] | None = None  # applied ahead; its sampling requests
         self._last_result_s: float | None = None  # when the last result was applied
         self._known_to_runner: set[str] = set()  # sent as `new`, not yet released
@@ -177,7 +177,13 @@ class SchedulerCore:
         if inflight:
             if len(inflight) > 1:
                 raise RuntimeError("schedule() with two plans in flight: update() the oldest first")
-            running, _, expected_end = inflight[0]
+            running, running_sent = inflight[0]
+            # the running plan ends a mean step after it started: when it was sent, or when the plan before it
+            # ended, if later (as update() times steps). NOTE: not its own decision's expected start plus a mean
+            # step: chained from plan to plan, that drifts ahead of the clock whenever steps run shorter than the
+            # mean, and deadlines set at a drifted time come due late (docs/results.md, *Live agreement*)
+            last = self._last_result_s
+            expected_end = (running_sent if last is None or last < running_sent else last) + self.estimator.mean_s
             if self._advanced is None:
                 self._advance(running, expected_end)
             now = max(now, expected_end)
@@ -211,7 +217,7 @@ class SchedulerCore:
         )
         self._release_finished = []
         self._release_preempted = []
-        inflight.append((plan, sent, now + self.estimator.mean_s))
+        inflight.append((plan, sent))
         return plan
 
     def update(self, plan: BatchPlan, result: StepResult, now: float) -> list[TokenEvent]:
@@ -230,7 +236,7 @@ class SchedulerCore:
             raise RuntimeError("update() for a plan that is not the oldest in flight")
         if result.step_id != plan.step_id:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
-        _, sent, _ = inflight.popleft()
+        _, sent = inflight.popleft()
         if not plan.is_empty:
             # the step started when it was scheduled, or when the plan before it ended
             last = self._last_result_s
