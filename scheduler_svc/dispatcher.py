@@ -370,5 +370,6 @@ class Dispatcher:
                 mean_decision_s=st.mean_decision_s, mean_executor_wait_s=st.mean_executor_wait_s,
                 mean_rpc_overhead_s=max(0.0, st.mean_rpc_overhead_s), num_steps_planned_ahead=st.num_planned_ahead,
                 prefix_cache_queries=queries, prefix_cache_hits=hits,
-                prefix_cache_hit_rate=hits / queries if queries else 0.0))
+                prefix_cache_hit_rate=hits / queries if queries else 0.0,
+                mean_plan_ahead_lead_s=st.mean_plan_ahead_lead_s))
         return out

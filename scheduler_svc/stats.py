@@ -25,6 +25,8 @@ class DriverStats:
     sum_executor_total_s: float = 0.0  # executor-reported total_ns
     sum_executor_idle_s: float = 0.0  # executor-reported idle_ns, busy periods only
     num_idle_samples: int = 0
+    sum_ahead_lead_s: float = 0.0  # planned ahead: the running step's result minus the decision
+    num_ahead_leads: int = 0
     last: PlanStats = field(default_factory=PlanStats)
     decision_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
     overhead_ring: deque = field(default_factory=lambda: deque(maxlen=RING))
@@ -54,6 +56,11 @@ class DriverStats:
         if not plan.is_empty:
             self.last = plan.stats
 
+    def observe_ahead_lead(self, lead_s: float) -> None:
+        """A step was planned ahead ``lead_s`` before the result of the step it was queued behind."""
+        self.sum_ahead_lead_s += lead_s
+        self.num_ahead_leads += 1
+
     def _mean(self, total: float) -> float:
         return total / self.num_steps if self.num_steps else 0.0
 
@@ -71,6 +78,12 @@ class DriverStats:
         """How long the executor waited for each plan while there was work (its own idle_ns):
         decision + encode + RPC, minus whatever planning ahead hid."""
         return self.sum_executor_idle_s / self.num_idle_samples if self.num_idle_samples else 0.0
+
+    @property
+    def mean_plan_ahead_lead_s(self) -> float:
+        """How long before the running step's result each step planned ahead was decided: arrivals
+        in that window wait a step more (the simulator models it: simulator/plan_ahead.py)."""
+        return self.sum_ahead_lead_s / self.num_ahead_leads if self.num_ahead_leads else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,4 +110,5 @@ class ExecutorStatsView:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     prefix_cache_hit_rate: float = 0.0
+    mean_plan_ahead_lead_s: float = 0.0
 

@@ -261,11 +261,18 @@ class ExecutorDriver:
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.wait({task}, timeout=delay)
+            decided_at = None
             if not task.done() and core.has_work:
+                decided_at = time.perf_counter()
                 sent = await self._plan_and_send(busy=True, running=head.plan)
                 if sent is not None:
                     inflight.append(sent)
-            return await task
+                else:
+                    decided_at = None  # nothing was queued
+            result = await task
+            if decided_at is not None:  # the decision instant, measured: its lead over the result
+                self.stats.observe_ahead_lead(time.perf_counter() - decided_at)
+            return result
         except BaseException:
             task.cancel()
             if task.done() and not task.cancelled():

@@ -48,21 +48,26 @@ ARRIVAL, STEP_END, SCHEDULE, AHEAD = 0, 1, 2, 3
 class _Lane:
     """One executor's pipelining state: the step running, the plan queued behind it, the predictor."""
 
-    __slots__ = ("dt", "predictor", "queued", "running")
+    __slots__ = ("decided_at", "dt", "predictor", "queued", "running")
 
     def __init__(self) -> None:
         self.running = None  # the plan on the executor
         self.dt = 0.0  # its duration
         self.queued = None  # the plan decided ahead, waiting for the running one to end
+        self.decided_at = 0.0  # when it was decided
         self.predictor = StepTimePredictor()
 
 
 def run_events_ahead(executors: list, items: list[WorkloadItem], cost: CostModel, metrics: MetricsCollector,
-                     route, lead_s: float, max_sim_time_s: float | None = None) -> tuple[float, float, bool]:
+                     route, lead_s: float, max_sim_time_s: float | None = None,
+                     counts: dict[str, int] | None = None) -> tuple[float, float, bool]:
     """:func:`simulator.sim.run_events` with each plan decided where the live driver decides it.
 
-    ``lead_s``: the scheduler's ``pipeline_lead_s`` (``ServiceConfig``). Same arguments and
-    result otherwise: (simulated end time, wall seconds, stalled).
+    ``lead_s``: the scheduler's ``pipeline_lead_s`` (``ServiceConfig``). ``counts``, when given,
+    gets ``num_steps_planned_ahead`` (steps decided while the one before them ran) and
+    ``sum_plan_ahead_lead_s`` (how long before that step's end each was decided), as the live
+    scheduler's Stats count them. Same arguments and result otherwise: (simulated end
+    time, wall seconds, stalled).
     """
     if lead_s < 0:
         raise ValueError(f"lead_s must be >= 0, got {lead_s}")
@@ -78,6 +83,8 @@ def run_events_ahead(executors: list, items: list[WorkloadItem], cost: CostModel
     next_arrival = 0
     stalled = False
     now = 0.0
+    num_ahead = 0
+    sum_lead = 0.0
     wall0 = time.perf_counter()
 
     def start(ex, plan, t: float) -> None:
@@ -127,7 +134,7 @@ def run_events_ahead(executors: list, items: list[WorkloadItem], cost: CostModel
             if ahead.is_empty and not ahead.finished_ids and not ahead.preempted_ids:
                 core.update(ahead, StepResult(step_id=ahead.step_id), t)  # withdrawn, as the live loop does
             else:
-                lane.queued = ahead
+                lane.queued, lane.decided_at = ahead, t
             continue
         if kind == STEP_END:
             ex, plan = payload
@@ -141,6 +148,8 @@ def run_events_ahead(executors: list, items: list[WorkloadItem], cost: CostModel
             if queued is not None:
                 if not queued.is_empty:
                     start(ex, queued, t)  # the executor found it queued: no decision at this end
+                    num_ahead += 1
+                    sum_lead += t - lane.decided_at
                     continue
                 # only releases (nothing to run): applied at once; the next plan is decided now
                 core.update(queued, StepResult(step_id=queued.step_id), t)
@@ -161,6 +170,9 @@ def run_events_ahead(executors: list, items: list[WorkloadItem], cost: CostModel
             continue
         start(ex, plan, t)
     metrics.num_preemptions = sum(e.core.num_preemptions for e in executors)
+    if counts is not None:
+        counts["num_steps_planned_ahead"] = num_ahead
+        counts["sum_plan_ahead_lead_s"] = sum_lead
     return now, time.perf_counter() - wall0, stalled
 
 

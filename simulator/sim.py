@@ -69,6 +69,8 @@ class SimResult:
     kv_used_max: float
     stalled: bool  # stopped with requests that could never be scheduled
     prefix_cache: dict[str, Any] = field(default_factory=dict)  # prefix_cache_summary()
+    # planning ahead simulated (simulator/plan_ahead.py): num_steps_planned_ahead, mean_plan_ahead_lead_s
+    plan_ahead: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         s = self.metrics.summary()
@@ -85,6 +87,7 @@ class SimResult:
             stalled=self.stalled,
         )
         s.update(self.prefix_cache)
+        s.update(self.plan_ahead)  # (empty by default: the default output keeps its keys)
         return s
 
 
@@ -234,6 +237,7 @@ class Simulator:
         items = sorted(items, key=lambda it: it.arrival_s)
         if self.steady_fraction is not None:
             self.metrics.steady_from_s = steady_window_start((it.arrival_s for it in items), self.steady_fraction)
+        counts: dict[str, int] = {}
         if self.plan_ahead_lead_s is None:
             self.now, wall, stalled = run_events([ex], items, self.cost, self.metrics, lambda it: ex,
                                                  self.max_sim_time_s)
@@ -241,11 +245,19 @@ class Simulator:
             from simulator.plan_ahead import run_events_ahead
 
             self.now, wall, stalled = run_events_ahead([ex], items, self.cost, self.metrics, lambda it: ex,
-                                                       self.plan_ahead_lead_s, self.max_sim_time_s)
+                                                       self.plan_ahead_lead_s, self.max_sim_time_s, counts)
         return SimResult(policy=self.policy, metrics=self.metrics, steps=self.steps, sim_time_s=self.now,
                          wall_time_s=wall, num_steps=core.num_steps, num_preemptions=core.num_preemptions,
                          busy_time_s=ex.busy_time_s, kv_used_max=ex.kv_used_max, stalled=stalled,
-                         prefix_cache=prefix_cache_summary([core]))
+                         prefix_cache=prefix_cache_summary([core]),
+                         plan_ahead=_plan_ahead_summary(counts))
+
+
+def _plan_ahead_summary(counts: dict[str, Any]) -> dict[str, Any]:
+    if not counts:
+        return {}
+    n = counts["num_steps_planned_ahead"]
+    return {"num_steps_planned_ahead": n, "mean_plan_ahead_lead_s": counts["sum_plan_ahead_lead_s"] / n if n else 0.0}
 
 
 def simulate(policy: str, items: list[WorkloadItem], cost_model: CostModel = PAPER_MODEL,

@@ -49,7 +49,7 @@ GOALS: tuple[tuple[str, float | None], ...] = (
     ("ttft_p50_s", 0.10), ("scheduler_ttft_p50_s", 0.10), ("ttft_mean_s", None), ("scheduler_ttft_mean_s", None),
     ("ttft_p99_s", None), ("tbt_p99_s", 0.05), ("scheduler_tbt_p99_s", None), ("e2e_p50_s", 0.05),
     ("scheduler_e2e_p50_s", 0.05), ("num_steps", 0.05), ("num_preemptions", None), ("throughput_tokens_per_s", None),
-    ("mean_step_s", None),
+    ("mean_step_s", None), ("planned_ahead_fraction", None), ("mean_plan_ahead_lead_s", None),
 )
 CLIENT_CLOCK = ("ttft_p50_s", "tbt_p99_s", "e2e_p50_s", "num_steps")
 SCHEDULER_CLOCK = ("scheduler_ttft_p50_s", "scheduler_e2e_p50_s", "num_steps")
@@ -185,7 +185,14 @@ def simulate_items(policy: str, items: list, args: argparse.Namespace, overhead_
     for key in ("ttft_p50_s", "ttft_mean_s", "e2e_p50_s"):
         s["scheduler_" + key] = s[key]
     s["scheduler_tbt_p99_s"] = samples_quantile(res.metrics.tbt_samples(), ITL_BUCKETS, 0.99)
+    s["planned_ahead_fraction"] = planned_ahead_fraction(s)
     return s
+
+
+def planned_ahead_fraction(s: dict[str, Any]) -> float | None:
+    """The share of steps decided while the step before them ran (0 when nothing is planned ahead)."""
+    n = s.get("num_steps")
+    return (s.get("num_steps_planned_ahead") or 0) / n if n else None
 
 
 def run_live(policy: str, items: list, builder, key_file: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -228,6 +235,9 @@ def run_live(policy: str, items: list, builder, key_file: str, args: argparse.Na
         s["mean_step_s"] = after["mean_batch_s"]
         s["live_rpc_overhead_s"] = after["mean_rpc_overhead_s"]
         s["live_executor_wait_s"] = after["mean_executor_wait_s"]
+        s["num_steps_planned_ahead"] = after.get("num_steps_planned_ahead", 0) - before.get("num_steps_planned_ahead", 0)
+        s["planned_ahead_fraction"] = planned_ahead_fraction(s)
+        s["mean_plan_ahead_lead_s"] = after.get("mean_plan_ahead_lead_s")
     return s
 
 

@@ -221,7 +221,9 @@ def scheduler_stats(address: str, service_token: str = "") -> dict[str, Any] | N
     return {"policy": st.policy, "num_preemptions": sum(e.num_preemptions for e in st.executors),
             "num_steps": steps, "mean_batch_s": step_weighted("mean_batch_s"),
             "mean_rpc_overhead_s": step_weighted("mean_rpc_overhead_s"),
-            "mean_executor_wait_s": step_weighted("mean_executor_wait_s")}
+            "mean_executor_wait_s": step_weighted("mean_executor_wait_s"),
+            "num_steps_planned_ahead": sum(e.num_steps_planned_ahead for e in st.executors),
+            "mean_plan_ahead_lead_s": step_weighted("mean_plan_ahead_lead_s")}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -213,13 +213,14 @@ async def test_planning_ahead_hides_the_gap_and_changes_no_token(stack):
             out.sampling.stop_token_ids.append(fake_token(rid, p + stop, 32000))
         return out
 
-    seen, ahead, steps = {}, {}, {}
+    seen, ahead, steps, lead = {}, {}, {}, {}
     for pipeline in (False, True):
         st = await stack([RecordingRunner(cost=lambda plan: 0.004)], pipeline=pipeline)
         results = await asyncio.gather(*[collect(st.stub, msg(rid)) for rid in specs])
         seen[pipeline] = {rid: (tokens_of(evs), evs[-1].finish_reason) for rid, evs in zip(specs, results)}
         s = stats(st.dispatcher)["executors"][0]
         ahead[pipeline], steps[pipeline] = s["num_steps_planned_ahead"], s["num_steps"]
+        lead[pipeline] = s["mean_plan_ahead_lead_s"]
         assert s["num_running"] == 0 and s["kv_used_fraction"] == 0.0
     assert seen[True] == seen[False]
     for rid, (p, m, stop) in specs.items():
@@ -228,3 +229,5 @@ async def test_planning_ahead_hides_the_gap_and_changes_no_token(stack):
         assert reason == (common_pb2.FINISH_REASON_LENGTH if stop is None else common_pb2.FINISH_REASON_STOP)
     assert ahead[False] == 0
     assert ahead[True] >= steps[True] // 4  # most steps, in practice; a quarter leaves room for a loaded CI box
+    # the decision instant, measured: before the running step's result, by no more than a step and a bit
+    assert lead[False] == 0.0 and 0.0 < lead[True] < 1.0

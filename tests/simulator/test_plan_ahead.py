@@ -49,6 +49,11 @@ def test_plans_decided_ahead_take_no_time_of_their_own():
         starts = list(res.steps.cols["t"])  # back to back while there is work
         assert all(b - a == pytest.approx(STEP_S) for a, b in itertools.pairwise(starts))
     assert ahead.num_steps == at_end.num_steps == 10  # A decodes 10 tokens; B (3 tokens, a step later) fits beside
+    # every step but the first was decided while the one before it ran (the first had nothing before it)
+    assert ahead.summary()["num_steps_planned_ahead"] == 9
+    # step 2 was decided at 0 (no prediction yet: 0.1 s ahead of step 1's end), the others 3 ms ahead
+    assert ahead.summary()["mean_plan_ahead_lead_s"] == pytest.approx((STEP_S + 8 * LEAD_S) / 9)
+    assert "num_steps_planned_ahead" not in at_end.summary()  # the default output keeps its keys
 
 
 @pytest.mark.parametrize("policy", ["slai", "sarathi-fcfs", "slai-adaptive"])

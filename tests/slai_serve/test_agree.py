@@ -130,6 +130,12 @@ def test_scheduler_clock_summary_from_request_timings():
                                                        "scheduler_e2e_p50_s": None, "scheduler_tbt_p99_s": None}
 
 
+def test_planned_ahead_fraction():
+    assert agree.planned_ahead_fraction({"num_steps": 200, "num_steps_planned_ahead": 150}) == 0.75
+    assert agree.planned_ahead_fraction({"num_steps": 200}) == 0.0  # the plain simulator plans nothing ahead
+    assert agree.planned_ahead_fraction({"num_steps": 0}) is None
+
+
 def test_the_simulated_side_plans_ahead_with_the_live_schedulers_lead():
     assert agree.live_plan_ahead_lead_s([]) == pytest.approx(0.003)  # ServiceConfig's default
     assert agree.live_plan_ahead_lead_s(["--pipeline-lead-ms", "5", "--log-level", "INFO"]) == pytest.approx(0.005)

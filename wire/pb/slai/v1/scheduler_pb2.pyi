@@ -121,7 +121,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorStats(_message.Message):
-    __slots__ = ("address", "healthy", "num_waiting", "num_running", "num_blocks", "kv_used_fraction", "mean_batch_s", "num_steps", "num_preemptions", "last_num_critical_decodes", "last_num_noncritical_decodes", "last_num_prefill_tokens", "last_offset", "mean_decision_s", "mean_executor_wait_s", "mean_rpc_overhead_s", "num_steps_planned_ahead", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate")
+    __slots__ = ("address", "healthy", "num_waiting", "num_running", "num_blocks", "kv_used_fraction", "mean_batch_s", "num_steps", "num_preemptions", "last_num_critical_decodes", "last_num_noncritical_decodes", "last_num_prefill_tokens", "last_offset", "mean_decision_s", "mean_executor_wait_s", "mean_rpc_overhead_s", "num_steps_planned_ahead", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "mean_plan_ahead_lead_s")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class ExecutorStats(_message.Message):
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_PLAN_AHEAD_LEAD_S_FIELD_NUMBER: _ClassVar[int]
     address: str
     healthy: bool
     num_waiting: int
@@ -162,7 +163,8 @@ class ExecutorStats(_message.Message):
     prefix_cache_queries: int
     prefix_cache_hits: int
     prefix_cache_hit_rate: float
-    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., kv_used_fraction: _Optional[float] = ..., mean_batch_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., last_num_critical_decodes: _Optional[int] = ..., last_num_noncritical_decodes: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., last_offset: _Optional[float] = ..., mean_decision_s: _Optional[float] = ..., mean_executor_wait_s: _Optional[float] = ..., mean_rpc_overhead_s: _Optional[float] = ..., num_steps_planned_ahead: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ...) -> None: ...
+    mean_plan_ahead_lead_s: float
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., kv_used_fraction: _Optional[float] = ..., mean_batch_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., last_num_critical_decodes: _Optional[int] = ..., last_num_noncritical_decodes: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., last_offset: _Optional[float] = ..., mean_decision_s: _Optional[float] = ..., mean_executor_wait_s: _Optional[float] = ..., mean_rpc_overhead_s: _Optional[float] = ..., num_steps_planned_ahead: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., mean_plan_ahead_lead_s: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("policy", "executors", "num_queued_total", "num_queued_prompt_tokens")
