@@ -19,11 +19,12 @@ scheduler's ``pipeline_lead_s``; ``--sim-at-step-end`` for the plain simulator, 
 numbers are also shown as ``sim@end``).
 
 What they cannot share, and why they still should agree: the live run pays real
-RPC, gateway and detokenizing time per token, and the sleep's overshoot; the
-simulator charges exactly the model. So each load is also simulated with the live
-stack's measured per-step overhead added to the cost model (``sim+ovh``): when the
-live run agrees with that but not with the plain simulation, the gap is the
-machine's overhead, not a difference in what the two model. And the load client
+RPC, gateway and detokenizing time, the executor's bookkeeping and the sleep's
+overshoot; the simulator charges exactly the model. So each load is also simulated
+with the live stack's measured excess per step (its mean step minus the simulated
+one, a single number per run) added to every step (``sim+ovh``): when the live run
+agrees with that but not with the plain simulation, the gap is the machine's time
+per step, not a difference in what the two model. A diagnosis, not the verdict. And the load client
 times tokens on its own clock, after the gateway and delivery: the ``scheduler_*``
 rows are the same requests on the scheduler's clock (the one the simulator models),
 and the verdict is given on both.
@@ -189,6 +190,14 @@ def simulate_items(policy: str, items: list, args: argparse.Namespace, overhead_
     return s
 
 
+def step_excess_s(live: dict[str, Any], sim: dict[str, Any]) -> float | None:
+    """How much longer the live stack's mean step was than the simulated one (None when not longer):
+    the machine's time per step (decision, hops, the executor's bookkeeping, the sleep's overshoot),
+    one number per run, that ``sim+ovh`` adds to every simulated step."""
+    a, b = live.get("mean_step_s"), sim.get("mean_step_s")
+    return a - b if a is not None and b is not None and a > b else None
+
+
 def planned_ahead_fraction(s: dict[str, Any]) -> float | None:
     """The share of steps decided while the step before them ran (0 when nothing is planned ahead)."""
     n = s.get("num_steps")
@@ -329,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
         # the goals on the client's clock (what the issue measured, delivery included), and on the scheduler's
         point["agrees"] = agrees_on(point["rows"], CLIENT_CLOCK) and not point["live_errors"]
         point["agrees_scheduler_clock"] = agrees_on(point["rows"], SCHEDULER_CLOCK) and not point["live_errors"]
-        overhead_s = live.get("live_rpc_overhead_s")
+        overhead_s = step_excess_s(live, sim)
+        point["sim_overhead_s"] = overhead_s
         if overhead_s:  # diagnosis: is the gap the live stack's per-step overhead, or a different model?
             sim_oh = simulate_items(args.policy, items, args, overhead_ms=1e3 * overhead_s)
             for r in point["rows"]:
@@ -367,7 +377,8 @@ def print_point(p: dict[str, Any]) -> None:
           + (f", {p['live_errors']} live errors" if p["live_errors"] else ""))
     if p.get("live_rpc_overhead_s") is not None:
         print(f"  live per step: {1e3 * p['live_rpc_overhead_s']:.2f} ms outside the executor, executor waited "
-              f"{1e3 * (p.get('live_executor_wait_s') or 0):.2f} ms for each plan")
+              f"{1e3 * (p.get('live_executor_wait_s') or 0):.2f} ms for each plan; sim+ovh adds "
+              f"{1e3 * (p.get('sim_overhead_s') or 0):.2f} ms to every step (the live mean step's excess)")
     print(f"  {'metric':26s} {'live':>10s} {'sim':>10s} {'live/sim':>9s}  {'goal':12s} {'sim+ovh':>10s} "
           f"{'live/sim+ovh':>12s} {'sim@end':>10s} {'live/sim@end':>12s}")
     for r in p["rows"]:

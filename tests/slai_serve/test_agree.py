@@ -130,6 +130,12 @@ def test_scheduler_clock_summary_from_request_timings():
                                                        "scheduler_e2e_p50_s": None, "scheduler_tbt_p99_s": None}
 
 
+def test_step_excess_is_the_live_mean_steps_excess():
+    assert agree.step_excess_s({"mean_step_s": 0.032}, {"mean_step_s": 0.030}) == pytest.approx(0.002)
+    assert agree.step_excess_s({"mean_step_s": 0.029}, {"mean_step_s": 0.030}) is None  # faster: nothing to add
+    assert agree.step_excess_s({}, {"mean_step_s": 0.030}) is None
+
+
 def test_planned_ahead_fraction():
     assert agree.planned_ahead_fraction({"num_steps": 200, "num_steps_planned_ahead": 150}) == 0.75
     assert agree.planned_ahead_fraction({"num_steps": 200}) == 0.0  # the plain simulator plans nothing ahead
