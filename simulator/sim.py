@@ -11,7 +11,9 @@ does::
     dt     = cost_model.step_time_s(plan)            # incl. fixed per-step overhead
     events = core.update(plan, result, now + dt)     # at the STEP_END event
 
-An idle executor (empty plan) waits for the next arrival. Per-step statistics
+An idle executor (empty plan) waits for the next arrival. With ``plan_ahead_lead_s``
+(:class:`Simulator`, :func:`simulate`) each plan is decided where the live scheduler
+decides it, shortly before the running step's predicted end (``simulator/plan_ahead.py``). Per-step statistics
 (``plan.stats``) are recorded for queue-length-over-time plots.
 
 No grpc or torch here.
