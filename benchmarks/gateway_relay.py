@@ -120,6 +120,58 @@ async def _fake_scheduler(port: int, step_ms: float, vocab_ids: list[int], gaps:
     await srv.server.wait_for_termination()
 
 
+async def _bare_gateway(port: int, step_ms: float, pieces: list[tuple[int, str]], gaps: _Gaps) -> None:
+    """``--bare``: not the gateway but a grpc.aio ``GatewayService`` that only streams prebuilt chunks on
+    the same pacing (one token per stream per step): what grpc.aio alone costs per token."""
+    from wire.grpc_server import start_server
+    from wire.pb.slai.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    waiters: list[asyncio.Future] = []
+    chunks = [gateway_pb2.GenerateChunk(text=t, token_ids=[i]) for i, t in pieces]
+
+    async def ticker() -> None:
+        loop = asyncio.get_running_loop()
+        period, deadline, last = step_ms / 1e3, loop.time(), None
+        while True:
+            deadline = max(deadline + period, loop.time() - period)
+            await asyncio.sleep(max(deadline - loop.time(), 0.0))
+            now = time.monotonic()
+            ready, waiters[:] = list(waiters), []
+            if ready:
+                gaps.tokens += len(ready)
+                if last is not None:
+                    gaps.gaps.append((now - last, len(ready)))
+                last = now
+            else:
+                last = None
+            for f in ready:
+                if not f.done():
+                    f.set_result(None)
+
+    class Bare(gateway_pb2_grpc.GatewayServiceServicer):
+        async def Generate(self, request, context):
+            loop = asyncio.get_running_loop()
+            n = request.max_tokens
+            for i in range(n):
+                f = loop.create_future()
+                waiters.append(f)
+                await f
+                chunk = chunks[i % len(chunks)]
+                if i + 1 == n:
+                    chunk = gateway_pb2.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids,
+                                                      finish_reason=common_pb2.FINISH_REASON_LENGTH)
+                    chunk.usage.completion_tokens = n
+                yield chunk
+
+    srv = await start_server([lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(Bare(), s)],
+                             ["slai.v1.GatewayService"], f"127.0.0.1:{port}")
+    task = asyncio.ensure_future(ticker())
+    try:
+        await srv.server.wait_for_termination()
+    finally:
+        task.cancel()
+
+
 async def _client(address: str, streams: int, tokens: int) -> dict:
     import grpc
 
@@ -178,9 +230,9 @@ def stop_processes(*procs: subprocess.Popen) -> None:
             proc.kill()
 
 
-def _run_fake_scheduler(port: int, step_ms: float, model_dir: str, stats_file: str) -> None:
-    """The fake scheduler process: SIGUSR1 starts its emission record afresh, SIGTERM writes it to
-    ``stats_file`` (JSON) and exits."""
+def _run_fake_scheduler(port: int, step_ms: float, model_dir: str, stats_file: str, bare: bool = False) -> None:
+    """The fake scheduler process (``bare``: the bare gateway instead): SIGUSR1 starts its emission
+    record afresh, SIGTERM writes it to ``stats_file`` (JSON) and exits."""
     from gateway.tokenizer import ModelTokenizer
 
     tok = ModelTokenizer.from_dir(model_dir)
@@ -196,7 +248,10 @@ def _run_fake_scheduler(port: int, step_ms: float, model_dir: str, stats_file: s
 
     signal.signal(signal.SIGUSR1, gaps.reset)
     signal.signal(signal.SIGTERM, dump)
-    asyncio.run(_fake_scheduler(port, step_ms, ids, gaps))
+    if bare:
+        asyncio.run(_bare_gateway(port, step_ms, [(i, tok.decode([i])) for i in ids], gaps))
+    else:
+        asyncio.run(_fake_scheduler(port, step_ms, ids, gaps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gateway-arg", action="append", default=[], help="extra gateway flag (repeatable)")
     p.add_argument("--profile-gateway", default="", metavar="FILE",
                    help="run the gateway under cProfile and write its profile here (slows it down)")
+    p.add_argument("--bare", action="store_true",
+                   help="instead of the gateway and the fake scheduler: a bare grpc.aio server that streams "
+                        "prebuilt chunks on the same pacing (the transport's own cost per token)")
     p.add_argument("--fake-scheduler-port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--bare-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--stats-file", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.fake_scheduler_port:
-        _run_fake_scheduler(args.fake_scheduler_port, args.step_ms, args.model_dir, args.stats_file)
+    if args.fake_scheduler_port or args.bare_port:
+        _run_fake_scheduler(args.fake_scheduler_port or args.bare_port, args.step_ms, args.model_dir,
+                            args.stats_file, bare=bool(args.bare_port))
         return 0
 
     from contract.model_files import default_model_dir
@@ -223,28 +283,37 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         stats_file = os.path.join(tmp, "sched.json")
-        sched = subprocess.Popen([py, "-m", "benchmarks.gateway_relay", "--fake-scheduler-port", str(sp), "--step-ms",
-                                  str(args.step_ms), "--model-dir", model_dir, "--stats-file", stats_file])
-        prof = ["-m", "cProfile", "-o", args.profile_gateway] if args.profile_gateway else []
-        gw = subprocess.Popen([py, *prof, "-m", "slai_serve.cli", "gateway", "--scheduler", f"127.0.0.1:{sp}",
-                               "--host", "127.0.0.1", "--grpc-port", str(gp), "--http-port", "-1",
-                               "--model-dir", model_dir, "--log-level", "WARNING", *args.gateway_arg])
+        if args.bare:  # one process: the bare server paces itself and keeps the emission record
+            sched = None
+            gw = subprocess.Popen([py, "-m", "benchmarks.gateway_relay", "--bare-port", str(gp), "--step-ms",
+                                   str(args.step_ms), "--model-dir", model_dir, "--stats-file", stats_file])
+        else:
+            sched = subprocess.Popen([py, "-m", "benchmarks.gateway_relay", "--fake-scheduler-port", str(sp),
+                                      "--step-ms", str(args.step_ms), "--model-dir", model_dir,
+                                      "--stats-file", stats_file])
+            prof = ["-m", "cProfile", "-o", args.profile_gateway] if args.profile_gateway else []
+            gw = subprocess.Popen([py, *prof, "-m", "slai_serve.cli", "gateway", "--scheduler", f"127.0.0.1:{sp}",
+                                   "--host", "127.0.0.1", "--grpc-port", str(gp), "--http-port", "-1",
+                                   "--model-dir", model_dir, "--log-level", "WARNING", *args.gateway_arg])
+        recorder = sched or gw
         try:
-            wait_healthy(f"127.0.0.1:{sp}", timeout_s=30, proc=sched)
+            if sched is not None:
+                wait_healthy(f"127.0.0.1:{sp}", timeout_s=30, proc=sched)
             wait_healthy(f"127.0.0.1:{gp}", "slai.v1.GatewayService", timeout_s=30, proc=gw)
             asyncio.run(_client(f"127.0.0.1:{gp}", 4, 8))  # warm up
             time.sleep(0.2)
-            sched.send_signal(signal.SIGUSR1)  # the scheduler's record starts with the measured run
+            recorder.send_signal(signal.SIGUSR1)  # the emission record starts with the measured run
             time.sleep(0.2)
-            cpu0, scpu0 = _cpu_s(gw.pid), _cpu_s(sched.pid)
+            cpu0, scpu0 = _cpu_s(gw.pid), _cpu_s(sched.pid) if sched is not None else 0.0
             res = asyncio.run(_client(f"127.0.0.1:{gp}", args.streams, args.tokens))
             res["gateway_cpu_s"] = _cpu_s(gw.pid) - cpu0
-            res["sched_cpu_s"] = _cpu_s(sched.pid) - scpu0
+            res["sched_cpu_s"] = _cpu_s(sched.pid) - scpu0 if sched is not None else 0.0
         finally:
-            stop_processes(gw, sched)
+            stop_processes(*(p for p in (gw, sched) if p is not None))
         if os.path.exists(stats_file):
             with open(stats_file) as fh:
                 res.update(json.load(fh))
+    res["bare"] = args.bare
     n = max(res["total_tokens"], 1)
     res["gateway_cpu_us_per_token"] = res["gateway_cpu_s"] / n * 1e6
     res["sched_cpu_us_per_token"] = res["sched_cpu_s"] / n * 1e6
