@@ -33,7 +33,7 @@ from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput
 from telemetry import tracing
 from telemetry.metrics import GatewayMetrics
-from wire.grpc_server import AdmissionRejected
+from wire.grpc_server import AdmissionRejected, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,20 @@ class GenerationService:
 
     async def _read(self, rid: str, call: PoolCall, buf: TokenBuffer,
                     tracker: TimingTracker) -> None:
-        """Pull ``call``'s events into ``buf`` until the stream ends or the client stalls."""
+        """Pull ``call``'s events into ``buf`` until the stream ends, the client stalls, or the request
+        runs past ``request_timeout_s`` (then it is aborted upstream and ends with ``DeadlineExceeded``)."""
+        timeout_s = self.config.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._pull(rid, call, buf, tracker)
+        except TimeoutError:
+            if self._in_flight.get(rid) is call:
+                del self._in_flight[rid]
+            self._abort_upstream(rid, call)
+            buf.close(DeadlineExceeded(f"request {rid} was still running after the gateway's request timeout of "
+                                       f"{timeout_s:g} s (--request-timeout-s); it was aborted"))
+
+    async def _pull(self, rid: str, call: PoolCall, buf: TokenBuffer, tracker: TimingTracker) -> None:
         try:
             async for ev in call:
                 tracker.on_event(ev)
