@@ -33,7 +33,7 @@ from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput
 from telemetry import tracing
 from telemetry.metrics import GatewayMetrics
-from wire.grpc_server import AdmissionRejected
+from wire.grpc_server import AdmissionRejected, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,14 @@ class GenerationService:
         relay = _Relay(self, rid, tracker)
         buf = relay.buf = TokenBuffer(self.config.stream_buffer_tokens, self.config.stream_stall_timeout_s,
                                       relay.stalled)
+        deadline = None
         try:
             if self._closing is not None:
                 raise ConnectionError(self._closing)
             call = relay.call = self.pools.submit(prep.submit, relay, tracing.grpc_metadata(span))
             self._in_flight[rid] = call
+            # a request still running after --request-timeout is aborted upstream and ends DEADLINE_EXCEEDED
+            deadline = asyncio.get_running_loop().call_later(self.config.request_timeout_s, relay.timed_out)
             while True:
                 ids, lps, end = await buf.take_with_logprobs()
                 if first:
@@ -277,6 +280,8 @@ class GenerationService:
                             prompt_logprobs=prompt_lps)
                 return
         finally:
+            if deadline is not None:
+                deadline.cancel()
             buf.close(ABORTED)  # nothing more is taken (disarms the stall timer)
             if self._in_flight.get(rid) is call:  # not a newer request that reuses the id after an abort
                 del self._in_flight[rid]
@@ -363,3 +368,15 @@ class _Relay:
         if call is not None:
             call.cancel()  # an abort on its pool's Session stream; the buffer ends with ABORTED
         buf.close(ABORTED)
+
+    def timed_out(self) -> None:
+        """The request ran past --request-timeout: abort it upstream; its stream ends with ``DeadlineExceeded``."""
+        buf, call, in_flight = self.buf, self.call, self.service._in_flight
+        timeout_s = self.service.config.request_timeout_s
+        if in_flight.get(self.rid) is call:
+            del in_flight[self.rid]
+        # NOTE: the buffer's end first: cancelling the call hands the sink CallCancelled, which would end it ABORTED
+        buf.close(DeadlineExceeded(f"request {self.rid} was still running after the gateway's request timeout of "
+                                   f"{timeout_s:g} s (--request-timeout-s); it was aborted"))
+        if call is not None:
+            call.cancel()
