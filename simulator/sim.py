@@ -171,7 +171,7 @@ def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: Co
             ex, plan = payload
             core = ex.core
             ids = plan.sampling_ids()
-            result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(0,) * len(ids))
+            result = StepResult(plan.step_id, ids, (0,) * len(ids))
             on_step_events(core.update(plan, result, t), t)
             if heap and heap[0][0] <= t:  # another event at this very instant goes first
                 seq += 1

@@ -185,32 +185,23 @@ class SchedulerCore:
         self.policy.schedule(builder, now)
         if self.prefix_cache is not None:
             self.prefix_cache.commit()  # blocks this plan computes: hits from the next plan on
-        new_ids = [s.req_id for s in builder.new]
-        for rid in new_ids:
-            self._known_to_runner.add(rid)
-        stats = PlanStats(
-            num_prefill_tokens=builder.num_prefill_tokens,
-            num_decodes=builder.num_decodes,
-            num_critical_decodes=builder.num_critical,
-            num_noncritical_decodes=builder.num_decodes - builder.num_critical,
-            num_preempted=builder.num_preempted,
-            kv_used_fraction=self.allocator.used_fraction(),
-            offset=builder.offset,
-            num_waiting=self.num_waiting,
-            num_running=len(self.running),
-            prefix_cache_queries=builder.num_cache_queries,
-            prefix_cache_hits=builder.num_cache_hits,
-        )
-        plan = BatchPlan(
-            step_id=next(self._step_ids),
-            new=tuple(builder.new),
-            cached=tuple(builder.cached),
-            finished_ids=tuple(self._release_finished),
-            preempted_ids=tuple(self._release_preempted),
-            stats=stats,
-        )
-        self._release_finished = []
-        self._release_preempted = []
+        new = builder.new
+        if new:
+            self._known_to_runner.update([s.req_id for s in new])
+        # NOTE: built once per step: positionally, the stats with tuple.__new__ (skips the NamedTuple's
+        # Python-level __new__; every field in order), the id lists only when there are some
+        n_dec, n_crit, n_running = builder.num_decodes, builder.num_critical, len(self.running)
+        stats = tuple.__new__(PlanStats, (
+            builder.num_prefill_tokens, n_dec, n_crit, n_dec - n_crit, builder.num_preempted,
+            self.allocator.used_fraction(), builder.offset, len(self.requests) - n_running, n_running,
+            builder.num_cache_queries, builder.num_cache_hits))
+        fin, pre = self._release_finished, self._release_preempted
+        plan = BatchPlan(next(self._step_ids), tuple(new), tuple(builder.cached), tuple(fin) if fin else (),
+                         tuple(pre) if pre else (), stats)
+        if fin:
+            self._release_finished = []
+        if pre:
+            self._release_preempted = []
         inflight.append((plan, sent, now + self.estimator.mean_s))
         return plan
 
@@ -252,11 +243,11 @@ class SchedulerCore:
         served: list[Request] = []
         requests, running, on_token = self.requests, RequestStatus.RUNNING, self._on_token
         add_event, add_served, tnew = events.append, served.append, tuple.__new__
-        for slices in (plan.new, plan.cached):
+        for slices in ((plan.new, plan.cached) if plan.new else (plan.cached,)):
             for s in slices:
                 rid = s.req_id
                 req = requests.get(rid)
-                if req is None or req.status != running:
+                if req is None or req.status is not running:
                     continue  # aborted while the step ran: its token (if any) is dropped
                 if not s.sample:
                     req.num_computed_tokens += s.num_new_tokens
@@ -272,7 +263,7 @@ class SchedulerCore:
                     if (last is None or n_out >= req.max_tokens
                             or (stops and not req.sampling.ignore_eos and token in stops)):
                         add_event(on_token(req, token, now))
-                        if req.status != running:
+                        if req.status is not running:
                             continue  # finished by this token
                         add_served(req)
                         continue

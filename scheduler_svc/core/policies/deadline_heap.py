@@ -18,12 +18,13 @@ class DeadlineHeap:
         self._ticket = itertools.count()
         self._live: dict[str, int] = {}
         self._top_valid = False  # peek() found a live entry at the top and nothing changed since
+        self._sorted = False  # the heap list is sorted (push_keyed into an empty heap), not just a heap
 
     def push(self, req: Request, key: float) -> None:
         t = next(self._ticket)
         self._live[req.req_id] = t
         heapq.heappush(self._heap, (key, req.arrival_s, t, req))
-        self._top_valid = False
+        self._top_valid = self._sorted = False
 
     def peek(self) -> tuple[float, Request] | None:
         h = self._heap
@@ -33,6 +34,7 @@ class DeadlineHeap:
                 self._top_valid = True
                 return key, req
             heapq.heappop(h)
+            self._sorted = False
             if self._live.get(req.req_id) == t:
                 del self._live[req.req_id]
         return None
@@ -40,7 +42,7 @@ class DeadlineHeap:
     def pop(self) -> Request:
         if not self._top_valid and self.peek() is None:
             raise IndexError("pop from an empty DeadlineHeap")
-        self._top_valid = False
+        self._top_valid = self._sorted = False
         req = heapq.heappop(self._heap)[3]
         del self._live[req.req_id]
         return req
@@ -52,7 +54,7 @@ class DeadlineHeap:
             t = next(ticket)
             live[req.req_id] = t
             push(heap, (key_of(req), req.arrival_s, t, req))
-        self._top_valid = False
+        self._top_valid = self._sorted = False
 
     def push_keyed(self, reqs, keys) -> None:
         """``push(req, key)`` for each pair of ``reqs`` and ``keys`` (keys computed by the caller, in bulk)."""
@@ -66,6 +68,9 @@ class DeadlineHeap:
         if not heap:  # a sorted list is a heap, and the next pop_live_n of everything finds it sorted
             entries.sort()
             heap.extend(entries)
+            self._sorted = True
+            self._top_valid = False
+            return
         elif len(entries) > len(heap):
             heap.extend(entries)
             heapq.heapify(heap)
@@ -73,7 +78,7 @@ class DeadlineHeap:
             push = heapq.heappush
             for e in entries:
                 push(heap, e)
-        self._top_valid = False
+        self._top_valid = self._sorted = False
 
     def pop_live_n(self, n: int) -> list[Request]:
         """Pop up to ``n`` live requests in key order."""
@@ -82,15 +87,14 @@ class DeadlineHeap:
         out: list[Request] = []
         add = out.append
         if n >= len(h):  # everything goes: one sort (entries are totally ordered) instead of a pop each
-            h.sort()
-            for _, _, t, req in h:
-                rid = req.req_id
-                if live.get(rid) == t:
-                    del live[rid]
-                    if req.status == running:
-                        add(req)
+            if not self._sorted:  # (after a step that served every decode, it still is)
+                h.sort()
+            get = live.get
+            out = [req for _, _, t, req in h if get(req.req_id) == t and req.status == running]
+            live.clear()  # every live entry was in the heap, and the heap is now empty
             h.clear()
             return out
+        self._sorted = False
         while h and len(out) < n:
             _, _, t, req = pop(h)
             rid = req.req_id
