@@ -182,7 +182,7 @@ def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: Co
             core = ex.core
         # SCHEDULE, or straight on after a step end (saves an event: the loop's hot path)
         plan = core.schedule(t)
-        if plan.is_empty:
+        if not plan.new and not plan.cached:  # plan.is_empty
             core.update(plan, StepResult(step_id=plan.step_id), t)
             ex.busy = False  # idle until its next arrival
             if next_arrival >= len(items) and core.requests:

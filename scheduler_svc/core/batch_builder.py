@@ -129,7 +129,7 @@ class BatchBuilder:
         add_slice, n0 = cached.append, len(cached)
         alloc = self.core.allocator
         append, tnew, slice_cls = alloc.append, tuple.__new__, CachedRequestSlice
-        tables, block_size = alloc.block_tables, alloc.block_size
+        block_size = alloc.block_size
         num_free = alloc.num_free_blocks
         for req in reqs:
             rid = req.req_id
@@ -142,7 +142,9 @@ class BatchBuilder:
                 num_free = alloc.num_free_blocks
                 if not room:
                     continue
-            if computed < len(tables[rid]) * block_size:  # room for token computed + 1 in the last block
+            # the table covers the ``computed`` tokens that have KV, so unless they fill whole blocks the last
+            # block has room for token computed + 1 (no table lookup); else ``append`` checks and takes one
+            if computed % block_size:
                 added = ()
             else:
                 added = append(rid, computed + 1)

@@ -222,21 +222,22 @@ class SchedulerCore:
         if result.step_id != plan.step_id:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
         _, sent, _ = inflight.popleft()
-        if not plan.is_empty:
+        empty = not plan.new and not plan.cached  # plan.is_empty, once
+        if not empty:
             # the step started when it was scheduled, or when the plan before it ended
             last = self._last_result_s
-            self.last_step_s = now - (sent if last is None or last < sent else last)
+            self.last_step_s = step_s = now - (sent if last is None or last < sent else last)
             st = plan.stats
             self.last_step_tokens = st.num_prefill_tokens + st.num_decodes  # = plan.num_tokens, without the sum
             self.last_step_plan = plan
-            self.estimator.observe(self.last_step_s)
+            self.estimator.observe(step_s)
             self.num_steps += 1
         self._last_result_s = now
         advanced = self._advanced
         if advanced is not None and advanced[0] is plan:
             self._advanced = None
             return self._confirm(advanced[1], result, now)
-        if not plan.is_empty:
+        if not empty:
             self.last_batch_end_s = now
         sampled = dict(zip(result.req_ids, result.token_ids))
         events: list[TokenEvent] = []

@@ -30,7 +30,7 @@ class DeadlineHeap:
         h = self._heap
         while h:
             key, _, t, req = h[0]
-            if self._live.get(req.req_id) == t and req.status == RequestStatus.RUNNING:
+            if self._live.get(req.req_id) == t and req.status is RequestStatus.RUNNING:
                 self._top_valid = True
                 return key, req
             heapq.heappop(h)
@@ -59,9 +59,11 @@ class DeadlineHeap:
     def push_keyed(self, reqs, keys) -> None:
         """``push(req, key)`` for each pair of ``reqs`` and ``keys`` (keys computed by the caller, in bulk)."""
         heap, live, ticket = self._heap, self._live, self._ticket
-        entries = [(key, req.arrival_s, next(ticket), req) for req, key in zip(reqs, keys)]
-        for e in entries:
-            live[e[3].req_id] = e[2]
+        entries = []
+        add = entries.append
+        for req, key in zip(reqs, keys):
+            live[req.req_id] = t = next(ticket)
+            add((key, req.arrival_s, t, req))
         # NOTE: tickets are unique, so entries are totally ordered and what peek/pop return depends only on
         # which entries the heap holds, not on its layout: a heapify after extend is as good as pushes (and
         # cheaper when most of the heap is new, as after a step that served every decode)
@@ -90,7 +92,7 @@ class DeadlineHeap:
             if not self._sorted:  # (after a step that served every decode, it still is)
                 h.sort()
             get = live.get
-            out = [req for _, _, t, req in h if get(req.req_id) == t and req.status == running]
+            out = [req for _, _, t, req in h if get(req.req_id) == t and req.status is running]
             live.clear()  # every live entry was in the heap, and the heap is now empty
             h.clear()
             return out

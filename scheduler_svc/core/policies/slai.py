@@ -106,7 +106,10 @@ class SlaiPolicy(PausedPrefillPolicy):
         pop_n, victim = self.decode_heap.pop_live_n, self._victim
         while b.num_tokens < b.token_budget and noncrit < beta:
             # as many as budget and cap allow; a decode that preempts itself makes room for another
-            batch = pop_n(min(beta - noncrit, b.token_budget - b.num_tokens))
+            want = min(beta - noncrit, b.token_budget - b.num_tokens)
+            batch = pop_n(want)
             if not batch:
                 break
             noncrit += b.add_decodes(batch, victim)
+            if len(batch) < want:
+                break  # the heap has no live decode left (a self-preemption adds none): no empty pop
