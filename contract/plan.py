@@ -149,7 +149,8 @@ def _fast_init(cls: type) -> type:
             body.append(f"    _set{i}(self, _fact{i}() if {f.name} is _MISSING else {f.name})")
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: every field needs a default")
-    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body) + "\n", ns)
+    # the source is made only of the class's own field names (as dataclasses itself builds __init__)
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body) + "\n", ns)  # noqa: S102
     init = ns["__init__"]
     init.__qualname__ = f"{cls.__name__}.__init__"
     cls.__init__ = init

@@ -244,41 +244,45 @@ class SchedulerCore:
         served: list[Request] = []
         requests, running, on_token = self.requests, RequestStatus.RUNNING, self._on_token
         add_event, add_served, tnew = events.append, served.append, tuple.__new__
-        for slices in ((plan.new, plan.cached) if plan.new else (plan.cached,)):
-            for s in slices:
-                rid = s.req_id
-                req = requests.get(rid)
-                if req is None or req.status is not running:
-                    continue  # aborted while the step ran: its token (if any) is dropped
-                if not s.sample:
-                    req.num_computed_tokens += s.num_new_tokens
-                else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
-                    token = sampled.get(rid)
-                    if token is None:
-                        raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
-                    # NOTE: the hot path (once per decode per step): a token that is neither the first
-                    # nor the last is ``_on_token`` inlined, without its lifecycle events (it has none)
-                    last = req.last_token_s
-                    n_out = req.num_output_tokens + 1
-                    stops = req.sampling.stop_token_ids
-                    if (last is None or n_out >= req.max_tokens
-                            or (stops and not req.sampling.ignore_eos and token in stops)):
-                        add_event(on_token(req, token, now))
-                        if req.status is not running:
-                            continue  # finished by this token
-                        add_served(req)
-                        continue
-                    req.last_token_s = now
-                    if req.prompt_token_ids is not None:
-                        req.output_token_ids.append(token)
-                    req.num_output_tokens = n_out
-                    n_prompt = req.num_prompt_tokens
-                    req.num_computed_tokens = n_prompt + n_out - 1  # the new token has no KV yet
-                    # a TokenEvent, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__ and
-                    # its defaults: every field must be here, logprobs (None) last; _with_logprobs fills it)
-                    add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last,
-                                                   None)))
-                add_served(req)
+        # slices by index, as CachedRequestSlice lays them out: s[0] req_id, s[3] num_new_tokens, s[5] sample
+        # (a NamedTuple's index is cheaper than its field name); new slices, if any, first and in that layout
+        new = plan.new
+        slices = plan.cached if not new else [
+            (s.req_id, (), 0, s.num_new_tokens, False, s.sample) for s in new] + list(plan.cached)
+        for s in slices:
+            rid = s[0]
+            req = requests.get(rid)
+            if req is None or req.status is not running:
+                continue  # aborted while the step ran: its token (if any) is dropped
+            if not s[5]:
+                req.num_computed_tokens += s[3]
+            else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
+                token = sampled.get(rid)
+                if token is None:
+                    raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
+                # NOTE: the hot path (once per decode per step): a token that is neither the first
+                # nor the last is ``_on_token`` inlined, without its lifecycle events (it has none)
+                last = req.last_token_s
+                n_out = req.num_output_tokens + 1
+                stops = req.sampling.stop_token_ids
+                if (last is None or n_out >= req.max_tokens
+                        or (stops and not req.sampling.ignore_eos and token in stops)):
+                    add_event(on_token(req, token, now))
+                    if req.status is not running:
+                        continue  # finished by this token
+                    add_served(req)
+                    continue
+                req.last_token_s = now
+                if req.prompt_token_ids is not None:
+                    req.output_token_ids.append(token)
+                req.num_output_tokens = n_out
+                n_prompt = req.num_prompt_tokens
+                req.num_computed_tokens = n_prompt + n_out - 1  # the new token has no KV yet
+                # a TokenEvent, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__ and
+                # its defaults: every field must be here, logprobs (None) last; _with_logprobs fills it)
+                add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last,
+                                               None)))
+            add_served(req)
         self.policy.on_step_end(served, now)
         if result.logprobs:
             return _with_logprobs(events, result)

@@ -59,8 +59,7 @@ class SlaiPolicy(PausedPrefillPolicy):
         # in the same order (end + tbt, minus offset x mean), so keys are bit-identical
         om = self.current_offset * mean
         dflt = self.config.default_tbt_s
-        self.decode_heap.push_keyed(ready, [end + (r.tbt_slo_s if r.tbt_slo_s is not None else dflt) - om
-                                            for r in ready])
+        self.decode_heap.push_tbt_deadlines(ready, end, dflt, om)
 
     def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
         """The heap key: SLAI's last schedulable time, with delta frozen at push time."""
