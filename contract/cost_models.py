@@ -104,7 +104,7 @@ class CostModel:
         """
         st = plan.stats
         n = st.num_prefill_tokens + st.num_decodes
-        if n and not self.needs_context:
+        if n and not (self.d_ms_per_context_token or self.e_ms_per_chunk_context):  # not self.needs_context
             return 1e-3 * self.time_ms(n, st.num_decodes)
         f = plan_features(plan)
         return 1e-3 * self.time_ms(f["batch_tokens"], f["num_decodes"], f["sum_decode_context"],

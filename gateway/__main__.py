@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-stall-timeout", type=float, default=float(_env("STREAM_STALL_TIMEOUT", 30.0)),
                         help="abort a request (freeing its KV) whose client took nothing for this many seconds "
                              "with its buffer full; 0 = never (env SLAI_GATEWAY_STREAM_STALL_TIMEOUT)")
+    parser.add_argument("--request-timeout", type=_at_least(float, 0.01), default=_env("REQUEST_TIMEOUT", "3600"),
+                        help="seconds a request may run from its arrival at the gateway; then it is aborted "
+                             "(freeing its KV) and ends with DEADLINE_EXCEEDED / 504 (env SLAI_GATEWAY_REQUEST_TIMEOUT)")
     # NOTE: string defaults go through ``type`` too, so a bad SLAI_GATEWAY_* value is named like a bad flag.
     parser.add_argument("--max-body-bytes", type=_at_least(int, 1024), default=_env("MAX_BODY_BYTES", str(4 << 20)),
                         help="largest HTTP request body and gRPC request message; larger gets 413 / "
@@ -130,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         health_interval_s=args.health_interval, stream_buffer_tokens=args.stream_buffer_tokens,
         stream_stall_timeout_s=args.stream_stall_timeout, max_body_bytes=args.max_body_bytes,
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections,
-        keep_alive_timeout_s=args.keep_alive_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout, request_timeout_s=args.request_timeout,
         tiers=tiers, service_token=service_auth.read_service_token(args.service_token_file))
 
 

@@ -57,7 +57,8 @@ class GatewayConfig:
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
     max_concurrent_requests: int = field(default=1024, metadata={"help": "in-flight requests before 429"})
     max_model_len: int = field(default=0, metadata={"help": "prompt + max_tokens limit; 0 = from config.json"})
-    request_timeout_s: float = field(default=3600.0, metadata={"help": "deadline of one Submit stream"})
+    request_timeout_s: float = field(default=3600.0, metadata={"help": "a request still running this long after it reached the gateway is aborted"
+                                                      " (gRPC DEADLINE_EXCEEDED, HTTP 504)"})
     drain_timeout_s: float = field(default=10.0, metadata={"help": "grace for in-flight streams on SIGTERM"})
     health_interval_s: float = field(default=0.5, metadata={
         "help": "how often the gateway checks the scheduler's health (its own readiness follows it)"})

@@ -50,7 +50,7 @@ from gateway.validation import (
     clip,
 )
 from telemetry.metrics_http import add_metrics_route
-from wire.grpc_server import AdmissionRejected
+from wire.grpc_server import AdmissionRejected, DeadlineExceeded
 
 FINISH_TO_OPENAI = {"stop": "stop", "length": "length", "ignored": "length", "abort": "abort", "error": "error"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -85,6 +85,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         head, sep, _ = message.partition(":")
         if sep and " " not in head.strip():
             param = head.strip()
+    elif isinstance(exc, DeadlineExceeded):
+        status, kind = 504, "timeout"
     elif isinstance(exc, (ConnectionError, TimeoutError)):
         status, kind = 503, "service_unavailable"
     elif isinstance(exc, LookupError):

@@ -195,8 +195,9 @@ class PoolSet:
         finally:
             self._retiring.discard(asyncio.current_task())
 
-    def submit(self, msg: scheduler_pb2.SubmitRequest, trace_metadata=()) -> PoolCall:
-        return PoolCall(self, msg, tuple(trace_metadata or ()))
+    def submit(self, msg: scheduler_pb2.SubmitRequest, sink, trace_metadata=()) -> PoolCall:
+        """Route a request to a pool; its events (then the exception that ends it, if any) go to ``sink``."""
+        return PoolCall(self, msg, tuple(trace_metadata or ()), sink)
 
     async def health(self, timeout_s: float = 1.0) -> tuple[bool, str]:
         """Check every pool; a SERVING one (re)joins the rotation. ``(True, "")`` if any serves."""
@@ -228,13 +229,15 @@ class PoolSet:
 
 
 class PoolCall:
-    """One request routed to a pool, continued on another if its pool fails: ``async for`` its
-    ``TokenEvent`` messages (in the client's terms across pools); :meth:`cancel` aborts it."""
+    """One request routed to a pool, continued on another if its pool fails. Its ``TokenEvent``
+    messages (in the client's terms across pools), then the exception that ends it if it fails, go
+    to ``sink`` as they arrive (as for ``SessionCall``); :meth:`cancel` aborts it."""
 
-    def __init__(self, pools: PoolSet, msg: scheduler_pb2.SubmitRequest, trace_metadata: tuple) -> None:
+    def __init__(self, pools: PoolSet, msg: scheduler_pb2.SubmitRequest, trace_metadata: tuple, sink) -> None:
         self._pools = pools
         self._msg = msg
         self._trace = trace_metadata
+        self._sink = sink
         self._streamed: list[int] = []  # tokens the client has been given, over every pool
         self._tried: set[str] = set()
         self._inner = None
@@ -254,37 +257,33 @@ class PoolCall:
         self.pool = pool
         self._tried.add(pool.address)
         pool.sent_since_load += len(msg.prompt_token_ids) + msg.max_tokens
-        self._inner = pool.client.submit(msg, self._trace)
+        self._inner = pool.client.submit(msg, self._on_item, self._trace)
 
     def cancel(self) -> None:
         self.cancelled = True
         if self._inner is not None:
             self._inner.cancel()
 
-    def __aiter__(self):
-        return self._events()
-
-    async def _events(self):
-        while True:
-            try:
-                async for ev in self._inner:
-                    yield self._observe(ev)
-                    if is_final(ev):
-                        return
-                return
-            except CallCancelled:
-                raise
-            except AdmissionRejected:
-                if self._streamed or not self._next_pool("rejected"):
-                    raise
-            except ConnectionError as exc:
-                if self.cancelled:
-                    raise
-                self.pool.fail(str(exc))
-                done = self._continue(str(exc))
-                if done is not None:
-                    yield done
+    def _on_item(self, item) -> None:
+        """The sink of the current pool's ``SessionCall``: an event, or the exception that ends it there."""
+        if not isinstance(item, BaseException):
+            self._sink(self._observe(item))
+            return
+        try:
+            if isinstance(item, CallCancelled):
+                pass
+            elif isinstance(item, AdmissionRejected):
+                if not self._streamed and self._next_pool("rejected"):
                     return
+            elif isinstance(item, ConnectionError) and not self.cancelled:
+                self.pool.fail(str(item))
+                done = self._continue(str(item))
+                if done is None:
+                    return  # continues on another pool
+                item = done
+        except ConnectionError as exc:  # no pool left
+            item = exc
+        self._sink(item)
 
     def _next_pool(self, why: str) -> bool:
         """Before any token: submit the same request to another pool; False if none is left."""

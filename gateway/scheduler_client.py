@@ -135,11 +135,11 @@ class SchedulerClient:
         """The channel's connectivity state (``READY``, ``TRANSIENT_FAILURE``, ...)."""
         return self._channel.get_state(try_to_connect=True).name
 
-    def submit(self, msg: scheduler_pb2.SubmitRequest, trace_metadata=()):
-        """Start a request on this gateway's Session stream; iterate the returned
-        ``gateway.scheduler_session.SessionCall`` for its ``TokenEvent`` messages. Cancelling it aborts
-        the request."""
-        return self.session.submit(msg, trace_metadata)
+    def submit(self, msg: scheduler_pb2.SubmitRequest, sink, trace_metadata=()):
+        """Start a request on this gateway's Session stream; its ``TokenEvent`` messages (then the
+        exception that ends it, if any) go to ``sink`` (``gateway.scheduler_session.SessionCall``).
+        Cancelling the returned call aborts the request."""
+        return self.session.submit(msg, sink, trace_metadata)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request at the scheduler; True if it was running there."""

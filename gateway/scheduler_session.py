@@ -3,7 +3,7 @@
 :class:`SchedulerSession` opens ``SchedulerService.Session`` lazily, sends each
 request's submit and abort on it, and demultiplexes the scheduler's batched
 ``SchedulerMessage`` (the token events of a step for all of this gateway's requests)
-into one :class:`SessionCall` per request. It also keeps the pool's published load
+into one :class:`SessionCall` per request (a callback into the request's buffer). It also keeps the pool's published load
 (``PoolLoad``), which pool routing reads (``gateway/pools.py``).
 
 When the stream breaks (the scheduler died or restarted), every call on it ends with
@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 
 import grpc
 
@@ -28,60 +27,48 @@ log = logging.getLogger(__name__)
 
 
 class CallCancelled(Exception):
-    """Raised by a :class:`SessionCall`'s iterator after ``cancel()`` (the request was aborted here)."""
+    """Handed to a :class:`SessionCall`'s sink after ``cancel()`` (the request was aborted here)."""
 
 
 class SessionCall:
-    """One request on a Session: ``async for`` its ``TokenEvent`` messages (the last one is final);
-    ends with the request's error, or :class:`CallCancelled` after :meth:`cancel` (which aborts it
-    at the scheduler)."""
+    """One request on a Session. The session's reader hands each of its ``TokenEvent`` messages (the
+    last one is final), or the exception that ends it (its error, ``ConnectionError`` when the stream
+    broke, :class:`CallCancelled` after :meth:`cancel`), straight to ``sink`` on the event loop: one
+    call per item, nothing after the end.
 
-    __slots__ = ("_items", "_session", "_waiter", "cancelled", "finished", "request_id")
+    NOTE: a callback, not a queue read by a task per request: a token then costs no task wakeup
+    between the session's reader and the request's buffer (docs/gateway.md, "Gateway streaming
+    capacity"). A sink must not block; it only files the item.
+    """
 
-    def __init__(self, session: SchedulerSession, request_id: str) -> None:
+    __slots__ = ("_session", "cancelled", "finished", "request_id", "sink")
+
+    def __init__(self, session: SchedulerSession, request_id: str, sink) -> None:
         self.request_id = request_id
         self._session = session
-        self._items: deque = deque()
-        self._waiter: asyncio.Future | None = None
-        self.finished = False  # its final event or error arrived (nothing more will)
+        self.sink = sink
+        self.finished = False  # its final event or error was handed over (nothing more will be)
         self.cancelled = False
 
     def put(self, item) -> None:
         """A ``TokenEvent`` or the exception that ends the call (from the session's reader)."""
-        self._items.append(item)
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if self.finished:
+            return
+        if isinstance(item, BaseException) or is_final(item):
+            self.finished = True
+        try:
+            self.sink(item)
+        except Exception:  # noqa: BLE001 - one request's bug must not break the shared stream
+            log.exception("request %s: its sink failed", self.request_id)
 
     def cancel(self) -> None:
-        """Abort the request at the scheduler and end the iteration (idempotent)."""
+        """Abort the request at the scheduler and end the call with :class:`CallCancelled` (idempotent)."""
         if self.cancelled:
             return
         self.cancelled = True
         if not self.finished:
             self._session.abort(self.request_id)
         self.put(CallCancelled(self.request_id))
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> scheduler_pb2.TokenEvent:
-        if self.finished and not self._items:
-            raise StopAsyncIteration
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        item = self._items.popleft()
-        if isinstance(item, BaseException):
-            self.finished = True
-            self._items.clear()
-            raise item
-        if is_final(item):
-            self.finished = True
-        return item
 
 
 class SchedulerSession:
@@ -104,13 +91,14 @@ class SchedulerSession:
     def num_calls(self) -> int:
         return len(self._calls)
 
-    def submit(self, msg: scheduler_pb2.SubmitRequest, trace_metadata=()) -> SessionCall:
-        """Start a request; iterate the returned call for its events. ``ValueError`` if its id is live here."""
+    def submit(self, msg: scheduler_pb2.SubmitRequest, sink, trace_metadata=()) -> SessionCall:
+        """Start a request whose events go to ``sink`` (see :class:`SessionCall`). ``ValueError`` if its
+        id is live here."""
         rid = msg.request_id
         if rid in self._calls:
             raise ValueError(f"request_id {rid!r} is already in use")
         self._ensure_open()
-        call = SessionCall(self, rid)
+        call = SessionCall(self, rid, sink)
         self._calls[rid] = call
         sub = scheduler_pb2.SessionSubmit(request=msg)
         for k, v in trace_metadata or ():
@@ -177,12 +165,13 @@ class SchedulerSession:
         self.num_messages += 1
         self.num_events += len(msg.events)
         for ev in msg.events:
-            c = calls.get(ev.request_id)
+            rid = ev.request_id
+            c = calls.get(rid)
             if c is None:
                 continue  # aborted here already
+            if ev.finish_reason:  # final (is_final, inlined: this runs per token)
+                del calls[rid]
             c.put(ev)
-            if is_final(ev):
-                del calls[ev.request_id]
         for err in msg.errors:
             c = calls.pop(err.request_id, None)
             if c is not None:

@@ -25,7 +25,7 @@ from gateway.logprobs import LogprobsTracker
 from gateway.pools import PoolCall, PoolSet
 from gateway.prepare import Prepared, Preparer
 from gateway.readiness import Readiness
-from gateway.scheduler_client import SchedulerClient, TimingTracker, event_logprobs, is_final, merge_stats
+from gateway.scheduler_client import SchedulerClient, TimingTracker, event_logprobs, merge_stats
 from gateway.scheduler_session import CallCancelled
 from gateway.slo_headers import with_slo_headers
 from gateway.stream_buffer import ABORTED, TokenBuffer
@@ -33,7 +33,7 @@ from gateway.tokenizer import ModelTokenizer
 from gateway.types import Delta, GenerationInput
 from telemetry import tracing
 from telemetry.metrics import GatewayMetrics
-from wire.grpc_server import AdmissionRejected
+from wire.grpc_server import AdmissionRejected, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ class GenerationService:
             ttft_slo_s=tier.ttft_slo_s, model=self.model_name)
         outcome, last, error = "cancelled", None, None
         if len(preps) == 1:
-            stream = self._stream(prep, inp, span)
+            # NOTE: without echo, _stream would only pass deltas through (one async generator less per token)
+            stream = self._stream(prep, inp, span) if inp.echo else self._stream_one(prep, inp, span)
         else:
             stream = merge_streams([self._stream(p, inp, span, index=i, parent=rid) for i, p in enumerate(preps)])
         num_finished = 0
@@ -210,19 +211,22 @@ class GenerationService:
         user_stops = frozenset(inp.stop_token_ids)
         tracker = TimingTracker()
         call = None
-        reader = None
         finished = False
         first = True
+        # NOTE: the Session's reader files this request's events straight into its buffer (no task per
+        # request: docs/gateway.md, "Gateway streaming capacity"); a client that stops reading is
+        # aborted once its buffer stayed full for --stream-stall-timeout (docs/gateway.md).
+        relay = _Relay(self, rid, tracker)
+        buf = relay.buf = TokenBuffer(self.config.stream_buffer_tokens, self.config.stream_stall_timeout_s,
+                                      relay.stalled)
+        deadline = None
         try:
             if self._closing is not None:
                 raise ConnectionError(self._closing)
-            call = self.pools.submit(prep.submit, tracing.grpc_metadata(span))
+            call = relay.call = self.pools.submit(prep.submit, relay, tracing.grpc_metadata(span))
             self._in_flight[rid] = call
-            # NOTE: reading the Submit stream in its own task keeps a client that stops reading from
-            # holding the request open without bound: the reader stops at a full buffer and aborts the
-            # request once the client has taken nothing for --stream-stall-timeout (docs/gateway.md).
-            buf = TokenBuffer(self.config.stream_buffer_tokens, self.config.stream_stall_timeout_s)
-            reader = asyncio.get_running_loop().create_task(self._read(rid, call, buf, tracker))
+            # a request still running after --request-timeout is aborted upstream and ends DEADLINE_EXCEEDED
+            deadline = asyncio.get_running_loop().call_later(self.config.request_timeout_s, relay.timed_out)
             while True:
                 ids, lps, end = await buf.take_with_logprobs()
                 if first:
@@ -276,38 +280,14 @@ class GenerationService:
                             prompt_logprobs=prompt_lps)
                 return
         finally:
-            if reader is not None:
-                reader.cancel()
+            if deadline is not None:
+                deadline.cancel()
+            buf.close(ABORTED)  # nothing more is taken (disarms the stall timer)
             if self._in_flight.get(rid) is call:  # not a newer request that reuses the id after an abort
                 del self._in_flight[rid]
             if not finished and call is not None:
                 # the client went away (or an error): cancelling the Submit stream aborts upstream
                 call.cancel()
-
-    async def _read(self, rid: str, call: PoolCall, buf: TokenBuffer,
-                    tracker: TimingTracker) -> None:
-        """Pull ``call``'s events into ``buf`` until the stream ends or the client stalls."""
-        try:
-            async for ev in call:
-                tracker.on_event(ev)
-                if is_final(ev):
-                    buf.close(ev, ev.token_ids, event_logprobs(ev))
-                    return
-                buf.push(ev.token_ids, event_logprobs(ev))
-                if buf.full and not await buf.wait_for_room():
-                    log.warning("request %s: the client took nothing for %.1f s with %d tokens waiting; aborting it",
-                                rid, buf.stall_timeout_s, buf.num_tokens)
-                    if self._in_flight.get(rid) is call:
-                        del self._in_flight[rid]  # it no longer counts against --max-concurrent-requests
-                    self._abort_upstream(rid, call)
-                    buf.close(ABORTED)
-                    return
-            buf.close(ABORTED)  # the stream ended without a finish reason
-        except CallCancelled:
-            # the call was cancelled here: Abort, a stop sequence, or finish_in_flight (the drain's cut)
-            buf.close(ConnectionError(self._closing) if self._closing is not None else ABORTED)
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            buf.close(exc)
 
     def _abort_upstream(self, rid: str, call: PoolCall) -> None:
         # cancelling the call sends an abort on its pool's Session stream (scheduler.proto)
@@ -342,3 +322,61 @@ class GenerationService:
         if len(self.pools.pools) == 1:
             return await self.scheduler.stats()
         return merge_stats(await asyncio.gather(*(p.client.stats() for p in self.pools.pools)))
+
+
+class _Relay:
+    """One request's sink on its ``PoolCall``: each ``TokenEvent`` (or the exception that ends the call)
+    goes into the request's ``TokenBuffer`` as the Session's reader demultiplexes it."""
+
+    __slots__ = ("buf", "call", "rid", "service", "tracker")
+
+    def __init__(self, service: GenerationService, rid: str, tracker: TimingTracker) -> None:
+        self.service = service
+        self.rid = rid
+        self.tracker = tracker
+        self.buf: TokenBuffer | None = None
+        self.call: PoolCall | None = None
+
+    def __call__(self, item) -> None:
+        buf = self.buf
+        if isinstance(item, BaseException):
+            if isinstance(item, CallCancelled):
+                # cancelled here: Abort, a stop sequence, a stall, or finish_in_flight (the drain's cut)
+                closing = self.service._closing
+                buf.close(ConnectionError(closing) if closing is not None else ABORTED)
+            else:
+                buf.close(item)
+            return
+        try:
+            self.tracker.on_event(item)
+            lps = event_logprobs(item)
+            if item.finish_reason:  # final
+                buf.close(item, item.token_ids, lps)
+            else:
+                buf.push(item.token_ids, lps)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            log.exception("request %s: bad event", self.rid)
+            buf.close(exc)
+
+    def stalled(self) -> None:
+        """The client took nothing for --stream-stall-timeout with a full buffer: abort the request."""
+        buf, call, in_flight = self.buf, self.call, self.service._in_flight
+        log.warning("request %s: the client took nothing for %.1f s with %d tokens waiting; aborting it",
+                    self.rid, buf.stall_timeout_s, buf.num_tokens)
+        if in_flight.get(self.rid) is call:
+            del in_flight[self.rid]  # it no longer counts against --max-concurrent-requests
+        if call is not None:
+            call.cancel()  # an abort on its pool's Session stream; the buffer ends with ABORTED
+        buf.close(ABORTED)
+
+    def timed_out(self) -> None:
+        """The request ran past --request-timeout: abort it upstream; its stream ends with ``DeadlineExceeded``."""
+        buf, call, in_flight = self.buf, self.call, self.service._in_flight
+        timeout_s = self.service.config.request_timeout_s
+        if in_flight.get(self.rid) is call:
+            del in_flight[self.rid]
+        # NOTE: the buffer's end first: cancelling the call hands the sink CallCancelled, which would end it ABORTED
+        buf.close(DeadlineExceeded(f"request {self.rid} was still running after the gateway's request timeout of "
+                                   f"{timeout_s:g} s (--request-timeout-s); it was aborted"))
+        if call is not None:
+            call.cancel()

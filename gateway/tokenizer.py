@@ -189,16 +189,21 @@ class IncrementalDetokenizer:
         self.ids: list[int] = context
         self.prefix_offset = 0
         self.read_offset = len(context)
+        self._prefix_text: str | None = None  # decode of ids[prefix_offset:read_offset], until they move
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (maybe "")."""
         self.ids.append(int(token_id))
-        prefix_text = self._tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self._skip)
+        prefix_text = self._prefix_text
+        if prefix_text is None:  # NOTE: one decode per token instead of two while the offsets stay
+            prefix_text = self._prefix_text = self._tok.decode(self.ids[self.prefix_offset:self.read_offset],
+                                                               skip_special_tokens=self._skip)
         new_text = self._tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self._skip)
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
             delta = new_text[len(prefix_text):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
+            self._prefix_text = None
             return delta
         return ""
 
@@ -207,6 +212,7 @@ class IncrementalDetokenizer:
         prefix_text = self._tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self._skip)
         new_text = self._tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self._skip)
         self.prefix_offset = self.read_offset = len(self.ids)
+        self._prefix_text = None
         return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
 
 
@@ -223,7 +229,7 @@ class TextAssembler:
         self._detok = detok
         self._stop = [s for s in stop if s]
         self._max_stop = max((len(s) for s in self._stop), default=0)
-        self.text = ""  # all text decoded so far (cut at a stop string)
+        self.text = ""  # all text decoded so far (cut at a stop string; kept only with stop strings)
         self._sent = 0  # characters of self.text already returned
         self.num_tokens = 0
         self.stopped = False
@@ -231,6 +237,12 @@ class TextAssembler:
     def add(self, token_ids: list[int] | tuple[int, ...]) -> tuple[str, bool]:
         if self.stopped:
             return "", True
+        if not self._stop:  # NOTE: no stop strings: nothing to hold back or keep (the common case, per token)
+            detok = self._detok
+            self.num_tokens += len(token_ids)
+            if len(token_ids) == 1:
+                return detok.add(token_ids[0]), False
+            return "".join([detok.add(tid) for tid in token_ids]), False
         for tid in token_ids:
             self.num_tokens += 1
             piece = self._detok.add(tid)
@@ -240,6 +252,8 @@ class TextAssembler:
 
     def finish(self) -> str:
         """The request ended upstream: flush held-back text (stop strings still apply)."""
+        if not self._stop:
+            return self._detok.flush()
         if not self.stopped:
             piece = self._detok.flush()
             if piece:

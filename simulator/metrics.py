@@ -118,8 +118,9 @@ class MetricsCollector:
         """``on_token(ev.req_id, t, 1, ev.finish_reason)`` for each core ``TokenEvent`` of one simulated step
         (one token each), in one call: the simulator's per-token hot path."""
         records = self.records
+        # NOTE: fields by index (a TokenEvent is a NamedTuple: ev[0] req_id, ev[2] finish_reason), cheaper
         for ev in events:
-            rec = records[ev.req_id]
+            rec = records[ev[0]]
             last = rec.last_token_s
             if last is None:
                 rec.first_token_s = t
@@ -132,8 +133,8 @@ class MetricsCollector:
                     rec.max_tbt_s = gap
             rec.last_token_s = t
             rec.num_tokens += 1
-            if ev.finish_reason is not None:
-                rec.finish_reason = ev.finish_reason
+            if ev[2] is not None:
+                rec.finish_reason = ev[2]
 
     def on_event(self, ev: Any) -> None:
         """A core ``TokenEvent`` (duck-typed: req_id, token_ids, time_s, finish_reason)."""

@@ -176,7 +176,7 @@ def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: Co
             ex, plan = payload
             core = ex.core
             ids = plan.sampling_ids()
-            result = StepResult(step_id=plan.step_id, req_ids=ids, token_ids=(0,) * len(ids))
+            result = StepResult(plan.step_id, ids, (0,) * len(ids))
             on_step_events(core.update(plan, result, t), t)
             if heap and heap[0][0] <= t:  # another event at this very instant goes first
                 seq += 1
@@ -187,7 +187,7 @@ def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: Co
             core = ex.core
         # SCHEDULE, or straight on after a step end (saves an event: the loop's hot path)
         plan = core.schedule(t)
-        if plan.is_empty:
+        if not plan.new and not plan.cached:  # plan.is_empty
             core.update(plan, StepResult(step_id=plan.step_id), t)
             ex.busy = False  # idle until its next arrival
             if next_arrival >= len(items) and core.requests:

@@ -64,6 +64,10 @@ class AdmissionRejected(Exception):
         self.retry_after_s = retry_after_s
 
 
+class DeadlineExceeded(TimeoutError):
+    """A request ran past the service's own deadline for it (gRPC DEADLINE_EXCEEDED, HTTP 504)."""
+
+
 MAX_STATUS_MESSAGE_CHARS = 1024  # backstop: messages clip client input themselves
 
 
@@ -83,6 +87,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
         return grpc.StatusCode.INVALID_ARGUMENT, _bounded(str(exc)), ()
     if isinstance(exc, LookupError):
         return grpc.StatusCode.NOT_FOUND, _bounded(str(exc)), ()
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, _bounded(str(exc)), ()
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return grpc.StatusCode.UNAVAILABLE, _bounded(str(exc) or type(exc).__name__), ()
     return grpc.StatusCode.INTERNAL, _bounded(f"internal error: {type(exc).__name__}: {exc}"), ()

@@ -125,12 +125,12 @@ class BatchBuilder:
         # ``alloc.can_append()`` are inlined: ``can_append`` is "a free block exists", and the free count
         # only changes when an append takes a block or ``_make_room`` preempts. ``alloc.append`` is called
         # only when the last block is full (what it would check first).
-        scheduled, add_slice = self.scheduled, self.cached.append
+        scheduled, cached = self.scheduled, self.cached
+        add_slice, n0 = cached.append, len(cached)
         alloc = self.core.allocator
         append, tnew, slice_cls = alloc.append, tuple.__new__, CachedRequestSlice
-        tables, block_size = alloc.block_tables, alloc.block_size
+        block_size = alloc.block_size
         num_free = alloc.num_free_blocks
-        n = 0
         for req in reqs:
             rid = req.req_id
             computed = req.num_computed_tokens
@@ -142,7 +142,9 @@ class BatchBuilder:
                 num_free = alloc.num_free_blocks
                 if not room:
                     continue
-            if computed < len(tables[rid]) * block_size:  # room for token computed + 1 in the last block
+            # the table covers the ``computed`` tokens that have KV, so unless they fill whole blocks the last
+            # block has room for token computed + 1 (no table lookup); else ``append`` checks and takes one
+            if computed % block_size:
                 added = ()
             else:
                 added = append(rid, computed + 1)
@@ -151,7 +153,7 @@ class BatchBuilder:
             # a CachedRequestSlice, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__)
             add_slice(tnew(slice_cls, (rid, added, computed, 1, True, True)))
             scheduled[rid] = req
-            n += 1
+        n = len(cached) - n0  # (the others preempted themselves)
         self.num_tokens += n
         self.num_decodes += n
         return n

@@ -60,6 +60,8 @@ class FcfsQueue:
                 self._live.discard(stale.req_id)
 
     def peek(self) -> Request | None:
+        if not self._q:
+            return None  # (every step asks; the queue is often empty)
         self._skip_stale()
         return self._q[0] if self._q else None
 
@@ -115,6 +117,8 @@ class SpfQueue:
                 del self._live[req.req_id]
 
     def peek(self) -> Request | None:
+        if not self._heap:
+            return None  # (every step asks; the queue is often empty)
         self._skip_stale()
         return self._heap[0][-1] if self._heap else None
 

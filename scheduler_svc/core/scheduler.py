@@ -191,32 +191,23 @@ class SchedulerCore:
         self.policy.schedule(builder, now)
         if self.prefix_cache is not None:
             self.prefix_cache.commit()  # blocks this plan computes: hits from the next plan on
-        new_ids = [s.req_id for s in builder.new]
-        for rid in new_ids:
-            self._known_to_runner.add(rid)
-        stats = PlanStats(
-            num_prefill_tokens=builder.num_prefill_tokens,
-            num_decodes=builder.num_decodes,
-            num_critical_decodes=builder.num_critical,
-            num_noncritical_decodes=builder.num_decodes - builder.num_critical,
-            num_preempted=builder.num_preempted,
-            kv_used_fraction=self.allocator.used_fraction(),
-            offset=builder.offset,
-            num_waiting=self.num_waiting,
-            num_running=len(self.running),
-            prefix_cache_queries=builder.num_cache_queries,
-            prefix_cache_hits=builder.num_cache_hits,
-        )
-        plan = BatchPlan(
-            step_id=next(self._step_ids),
-            new=tuple(builder.new),
-            cached=tuple(builder.cached),
-            finished_ids=tuple(self._release_finished),
-            preempted_ids=tuple(self._release_preempted),
-            stats=stats,
-        )
-        self._release_finished = []
-        self._release_preempted = []
+        new = builder.new
+        if new:
+            self._known_to_runner.update([s.req_id for s in new])
+        # NOTE: built once per step: positionally, the stats with tuple.__new__ (skips the NamedTuple's
+        # Python-level __new__; every field in order), the id lists only when there are some
+        n_dec, n_crit, n_running = builder.num_decodes, builder.num_critical, len(self.running)
+        stats = tuple.__new__(PlanStats, (
+            builder.num_prefill_tokens, n_dec, n_crit, n_dec - n_crit, builder.num_preempted,
+            self.allocator.used_fraction(), builder.offset, len(self.requests) - n_running, n_running,
+            builder.num_cache_queries, builder.num_cache_hits))
+        fin, pre = self._release_finished, self._release_preempted
+        plan = BatchPlan(next(self._step_ids), tuple(new), tuple(builder.cached), tuple(fin) if fin else (),
+                         tuple(pre) if pre else (), stats)
+        if fin:
+            self._release_finished = []
+        if pre:
+            self._release_preempted = []
         inflight.append((plan, sent))
         return plan
 
@@ -237,62 +228,67 @@ class SchedulerCore:
         if result.step_id != plan.step_id:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
         _, sent = inflight.popleft()
-        if not plan.is_empty:
+        empty = not plan.new and not plan.cached  # plan.is_empty, once
+        if not empty:
             # the step started when it was scheduled, or when the plan before it ended
             last = self._last_result_s
-            self.last_step_s = now - (sent if last is None or last < sent else last)
+            self.last_step_s = step_s = now - (sent if last is None or last < sent else last)
             st = plan.stats
             self.last_step_tokens = st.num_prefill_tokens + st.num_decodes  # = plan.num_tokens, without the sum
             self.last_step_plan = plan
-            self.estimator.observe(self.last_step_s)
+            self.estimator.observe(step_s)
             self.num_steps += 1
         self._last_result_s = now
         advanced = self._advanced
         if advanced is not None and advanced[0] is plan:
             self._advanced = None
             return self._confirm(advanced[1], result, now)
-        if not plan.is_empty:
+        if not empty:
             self.last_batch_end_s = now
         sampled = dict(zip(result.req_ids, result.token_ids))
         events: list[TokenEvent] = []
         served: list[Request] = []
         requests, running, on_token = self.requests, RequestStatus.RUNNING, self._on_token
         add_event, add_served, tnew = events.append, served.append, tuple.__new__
-        for slices in (plan.new, plan.cached):
-            for s in slices:
-                rid = s.req_id
-                req = requests.get(rid)
-                if req is None or req.status != running:
-                    continue  # aborted while the step ran: its token (if any) is dropped
-                if not s.sample:
-                    req.num_computed_tokens += s.num_new_tokens
-                else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
-                    token = sampled.get(rid)
-                    if token is None:
-                        raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
-                    # NOTE: the hot path (once per decode per step): a token that is neither the first
-                    # nor the last is ``_on_token`` inlined, without its lifecycle events (it has none)
-                    last = req.last_token_s
-                    n_out = req.num_output_tokens + 1
-                    stops = req.sampling.stop_token_ids
-                    if (last is None or n_out >= req.max_tokens
-                            or (stops and not req.sampling.ignore_eos and token in stops)):
-                        add_event(on_token(req, token, now))
-                        if req.status != running:
-                            continue  # finished by this token
-                        add_served(req)
-                        continue
-                    req.last_token_s = now
-                    if req.prompt_token_ids is not None:
-                        req.output_token_ids.append(token)
-                    req.num_output_tokens = n_out
-                    n_prompt = req.num_prompt_tokens
-                    req.num_computed_tokens = n_prompt + n_out - 1  # the new token has no KV yet
-                    # a TokenEvent, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__ and
-                    # its defaults: every field must be here, logprobs (None) last; _with_logprobs fills it)
-                    add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last,
-                                                   None)))
-                add_served(req)
+        # slices by index, as CachedRequestSlice lays them out: s[0] req_id, s[3] num_new_tokens, s[5] sample
+        # (a NamedTuple's index is cheaper than its field name); new slices, if any, first and in that layout
+        new = plan.new
+        slices = plan.cached if not new else [
+            (s.req_id, (), 0, s.num_new_tokens, False, s.sample) for s in new] + list(plan.cached)
+        for s in slices:
+            rid = s[0]
+            req = requests.get(rid)
+            if req is None or req.status is not running:
+                continue  # aborted while the step ran: its token (if any) is dropped
+            if not s[5]:
+                req.num_computed_tokens += s[3]
+            else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
+                token = sampled.get(rid)
+                if token is None:
+                    raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
+                # NOTE: the hot path (once per decode per step): a token that is neither the first
+                # nor the last is ``_on_token`` inlined, without its lifecycle events (it has none)
+                last = req.last_token_s
+                n_out = req.num_output_tokens + 1
+                stops = req.sampling.stop_token_ids
+                if (last is None or n_out >= req.max_tokens
+                        or (stops and not req.sampling.ignore_eos and token in stops)):
+                    add_event(on_token(req, token, now))
+                    if req.status is not running:
+                        continue  # finished by this token
+                    add_served(req)
+                    continue
+                req.last_token_s = now
+                if req.prompt_token_ids is not None:
+                    req.output_token_ids.append(token)
+                req.num_output_tokens = n_out
+                n_prompt = req.num_prompt_tokens
+                req.num_computed_tokens = n_prompt + n_out - 1  # the new token has no KV yet
+                # a TokenEvent, positionally (tuple.__new__ skips the NamedTuple's Python-level __new__ and
+                # its defaults: every field must be here, logprobs (None) last; _with_logprobs fills it)
+                add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last,
+                                               None)))
+            add_served(req)
         self.policy.on_step_end(served, now)
         if result.logprobs:
             return _with_logprobs(events, result)

@@ -192,18 +192,27 @@ def test_stall_flags_are_checked_and_named():
 async def test_token_buffer_bounds_coalesces_and_times_out():
     from gateway.stream_buffer import ABORTED, TokenBuffer
 
-    buf = TokenBuffer(max_tokens=4, stall_timeout_s=0.05)
+    stalls = []
+    buf = TokenBuffer(max_tokens=4, stall_timeout_s=0.05, on_stall=lambda: stalls.append(buf.num_tokens))
     buf.push([1, 2])
-    assert not buf.full and await buf.wait_for_room()  # room: no wait
+    assert not buf.full
     buf.push([3, 4, 5])  # one event may overrun the bound
     assert buf.full and buf.num_tokens == 5
-    waiter = asyncio.ensure_future(buf.wait_for_room())
-    await asyncio.sleep(0)
     assert await buf.take() == ([1, 2, 3, 4, 5], None)  # everything at once
-    assert await waiter  # the take made room
+    await asyncio.sleep(0.1)
+    assert stalls == []  # the take disarmed the stall timer
 
     buf.push([6, 7, 8, 9])
-    assert not await buf.wait_for_room()  # nothing taken for stall_timeout_s: stalled
-    buf.close(ABORTED, [10])
-    assert await buf.take() == ([6, 7, 8, 9, 10], ABORTED)
+    buf.push([10])  # the shared stream is never paused: the buffer goes on filling
+    await until(lambda: stalls)  # nothing taken for stall_timeout_s with a full buffer: stalled, once
+    assert stalls == [5]
+    buf.close(ABORTED, [11])
+    assert await buf.take() == ([6, 7, 8, 9, 10, 11], ABORTED)
     assert await buf.take() == ([], ABORTED)  # the end stays
+    buf.push([12])
+    assert await buf.take() == ([], ABORTED)  # nothing is added after the end
+
+    idle = TokenBuffer(max_tokens=1, stall_timeout_s=0.0, on_stall=lambda: stalls.append("never"))
+    idle.push([1, 2])
+    await asyncio.sleep(0.05)
+    assert stalls == [5]  # stall_timeout_s 0: never aborted

@@ -10,22 +10,15 @@ import pytest
 
 from executor_svc.fake_runner import fake_token
 from executor_svc.server import serve as serve_executor
-from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
+from tests.scheduler_svc.helpers import (
+    RecordingRunner,
+    collect,
+    stats,
+    submit_msg,
+    tokens_of,
+    wait_for,
+)
 from wire.pb.slai.v1 import common_pb2
-
-
-@pytest.fixture
-async def stack():
-    stacks = []
-
-    async def make(runners, **config):
-        st = await start_stack(runners, **config)
-        stacks.append(st)
-        return st
-
-    yield make
-    for st in stacks:
-        await st.close()
 
 
 def expected_tokens(rid: str, prompt: int, n: int) -> list[int]:

@@ -8,21 +8,14 @@ import pytest
 
 from executor_svc.fake_runner import fake_token
 from telemetry.metrics import SchedulerMetrics, render
-from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
-
-
-@pytest.fixture
-async def stack():
-    stacks = []
-
-    async def make(runners, **config):
-        st = await start_stack(runners, **config)
-        stacks.append(st)
-        return st
-
-    yield make
-    for st in stacks:
-        await st.close()
+from tests.scheduler_svc.helpers import (
+    RecordingRunner,
+    collect,
+    stats,
+    submit_msg,
+    tokens_of,
+    wait_for,
+)
 
 
 def cached_slices(runner: RecordingRunner) -> list[int]:

@@ -8,22 +8,15 @@ import grpc
 import pytest
 
 from executor_svc.fake_runner import fake_token
-from tests.scheduler_svc.helpers import RecordingRunner, collect, start_stack, stats, submit_msg, tokens_of, wait_for
+from tests.scheduler_svc.helpers import (
+    RecordingRunner,
+    collect,
+    stats,
+    submit_msg,
+    tokens_of,
+    wait_for,
+)
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2
-
-
-@pytest.fixture
-async def stack():
-    stacks = []
-
-    async def make(runners=None, **config):
-        st = await start_stack(runners or [RecordingRunner()], **config)
-        stacks.append(st)
-        return st
-
-    yield make
-    for st in stacks:
-        await st.close()
 
 
 async def test_concurrent_streams_get_exactly_their_tokens(stack):

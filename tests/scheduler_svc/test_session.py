@@ -5,30 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import pytest
 
 from executor_svc.fake_runner import fake_token
 from tests.scheduler_svc.helpers import (
     RecordingRunner,
-    start_stack,
     submit_msg,
     wait_for,
 )
 from wire.pb.slai.v1 import common_pb2, scheduler_pb2
-
-
-@pytest.fixture
-async def stack():
-    stacks = []
-
-    async def make(runners=None, **config):
-        st = await start_stack(runners or [RecordingRunner()], **config)
-        stacks.append(st)
-        return st
-
-    yield make
-    for st in stacks:
-        await st.close()
 
 
 class Session:

@@ -64,11 +64,12 @@ class Policy(ABC):
         Head-of-line: stops at the first request that does not fit (as the authors'
         code does), so an order (FCFS or SPF) is never overtaken.
         """
-        while b.budget_left > 0:
-            req = self.waiting.peek()
+        waiting = self.waiting
+        while b.token_budget > b.num_tokens:  # b.budget_left > 0 (once per step: no property call)
+            req = waiting.peek()
             if req is None or not b.can_admit(req):
                 return
-            self.waiting.pop()
+            waiting.pop()
             b.admit(req, min(req.num_uncomputed_tokens, b.budget_left))
 
     def latest_arrival_victim(self, b: BatchBuilder):

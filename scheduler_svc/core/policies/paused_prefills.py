@@ -25,6 +25,13 @@ class PausedPrefillPolicy(Policy):
         """Step 0 for the requests a step served: those that now decode are returned (and leave
         ``paused``); the others are (kept) paused."""
         paused = self.paused
+        if not paused:  # the common case, in two comprehensions (this runs once per decode per step)
+            ready = [r for r in served
+                     if (out := r.num_output_tokens) > 0 and r.num_prompt_tokens + out - r.num_computed_tokens == 1]
+            if len(ready) < len(served):  # (served has no duplicates: each non-decode is paused once, in order)
+                paused.extend([r for r in served if not (
+                    (out := r.num_output_tokens) > 0 and r.num_prompt_tokens + out - r.num_computed_tokens == 1)])
+            return ready
         ready = []
         for req in served:
             out = req.num_output_tokens  # ``req.is_decode``, inlined: this runs once per decode per step

@@ -59,8 +59,7 @@ class SlaiPolicy(PausedPrefillPolicy):
         # in the same order (end + tbt, minus offset x mean), so keys are bit-identical
         om = self.current_offset * mean
         dflt = self.config.default_tbt_s
-        self.decode_heap.push_keyed(ready, [end + (r.tbt_slo_s if r.tbt_slo_s is not None else dflt) - om
-                                            for r in ready])
+        self.decode_heap.push_tbt_deadlines(ready, end, dflt, om)
 
     def decode_key(self, req: Request, batch_end: float, mean: float) -> float:
         """The heap key: SLAI's last schedulable time, with delta frozen at push time."""
@@ -106,7 +105,10 @@ class SlaiPolicy(PausedPrefillPolicy):
         pop_n, victim = self.decode_heap.pop_live_n, self._victim
         while b.num_tokens < b.token_budget and noncrit < beta:
             # as many as budget and cap allow; a decode that preempts itself makes room for another
-            batch = pop_n(min(beta - noncrit, b.token_budget - b.num_tokens))
+            want = min(beta - noncrit, b.token_budget - b.num_tokens)
+            batch = pop_n(want)
             if not batch:
                 break
             noncrit += b.add_decodes(batch, victim)
+            if len(batch) < want:
+                break  # the heap has no live decode left (a self-preemption adds none): no empty pop

@@ -52,3 +52,31 @@ def test_bulk_push_and_pop_match_single_ones():
         got += [r.req_id for r in bulk.pop_live_n(1000)]
         assert got == expected, seed
         assert len(bulk) == 0 and bulk.peek() is None
+
+
+def test_tbt_deadlines_and_the_sorted_fast_path_match_single_pushes():
+    # push_tbt_deadlines keys each request base + tbt - minus (its own TBT objective, else the default);
+    # a bulk push into an empty heap leaves it sorted, which a pop of everything then need not sort
+    # again, unless something popped, pushed or superseded in between (the `_sorted` flag)
+    for seed in range(20):
+        reqs, _ = _running(30, seed)
+        rng = random.Random(seed)
+        for r in reqs:
+            r.tbt_slo_s = rng.choice([None, 0.1, 0.2])
+        base, dflt, minus = 10.0, 0.2, 0.03
+        single, bulk = DeadlineHeap(), DeadlineHeap()
+        for r in reqs:
+            single.push(r, base + (r.tbt_slo_s if r.tbt_slo_s is not None else dflt) - minus)
+        bulk.push_tbt_deadlines(reqs, base, dflt, minus)
+        assert [(k, r.req_id) for k, r in [single.peek()]] == [(k, r.req_id) for k, r in [bulk.peek()]]
+        first = [single.pop().req_id, single.pop().req_id]
+        assert [bulk.pop().req_id, bulk.pop().req_id] == first  # pops break the sorted order ...
+        single.push(reqs[-1], 0.0)  # ... and so do pushes and supersessions
+        bulk.push(reqs[-1], 0.0)
+        assert [r.req_id for r in bulk.pop_live_n(1000)] == _drain_one_by_one(single), seed
+        # sorted by the bulk push, drained by one pop of everything
+        again = DeadlineHeap()
+        again.push_tbt_deadlines(reqs, base, dflt, minus)
+        ref = DeadlineHeap()
+        ref.push_keyed(reqs, [base + (r.tbt_slo_s if r.tbt_slo_s is not None else dflt) - minus for r in reqs])
+        assert [r.req_id for r in again.pop_live_n(1000)] == _drain_one_by_one(ref), seed

@@ -19,9 +19,11 @@ def _run(policy: str, items, num_blocks: int, budget: int):
     cfg = SchedulerConfig(token_budget=budget, max_num_seqs=16, max_decodes=12, max_num_batched_tokens=1024,
                           max_model_len=4096)
     core = make_core(policy, num_blocks=num_blocks, config=cfg)
-    # each policy's own step limit: vllm batches whole prompts; slai-adaptive sizes steps up to max_token_budget
-    limit_tokens = {"vllm": cfg.max_num_batched_tokens,
-                    "slai-adaptive": max(budget, cfg.max_token_budget)}.get(policy, budget)
+    # each policy's own step limit: vllm batches whole prompts; the slack-sized policies (slai-adaptive,
+    # and the fairbatching and qoserve baselines: their docstrings) size steps up to max_token_budget
+    slack_sized = max(budget, cfg.max_token_budget)
+    limit_tokens = {"vllm": cfg.max_num_batched_tokens, "slai-adaptive": slack_sized, "fairbatching": slack_sized,
+                    "qoserve": slack_sized}.get(policy, budget)
     pending = [make_request(p, d, tier=Tier.PAYING if pay else Tier.FREE) for p, d, pay, _ in items]
     gaps = [g for *_, g in items]
     reqs = list(pending)
