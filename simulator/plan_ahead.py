@@ -36,7 +36,7 @@ from typing import Any
 
 from contract.cost_models import CostModel
 from scheduler_svc.core import StepResult
-from scheduler_svc.step_predictor import StepTimePredictor
+from scheduler_svc.core.step_predictor import StepTimePredictor
 from simulator.metrics import MetricsCollector
 from simulator.workloads import WorkloadItem
 

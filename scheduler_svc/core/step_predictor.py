@@ -1,4 +1,5 @@
-"""When will the running step end? What planning ahead waits for (see scheduler_svc/step_loop.py)."""
+"""When will the running step end? What planning ahead waits for: in the live loop
+(scheduler_svc/step_loop.py) and in the simulator's model of it (simulator/plan_ahead.py)."""
 
 from __future__ import annotations
 
