@@ -9,6 +9,12 @@ keyword argument. For every layer, :func:`paged_attention_forward`:
    * all decodes (one query token each) in ONE batched attention (two matmuls,
      fp32 softmax) over gathered, padded KV with a key-padding mask and GQA
      packed into the query;
+   * decodes whose block tables start with the same blocks (a prefix shared
+     through the scheduler's prefix cache) in CASCADE form: each group's queries
+     attend to the shared prefix gathered ONCE, each decode to its own suffix in
+     the batched attention above, and the two partial results are merged exactly
+     through their softmax maxima and sums (log-sum-exp), as FlashInfer's cascade
+     attention does (docs/executor.md, 'Shared prefixes: cascade attention');
    * each prefill chunk in its own SDPA with a LOWER-RIGHT causal mask (the
      chunk's queries sit at the end of its keys); SDPA's ``is_causal`` is
      top-left aligned, so it is only used when the chunk has no context.
@@ -71,6 +77,15 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class PrefixGroup:
+    """Decodes in packed rows ``[start, end)`` whose first ``len(slots)`` KV tokens are the same blocks."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # [prefix_len] slots of the shared prefix (whole blocks)
+
+
+@dataclass(slots=True)
 class PagedStep:
     """Per-step attention inputs, shared by all layers (built once by the runner)."""
 
@@ -79,8 +94,11 @@ class PagedStep:
     write_slots: torch.Tensor  # [T] slot of every packed token
     prefills: list[PrefillChunk] = field(default_factory=list)
     num_decodes: int = 0  # decodes occupy packed rows [0, num_decodes)
-    decode_slots: torch.Tensor | None = None  # [B, L_max] gather slots (padded with slot 0)
+    # [B, L_max] gather slots (padded with slot 0): a grouped decode's keys after its group's prefix,
+    # every other decode's whole context
+    decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L_max] True = attend; None if all lengths equal
+    decode_groups: list[PrefixGroup] = field(default_factory=list)  # cascade groups, disjoint row ranges
     decode_bias: torch.Tensor | None = None  # [B, 1, L_max] fp32 0 / -inf form of decode_mask (first layer)
     # NOTE: gathers go into these reused flat buffers (a runner workspace). Fresh
     # 10+ MB outputs per layer cost page faults: a 32 x 512
@@ -150,9 +168,51 @@ def _decode_attention(step: PagedStep, q: torch.Tensor, k_cache, v_cache, scalin
             bias = torch.zeros(batch, max_len, dtype=torch.float32, device=q.device)
             step.decode_bias = bias.masked_fill_(~step.decode_mask.view(batch, max_len), float("-inf"))[:, None, :]
         scores.add_(step.decode_bias)  # [B, 1, L] broadcast over KV and n_rep
-    probs = torch.softmax(scores, dim=-1).to(vd.dtype)
-    out = torch.matmul(probs, vd)  # [KV, B, n_rep, D]
+    if step.decode_groups:
+        out = _cascade(step, q, scores, vd, k_cache, v_cache, scaling)
+    else:
+        probs = torch.softmax(scores, dim=-1).to(vd.dtype)
+        out = torch.matmul(probs, vd)  # [KV, B, n_rep, D]
     return out.permute(1, 0, 2, 3).reshape(batch, num_heads, head_dim)
+
+
+def _cascade(step: PagedStep, q: torch.Tensor, scores: torch.Tensor, vd: torch.Tensor,
+             k_cache, v_cache, scaling) -> torch.Tensor:
+    """Softmax attention over [group prefix ++ own suffix] from two partial passes; ``[KV, B, n_rep, D]``.
+
+    ``scores`` are every decode's masked fp32 scores over its own keys (suffix), ``vd``
+    the matching values. Each pass keeps its row maximum ``m`` and its sum ``l`` of
+    ``exp(s - m)`` with an UNNORMALISED output ``sum exp(s - m) v``; rescaling both to
+    the common maximum and dividing once by the merged sum gives exactly
+    ``softmax([s_prefix, s_suffix]) @ [v_prefix; v_suffix]`` (up to rounding).
+    Every decode has at least one suffix key (its own new token), so ``m`` is finite.
+    """
+    num_kv, batch, n_rep, head_dim = scores.shape[0], scores.shape[1], scores.shape[2], vd.shape[-1]
+    m = scores.amax(dim=-1, keepdim=True)  # [KV, B, n_rep, 1]
+    e = scores.sub_(m).exp_()
+    denom = e.sum(dim=-1, keepdim=True)
+    out = torch.matmul(e.to(vd.dtype), vd).float()  # [KV, B, n_rep, D], unnormalised
+    for g in step.decode_groups:
+        n = g.end - g.start
+        # [H, n, D] -> [KV, n_rep * n, D]: all of the group's queries against ONE copy of the prefix
+        qg = q[:, g.start : g.end].reshape(num_kv, n_rep * n, head_dim)
+        kp = k_cache.index_select(1, g.slots)  # [KV, P, D]
+        vp = v_cache.index_select(1, g.slots)
+        sp = torch.matmul(qg, kp.transpose(-1, -2)).float().mul_(scaling)  # [KV, n_rep * n, P]
+        mp = sp.amax(dim=-1, keepdim=True)
+        ep = sp.sub_(mp).exp_()
+        lp = ep.sum(dim=-1, keepdim=True)
+        op = torch.matmul(ep.to(vp.dtype), vp).float()  # [KV, n_rep * n, D], unnormalised
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # [KV, n_rep * n, X] -> [KV, n, n_rep, X] (the suffix's order)
+            return t.view(num_kv, n_rep, n, t.shape[-1]).transpose(1, 2)
+
+        ms, mp = m[:, g.start : g.end], rows(mp)
+        mx = torch.maximum(ms, mp)
+        a_s, a_p = (ms - mx).exp_(), (mp - mx).exp_()
+        out[:, g.start : g.end] = out[:, g.start : g.end] * a_s + rows(op) * a_p
+        denom[:, g.start : g.end] = denom[:, g.start : g.end] * a_s + rows(lp) * a_p
+    return out.div_(denom).to(vd.dtype)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
