@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens (a multiple of 16) at the start of every decode's context that it shares, "
                         "block for block, with the other decodes of its group (prefix caching)")
     p.add_argument("--prefix-groups", type=int, default=1, help="groups of decodes sharing one prefix each")
+    p.add_argument("--scatter-blocks", action="store_true",
+                   help="hand out KV blocks in random order (default: consecutive, as a fresh cache does)")
+    p.add_argument("--no-cascade", action="store_true",
+                   help="every decode gathers its whole context (no cascade attention over shared prefixes)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64", help="throughput batch sizes ('' to skip)")
@@ -60,8 +64,10 @@ def _ints(text: str) -> list[int]:
 class _BumpAlloc:
     """Hands out block ids; the bench frees everything between configurations."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, scatter: bool = False) -> None:
         self.free = list(range(num_blocks - 1, -1, -1))
+        if scatter:
+            random.Random(0).shuffle(self.free)
         self.block_size = block_size
 
     def take(self, num_tokens: int) -> list[int]:
@@ -124,7 +130,7 @@ def sweep(runner, args) -> list[dict]:
     from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 
     rng = random.Random(0)
-    alloc = _BumpAlloc(runner.kv.num_blocks, runner.kv.block_size)
+    alloc = _BumpAlloc(runner.kv.num_blocks, runner.kv.block_size, args.scatter_blocks)
     rows: list[dict] = []
     steps_per_point = args.warmup + args.repeats
     seen_prefill_only: set[int] = set()
@@ -303,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     num_blocks = args.kv_blocks or need_tokens // 16 + 64
     t0 = time.perf_counter()
     runner = ModelRunner(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-                         num_blocks=num_blocks, num_threads=args.threads)
+                         num_blocks=num_blocks, num_threads=args.threads, cascade_attention=not args.no_cascade)
     info = runner.info()
     import torch
 

@@ -83,6 +83,8 @@ class PrefixGroup:
     start: int
     end: int
     slots: torch.Tensor  # [prefix_len] slots of the shared prefix (whole blocks)
+    # the prefix's first slot when its blocks are consecutive: read in place (a view), no gather
+    first_slot: int | None = None
 
 
 @dataclass(slots=True)
@@ -187,7 +189,7 @@ def _cascade(step: PagedStep, q: torch.Tensor, scores: torch.Tensor, vd: torch.T
     ``softmax([s_prefix, s_suffix]) @ [v_prefix; v_suffix]`` (up to rounding).
     Every decode has at least one suffix key (its own new token), so ``m`` is finite.
     """
-    num_kv, batch, n_rep, head_dim = scores.shape[0], scores.shape[1], scores.shape[2], vd.shape[-1]
+    num_kv, n_rep, head_dim = scores.shape[0], scores.shape[2], vd.shape[-1]
     m = scores.amax(dim=-1, keepdim=True)  # [KV, B, n_rep, 1]
     e = scores.sub_(m).exp_()
     denom = e.sum(dim=-1, keepdim=True)
@@ -196,22 +198,24 @@ def _cascade(step: PagedStep, q: torch.Tensor, scores: torch.Tensor, vd: torch.T
         n = g.end - g.start
         # [H, n, D] -> [KV, n_rep * n, D]: all of the group's queries against ONE copy of the prefix
         qg = q[:, g.start : g.end].reshape(num_kv, n_rep * n, head_dim)
-        kp = k_cache.index_select(1, g.slots)  # [KV, P, D]
-        vp = v_cache.index_select(1, g.slots)
+        if g.first_slot is not None:  # consecutive blocks: a strided view of the cache, nothing copied
+            kp = k_cache.narrow(1, g.first_slot, g.slots.shape[0])  # [KV, P, D]
+            vp = v_cache.narrow(1, g.first_slot, g.slots.shape[0])
+        else:
+            kp = k_cache.index_select(1, g.slots)
+            vp = v_cache.index_select(1, g.slots)
         sp = torch.matmul(qg, kp.transpose(-1, -2)).float().mul_(scaling)  # [KV, n_rep * n, P]
         mp = sp.amax(dim=-1, keepdim=True)
         ep = sp.sub_(mp).exp_()
         lp = ep.sum(dim=-1, keepdim=True)
         op = torch.matmul(ep.to(vp.dtype), vp).float()  # [KV, n_rep * n, D], unnormalised
-
-        def rows(t: torch.Tensor) -> torch.Tensor:  # [KV, n_rep * n, X] -> [KV, n, n_rep, X] (the suffix's order)
-            return t.view(num_kv, n_rep, n, t.shape[-1]).transpose(1, 2)
-
-        ms, mp = m[:, g.start : g.end], rows(mp)
+        # [KV, n_rep * n, X] -> [KV, n, n_rep, X], the suffix's row order
+        mp, lp, op = (t.view(num_kv, n_rep, n, t.shape[-1]).transpose(1, 2) for t in (mp, lp, op))
+        ms = m[:, g.start : g.end]
         mx = torch.maximum(ms, mp)
         a_s, a_p = (ms - mx).exp_(), (mp - mx).exp_()
-        out[:, g.start : g.end] = out[:, g.start : g.end] * a_s + rows(op) * a_p
-        denom[:, g.start : g.end] = denom[:, g.start : g.end] * a_s + rows(lp) * a_p
+        out[:, g.start : g.end] = out[:, g.start : g.end] * a_s + op * a_p
+        denom[:, g.start : g.end] = denom[:, g.start : g.end] * a_s + lp * a_p
     return out.div_(denom).to(vd.dtype)
 
 

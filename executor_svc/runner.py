@@ -261,8 +261,11 @@ class ModelRunner:
         skip = [0] * len(decodes)  # leading blocks a decode reads through its group's prefix instead
         row = 0
         for members, shared in groups:
-            step.decode_groups.append(PrefixGroup(row, row + members,
-                                                  self._read_slots(decodes[row].state.block_ids, shared * bs)))
+            blocks = decodes[row].state.block_ids[:shared]
+            # NOTE: a fresh cache hands out consecutive block ids, so a prefix computed by one
+            # prefill often lies in one run of slots and is read in place
+            first = blocks[0] * bs if blocks == list(range(blocks[0], blocks[0] + shared)) else None
+            step.decode_groups.append(PrefixGroup(row, row + members, self._read_slots(blocks, shared * bs), first))
             skip[row : row + members] = [shared] * members
             row += members
         lengths = [c.start + 1 - s * bs for c, s in zip(decodes, skip)]  # keys each decode gathers itself

@@ -28,7 +28,8 @@ class _Layer(torch.nn.Module):
 
 
 def _case(dtype: torch.dtype, seed: int = 0):
-    """Decodes in two prefix groups plus two loners, contexts of unequal length, blocks scattered.
+    """Decodes in two prefix groups plus two loners, contexts of unequal length, blocks scattered
+    except group a's prefix, which lies in consecutive blocks 40-44 (the runner reads those in place).
 
     Returns (kv, q, k_new, v_new, write_slots, tables, lengths, groups as (rows, shared blocks)).
     """
@@ -38,9 +39,10 @@ def _case(dtype: torch.dtype, seed: int = 0):
     kv = KVCache(KVShape(1, num_kv, head_dim, BS, dtype), num_blocks=96)
     kv.k.copy_(torch.randn(kv.k.shape, generator=gen))
     kv.v.copy_(torch.randn(kv.v.shape, generator=gen))
-    free = list(range(1, 96))
+    prefix_a = list(range(40, 45))
+    free = [b for b in range(1, 96) if b not in prefix_a]
     rng.shuffle(free)
-    prefix_a, prefix_b = [free.pop() for _ in range(5)], [free.pop() for _ in range(2)]
+    prefix_b = [free.pop() for _ in range(2)]
     # (shared prefix, context length incl. the new token): group a = rows 0-2, group b = rows 3-4
     spec = [(prefix_a, 81), (prefix_a, 100), (prefix_a, 130), (prefix_b, 33), (prefix_b, 70), ([], 45), ([], 17)]
     tables, lengths = [], []
@@ -59,12 +61,15 @@ def _slots(table: list[int], start: int, end: int) -> list[int]:
     return [table[p // BS] * BS + p % BS for p in range(start, end)]
 
 
-def _step(kv, write, tables, lengths, groups) -> PagedStep:
-    """The PagedStep the runner builds: each grouped decode gathers only the keys after its group's prefix."""
+def _step(kv, write, tables, lengths, groups, in_place: bool) -> PagedStep:
+    """The PagedStep the runner builds: each grouped decode gathers only the keys after its group's prefix;
+    ``in_place``: a prefix in consecutive blocks is read as a view of the cache."""
     skip = [0] * len(tables)
     step = PagedStep(kv=kv, backend="sdpa", write_slots=write, num_decodes=len(tables))
     for (start, end), shared in groups:
-        step.decode_groups.append(PrefixGroup(start, end, torch.tensor(_slots(tables[start], 0, shared * BS))))
+        blocks = tables[start][:shared]
+        first = blocks[0] * BS if in_place and blocks == list(range(blocks[0], blocks[0] + shared)) else None
+        step.decode_groups.append(PrefixGroup(start, end, torch.tensor(_slots(tables[start], 0, shared * BS)), first))
         skip[start:end] = [shared * BS] * (end - start)
     own = [_slots(t, s, n) for t, s, n in zip(tables, skip, lengths)]
     width = max(map(len, own))
@@ -75,7 +80,7 @@ def _step(kv, write, tables, lengths, groups) -> PagedStep:
 
 def _reference(kv, q, tables, lengths, scaling) -> torch.Tensor:
     """float64 softmax(q k^T) v over each decode's whole context, read from the cache: [B, H, D]."""
-    num_kv, n_rep = kv.k.shape[1], q.shape[0] // kv.k.shape[1]
+    n_rep = q.shape[0] // kv.k.shape[1]
     out = []
     for b, (t, n) in enumerate(zip(tables, lengths)):
         idx = torch.tensor(_slots(t, 0, n))
@@ -94,8 +99,9 @@ def _count_cascades(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
-def test_cascade_equals_plain_attention_and_a_float64_reference(dtype, atol, monkeypatch):
+def test_cascade_equals_plain_attention_and_a_float64_reference(dtype, atol, in_place, monkeypatch):
     kv, q, k_new, v_new, write, tables, lengths, groups = _case(dtype)
     scaling = q.shape[-1] ** -0.5
     calls = _count_cascades(monkeypatch)
@@ -103,7 +109,7 @@ def test_cascade_equals_plain_attention_and_a_float64_reference(dtype, atol, mon
     for name, grp in (("cascade", groups), ("plain", [])):
         before = len(calls)
         out, _ = paged_attention_forward(_Layer(), q[None], k_new[None], v_new[None], None,
-                                         scaling=scaling, paged=_step(kv, write, tables, lengths, grp))
+                                         scaling=scaling, paged=_step(kv, write, tables, lengths, grp, in_place))
         assert (len(calls) > before) == bool(grp)  # the path under test ran, and only there
         outs[name] = out[0].double()  # [B, H, D]
     ref = _reference(kv, q, tables, lengths, scaling)  # after the writes: the new tokens' KV is in the cache
