@@ -263,8 +263,11 @@ class ModelRunner:
         for members, shared in groups:
             blocks = decodes[row].state.block_ids[:shared]
             # NOTE: a fresh cache hands out consecutive block ids, so a prefix computed by one
-            # prefill often lies in one run of slots and is read in place
-            first = blocks[0] * bs if blocks == list(range(blocks[0], blocks[0] + shared)) else None
+            # prefill often lies in one run of slots and is read in place. fp32 only: bf16 matmuls
+            # copy such a strided view first and were slower than the gather (docs/executor.md,
+            # 'Shared prefixes: cascade attention')
+            consecutive = blocks == list(range(blocks[0], blocks[0] + shared))
+            first = blocks[0] * bs if consecutive and self.dtype == torch.float32 else None
             step.decode_groups.append(PrefixGroup(row, row + members, self._read_slots(blocks, shared * bs), first))
             skip[row : row + members] = [shared] * members
             row += members
