@@ -189,3 +189,28 @@ def test_greedy_outputs_equal_with_and_without_prefix_sharing(make_runner, monke
             assert any(s.num_computed_tokens == 96 for p in plans for s in p.new)
     assert outs["cascade"] == outs["plain"] == outs["no-cascade"]
     assert all(len(o) == 10 for o in outs["plain"].values())
+
+
+@pytest.mark.parametrize("flags", [[], ["--scatter-blocks"], ["--no-cascade"]])
+def test_executor_sweep_places_decodes_on_shared_prefixes(tmp_path, monkeypatch, flags):
+    """``benchmarks.executor_sweep --shared-prefix``: the decodes it places share blocks, so the cascade runs
+    (unless ``--no-cascade``), and the sweep's rows come out."""
+    import argparse
+    import csv
+
+    from benchmarks import executor_sweep as bench
+
+    calls = _count_cascades(monkeypatch)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny-mistral", "--prefill-tokens", "0", "--decodes", "4", "--contexts", "304",
+                              "--shared-prefix", "288", "--prefix-groups", "2", "--repeats", "2", "--warmup", "0",
+                              "--batches", "", "--out", str(tmp_path), *flags])
+    assert bench.run(args) == 0
+    rows = list(csv.DictReader((tmp_path / "steps.csv").open()))
+    assert [int(r["num_decodes"]) for r in rows] == [4, 4]
+    assert bool(calls) == ("--no-cascade" not in flags)
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        bench.run(parser.parse_args(["--model", "tiny-mistral", "--prefill-tokens", "0", "--decodes", "2",
+                                     "--contexts", "64", "--shared-prefix", "40", "--batches", "",
+                                     "--out", str(tmp_path)]))
