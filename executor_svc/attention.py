@@ -194,6 +194,12 @@ def _cascade(step: PagedStep, q: torch.Tensor, scores: torch.Tensor, vd: torch.T
     e = scores.sub_(m).exp_()
     denom = e.sum(dim=-1, keepdim=True)
     out = torch.matmul(e.to(vd.dtype), vd).float()  # [KV, B, n_rep, D], unnormalised
+    # the groups' prefix parts, in the suffix's row order, over rows [0, last group's end) (the runner
+    # packs groups first); a row of no group keeps max -inf and sum 0, so its prefix weight is 0
+    rows = max(g.end for g in step.decode_groups)
+    mp_all = scores.new_full((num_kv, rows, n_rep, 1), float("-inf"))
+    lp_all = scores.new_zeros(num_kv, rows, n_rep, 1)
+    op_all = out.new_zeros(num_kv, rows, n_rep, head_dim)
     for g in step.decode_groups:
         n = g.end - g.start
         # [H, n, D] -> [KV, n_rep * n, D]: all of the group's queries against ONE copy of the prefix
@@ -207,15 +213,19 @@ def _cascade(step: PagedStep, q: torch.Tensor, scores: torch.Tensor, vd: torch.T
         sp = torch.matmul(qg, kp.transpose(-1, -2)).float().mul_(scaling)  # [KV, n_rep * n, P]
         mp = sp.amax(dim=-1, keepdim=True)
         ep = sp.sub_(mp).exp_()
-        lp = ep.sum(dim=-1, keepdim=True)
-        op = torch.matmul(ep.to(vp.dtype), vp).float()  # [KV, n_rep * n, D], unnormalised
-        # [KV, n_rep * n, X] -> [KV, n, n_rep, X], the suffix's row order
-        mp, lp, op = (t.view(num_kv, n_rep, n, t.shape[-1]).transpose(1, 2) for t in (mp, lp, op))
-        ms = m[:, g.start : g.end]
-        mx = torch.maximum(ms, mp)
-        a_s, a_p = (ms - mx).exp_(), (mp - mx).exp_()
-        out[:, g.start : g.end] = out[:, g.start : g.end] * a_s + op * a_p
-        denom[:, g.start : g.end] = denom[:, g.start : g.end] * a_s + lp * a_p
+
+        def rows_of(t: torch.Tensor, n: int = n) -> torch.Tensor:  # [KV, n_rep * n, X] -> [KV, n, n_rep, X]
+            return t.view(num_kv, n_rep, n, t.shape[-1]).transpose(1, 2)
+
+        mp_all[:, g.start : g.end] = rows_of(mp)
+        lp_all[:, g.start : g.end] = rows_of(ep.sum(dim=-1, keepdim=True))
+        op_all[:, g.start : g.end] = rows_of(torch.matmul(ep.to(vp.dtype), vp))  # unnormalised
+    # one merge for all grouped rows: rescale both parts to the common maximum, add, divide once
+    ms = m[:, :rows]
+    mx = torch.maximum(ms, mp_all)
+    a_s, a_p = (ms - mx).exp_(), mp_all.sub_(mx).exp_()
+    out[:, :rows].mul_(a_s).add_(op_all.mul_(a_p))
+    denom[:, :rows].mul_(a_s).add_(lp_all.mul_(a_p))
     return out.div_(denom).to(vd.dtype)
 
 

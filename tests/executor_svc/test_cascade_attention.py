@@ -43,8 +43,9 @@ def _case(dtype: torch.dtype, seed: int = 0):
     free = [b for b in range(1, 96) if b not in prefix_a]
     rng.shuffle(free)
     prefix_b = [free.pop() for _ in range(2)]
-    # (shared prefix, context length incl. the new token): group a = rows 0-2, group b = rows 3-4
-    spec = [(prefix_a, 81), (prefix_a, 100), (prefix_a, 130), (prefix_b, 33), (prefix_b, 70), ([], 45), ([], 17)]
+    # (shared prefix, context length incl. the new token): group a = rows 0-2, group b = rows 4-5, and a
+    # loner between them (the runner packs groups first, but the attention must not rely on it)
+    spec = [(prefix_a, 81), (prefix_a, 100), (prefix_a, 130), ([], 45), (prefix_b, 33), (prefix_b, 70), ([], 17)]
     tables, lengths = [], []
     for prefix, length in spec:
         tables.append(prefix + [free.pop() for _ in range(-(-length // BS) - len(prefix))])
@@ -54,7 +55,7 @@ def _case(dtype: torch.dtype, seed: int = 0):
     k_new = torch.randn(num_kv, batch, head_dim, generator=gen).to(dtype)
     v_new = torch.randn(num_kv, batch, head_dim, generator=gen).to(dtype)
     write = torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lengths)])
-    return kv, q, k_new, v_new, write, tables, lengths, [((0, 3), 5), ((3, 5), 2)]
+    return kv, q, k_new, v_new, write, tables, lengths, [((0, 3), 5), ((4, 6), 2)]
 
 
 def _slots(table: list[int], start: int, end: int) -> list[int]:
