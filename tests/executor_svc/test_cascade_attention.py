@@ -100,10 +100,14 @@ def _count_cascades(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize(("in_place", "one_group"), [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
-def test_cascade_equals_plain_attention_and_a_float64_reference(dtype, atol, in_place, monkeypatch):
+def test_cascade_equals_plain_attention_and_a_float64_reference(dtype, atol, in_place, one_group, monkeypatch):
+    """Two groups (3 and 2 members, prefixes of 5 and 2 blocks: both padded in the batch) with a loner
+    between them, or group a alone (its prefix read in place when ``in_place``)."""
     kv, q, k_new, v_new, write, tables, lengths, groups = _case(dtype)
+    if one_group:
+        groups = groups[:1]
     scaling = q.shape[-1] ** -0.5
     calls = _count_cascades(monkeypatch)
     outs = {}
