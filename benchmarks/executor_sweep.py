@@ -37,6 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-tokens", default="0,32,128,256", help="comma list of fresh prefill chunk sizes")
     p.add_argument("--decodes", default="0,1,8,32", help="comma list of decode counts")
     p.add_argument("--contexts", default="128,512", help="comma list of decode KV context lengths")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens (a multiple of 16) at the start of every decode's context that it shares, "
+                        "block for block, with the other decodes of its group (prefix caching)")
+    p.add_argument("--prefix-groups", type=int, default=1, help="groups of decodes sharing one prefix each")
+    p.add_argument("--scatter-blocks", action="store_true",
+                   help="hand out KV blocks in random order (default: consecutive, as a fresh cache does)")
+    p.add_argument("--no-cascade", action="store_true",
+                   help="every decode gathers its whole context (no cascade attention over shared prefixes)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64", help="throughput batch sizes ('' to skip)")
@@ -56,8 +64,10 @@ def _ints(text: str) -> list[int]:
 class _BumpAlloc:
     """Hands out block ids; the bench frees everything between configurations."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, scatter: bool = False) -> None:
         self.free = list(range(num_blocks - 1, -1, -1))
+        if scatter:
+            random.Random(0).shuffle(self.free)
         self.block_size = block_size
 
     def take(self, num_tokens: int) -> list[int]:
@@ -70,25 +80,49 @@ class _BumpAlloc:
         self.free.extend(blocks)
 
 
-def _place_decodes(runner, alloc: _BumpAlloc, n: int, context: int, extra: int, rng: random.Random):
+def _place_decodes(runner, alloc: _BumpAlloc, n: int, context: int, extra: int, rng: random.Random,
+                   prefix: int = 0, groups: int = 1):
+    """Register ``n`` decodes at ``context`` tokens; returns ``{req_id: blocks it owns}``.
+
+    With ``prefix`` > 0, decode ``i`` belongs to group ``i % groups`` and its first
+    ``prefix`` tokens are the group's: the group's first request owns those blocks,
+    the others read them as a cached prefix (``num_computed_tokens = prefix``),
+    exactly what the scheduler's prefix cache sends.
+    """
     # NOTE: bench-only shortcut. Registers n requests as if their `context`-token
     # prompts had been computed (check + apply + commit, no forward), so sweeping
     # 64 decodes at context 512 does not cost 32 k prefill tokens per point.
     from contract.plan import BatchPlan, NewRequestSlice
     from executor_svc.request_cache import RequestCache
 
-    reqs = {}
-    new = []
+    if prefix % alloc.block_size or not 0 <= prefix < context:
+        raise SystemExit(f"--shared-prefix must be a multiple of {alloc.block_size} below the context {context}")
+    groups = max(1, min(groups, n)) if prefix else n
+    reqs: dict[str, list[int]] = {}
+    shared: dict[int, tuple[tuple[int, ...], list[int]]] = {}  # group -> (prefix tokens, prefix blocks)
+    firsts, rest = [], []
     for i in range(n):
         rid = f"d{context}-{i}"
-        blocks = alloc.take(context + extra)
-        toks = tuple(rng.randrange(3, 1000) for _ in range(context))
-        new.append(NewRequestSlice(req_id=rid, token_ids=toks, num_tokens=context, block_ids=tuple(blocks),
-                                   num_new_tokens=context, sample=True))
-        reqs[rid] = blocks
-    plan = BatchPlan(new=tuple(new))
-    runner.requests.check(plan)
-    RequestCache.commit(runner.requests.apply(plan), {rid: 5 for rid in reqs})
+        g = i % groups
+        if prefix and g in shared:
+            ptoks, pblocks = shared[g]
+            own = alloc.take(context - prefix + extra)
+            toks = ptoks + tuple(rng.randrange(3, 1000) for _ in range(context - prefix))
+            rest.append(NewRequestSlice(req_id=rid, token_ids=toks, num_tokens=context,
+                                        block_ids=tuple(pblocks + own), num_computed_tokens=prefix,
+                                        num_new_tokens=context - prefix, sample=True))
+        else:
+            own = alloc.take(context + extra)
+            toks = tuple(rng.randrange(3, 1000) for _ in range(context))
+            shared[g] = (toks[:prefix], own[: prefix // alloc.block_size])
+            firsts.append(NewRequestSlice(req_id=rid, token_ids=toks, num_tokens=context, block_ids=tuple(own),
+                                          num_new_tokens=context, sample=True))
+        reqs[rid] = own
+    for new in (firsts, rest):  # a cached prefix must be computed in an earlier plan than its readers
+        if new:
+            plan = BatchPlan(new=tuple(new))
+            runner.requests.check(plan)
+            RequestCache.commit(runner.requests.apply(plan), {s.req_id: 5 for s in new})
     return reqs
 
 
@@ -96,7 +130,7 @@ def sweep(runner, args) -> list[dict]:
     from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 
     rng = random.Random(0)
-    alloc = _BumpAlloc(runner.kv.num_blocks, runner.kv.block_size)
+    alloc = _BumpAlloc(runner.kv.num_blocks, runner.kv.block_size, args.scatter_blocks)
     rows: list[dict] = []
     steps_per_point = args.warmup + args.repeats
     seen_prefill_only: set[int] = set()
@@ -105,7 +139,8 @@ def sweep(runner, args) -> list[dict]:
         for num_decodes in _ints(args.decodes):
             if num_decodes == 0 and context != _ints(args.contexts)[0]:
                 continue  # prefill-only points do not depend on the decode context
-            reqs = _place_decodes(runner, alloc, num_decodes, context, steps_per_point * 8, rng)
+            reqs = _place_decodes(runner, alloc, num_decodes, context, steps_per_point * 8, rng,
+                                  args.shared_prefix, args.prefix_groups)
             computed = {rid: context for rid in reqs}
             for prefill in _ints(args.prefill_tokens):
                 if prefill == 0 and num_decodes == 0 or (num_decodes == 0 and prefill in seen_prefill_only):
@@ -274,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     num_blocks = args.kv_blocks or need_tokens // 16 + 64
     t0 = time.perf_counter()
     runner = ModelRunner(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-                         num_blocks=num_blocks, num_threads=args.threads)
+                         num_blocks=num_blocks, num_threads=args.threads, cascade_attention=not args.no_cascade)
     info = runner.info()
     import torch
 

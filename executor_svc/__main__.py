@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--memory-fraction", type=float, default=None, help="fraction of free device memory for KV")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--attention-backend", default=None, choices=("sdpa", "flash-attn"))
+    p.add_argument("--no-cascade-attention", action="store_true",
+                   help="decodes sharing prefix blocks each gather their whole context instead of attending "
+                        "to the shared prefix once (docs/executor.md, 'Shared prefixes: cascade attention')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-tokens", type=int, default=512, help="size of the start-up warm-up step")
     p.add_argument("--fake", action="store_true", help="FakeRunner: deterministic tokens, no torch")
@@ -78,7 +81,7 @@ def build_runner(args: argparse.Namespace):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(load_format=args.load_format, device=device, dtype=args.dtype, num_blocks=args.kv_blocks,
               max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
-              num_threads=args.threads)
+              num_threads=args.threads, cascade_attention=not args.no_cascade_attention)
     if args.memory_fraction is not None:
         kw["memory_fraction"] = args.memory_fraction
     return ModelRunner(args.preset or args.model, **kw)

@@ -9,6 +9,12 @@ keyword argument. For every layer, :func:`paged_attention_forward`:
    * all decodes (one query token each) in ONE batched attention (two matmuls,
      fp32 softmax) over gathered, padded KV with a key-padding mask and GQA
      packed into the query;
+   * decodes whose block tables start with the same blocks (a prefix shared
+     through the scheduler's prefix cache) in CASCADE form: each group's queries
+     attend to the shared prefix gathered ONCE, each decode to its own suffix in
+     the batched attention above, and the two partial results are merged exactly
+     through their softmax maxima and sums (log-sum-exp), as FlashInfer's cascade
+     attention does (docs/executor.md, 'Shared prefixes: cascade attention');
    * each prefill chunk in its own SDPA with a LOWER-RIGHT causal mask (the
      chunk's queries sit at the end of its keys); SDPA's ``is_causal`` is
      top-left aligned, so it is only used when the chunk has no context.
@@ -71,6 +77,65 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class PrefixGroup:
+    """Decodes in packed rows ``[start, end)`` whose first ``len(slots)`` KV tokens are the same blocks."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # [prefix_len] slots of the shared prefix (whole blocks)
+    # the prefix's first slot when its blocks are consecutive: read in place (a view), no gather
+    first_slot: int | None = None
+
+
+@dataclass(slots=True)
+class CascadeBatch:
+    """All of a step's :class:`PrefixGroup` s as one padded batch (built once per step, by the first layer).
+
+    NOTE: one set of ops for every group instead of one per group: with 2 OpenMP threads on a
+    busy 2-core machine each small op can wait milliseconds for the other thread, so the op
+    count per layer matters as much as the bytes (docs/executor.md, 'Shared prefixes').
+    """
+
+    num_groups: int
+    members: int  # the largest group; smaller groups are padded with copies of row 0
+    prefix_len: int  # the longest prefix; shorter ones are padded with slot 0 and masked
+    rows: int  # the groups lie within decode rows [0, rows)
+    q_rows: torch.Tensor  # [G * members] decode row of each (group, member) place
+    back: torch.Tensor  # [rows] place of each decode row in the flat (group, member) order
+    slots: torch.Tensor  # [G * prefix_len] prefix slots, group after group
+    key_bias: torch.Tensor | None  # [G, 1, prefix_len] fp32 0 / -inf; None when no prefix is padded
+    outside: torch.Tensor | None  # [1, rows, 1, 1] True for rows of no group; None when there are none
+    first_slot: int | None  # one group whose prefix is consecutive blocks: read in place
+
+    @staticmethod
+    def build(groups: list[PrefixGroup], device: torch.device) -> CascadeBatch:
+        members = max(g.end - g.start for g in groups)
+        prefix_len = max(g.slots.shape[0] for g in groups)
+        rows = max(g.end for g in groups)
+        q_rows = [0] * (len(groups) * members)
+        back = [0] * rows
+        outside = [True] * rows
+        slots, bias = [], []
+        for i, g in enumerate(groups):
+            for j, r in enumerate(range(g.start, g.end)):
+                q_rows[i * members + j] = r
+                back[r] = i * members + j
+                outside[r] = False
+            pad = prefix_len - g.slots.shape[0]
+            slots.append(torch.nn.functional.pad(g.slots, (0, pad)))
+            bias.append([0.0] * g.slots.shape[0] + [float("-inf")] * pad)
+        padded = any(g.slots.shape[0] != prefix_len for g in groups)
+        return CascadeBatch(
+            num_groups=len(groups), members=members, prefix_len=prefix_len, rows=rows,
+            q_rows=torch.tensor(q_rows, device=device), back=torch.tensor(back, device=device),
+            slots=torch.cat(slots),
+            key_bias=torch.tensor(bias, device=device)[:, None, :] if padded else None,
+            outside=torch.tensor(outside, device=device)[None, :, None, None] if any(outside) else None,
+            first_slot=groups[0].first_slot if len(groups) == 1 else None,
+        )
+
+
+@dataclass(slots=True)
 class PagedStep:
     """Per-step attention inputs, shared by all layers (built once by the runner)."""
 
@@ -79,9 +144,13 @@ class PagedStep:
     write_slots: torch.Tensor  # [T] slot of every packed token
     prefills: list[PrefillChunk] = field(default_factory=list)
     num_decodes: int = 0  # decodes occupy packed rows [0, num_decodes)
-    decode_slots: torch.Tensor | None = None  # [B, L_max] gather slots (padded with slot 0)
+    # [B, L_max] gather slots (padded with slot 0): a grouped decode's keys after its group's prefix,
+    # every other decode's whole context
+    decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L_max] True = attend; None if all lengths equal
+    decode_groups: list[PrefixGroup] = field(default_factory=list)  # cascade groups, disjoint row ranges
     decode_bias: torch.Tensor | None = None  # [B, 1, L_max] fp32 0 / -inf form of decode_mask (first layer)
+    cascade: CascadeBatch | None = None  # decode_groups as one batch (first layer)
     # NOTE: gathers go into these reused flat buffers (a runner workspace). Fresh
     # 10+ MB outputs per layer cost page faults: a 32 x 512
     # decode gather took 10 ms fresh vs 2.5 ms into a reused buffer on CPU.
@@ -150,9 +219,63 @@ def _decode_attention(step: PagedStep, q: torch.Tensor, k_cache, v_cache, scalin
             bias = torch.zeros(batch, max_len, dtype=torch.float32, device=q.device)
             step.decode_bias = bias.masked_fill_(~step.decode_mask.view(batch, max_len), float("-inf"))[:, None, :]
         scores.add_(step.decode_bias)  # [B, 1, L] broadcast over KV and n_rep
-    probs = torch.softmax(scores, dim=-1).to(vd.dtype)
-    out = torch.matmul(probs, vd)  # [KV, B, n_rep, D]
+    if step.decode_groups:
+        out = _cascade(step, q, scores, vd, k_cache, v_cache, scaling)
+    else:
+        probs = torch.softmax(scores, dim=-1).to(vd.dtype)
+        out = torch.matmul(probs, vd)  # [KV, B, n_rep, D]
     return out.permute(1, 0, 2, 3).reshape(batch, num_heads, head_dim)
+
+
+def _cascade(step: PagedStep, q: torch.Tensor, scores: torch.Tensor, vd: torch.Tensor,
+             k_cache, v_cache, scaling) -> torch.Tensor:
+    """Softmax attention over [group prefix ++ own suffix] from two partial passes; ``[KV, B, n_rep, D]``.
+
+    ``scores`` are every decode's masked fp32 scores over its own keys (suffix), ``vd``
+    the matching values. Each pass keeps its row maximum ``m`` and its sum ``l`` of
+    ``exp(s - m)`` with an UNNORMALISED output ``sum exp(s - m) v``; rescaling both to
+    the common maximum and dividing once by the merged sum gives exactly
+    ``softmax([s_prefix, s_suffix]) @ [v_prefix; v_suffix]`` (up to rounding).
+    Every decode has at least one suffix key (its own new token), so ``m`` is finite.
+    """
+    num_kv, n_rep, head_dim = scores.shape[0], scores.shape[2], vd.shape[-1]
+    m = scores.amax(dim=-1, keepdim=True)  # [KV, B, n_rep, 1]
+    e = scores.sub_(m).exp_()
+    denom = e.sum(dim=-1, keepdim=True)
+    out = torch.matmul(e.to(vd.dtype), vd).float()  # [KV, B, n_rep, D], unnormalised
+    if step.cascade is None:
+        step.cascade = CascadeBatch.build(step.decode_groups, q.device)
+    cb = step.cascade
+    groups, n, plen, rows = cb.num_groups, cb.members, cb.prefix_len, cb.rows
+    # every group's queries against ONE copy of its prefix, all groups in one batch:
+    # [H, G*n, D] -> [KV, n_rep, G, n, D] -> [KV, G, n_rep * n, D]
+    qg = q.index_select(1, cb.q_rows).view(num_kv, n_rep, groups, n, head_dim).transpose(1, 2)
+    qg = qg.reshape(num_kv, groups, n_rep * n, head_dim)
+    if cb.first_slot is not None:  # consecutive blocks: a strided view of the cache, nothing copied
+        kp = k_cache.narrow(1, cb.first_slot, plen).unsqueeze(1)  # [KV, 1, P, D]
+        vp = v_cache.narrow(1, cb.first_slot, plen).unsqueeze(1)
+    else:
+        kp = k_cache.index_select(1, cb.slots).view(num_kv, groups, plen, head_dim)
+        vp = v_cache.index_select(1, cb.slots).view(num_kv, groups, plen, head_dim)
+    sp = torch.matmul(qg, kp.transpose(-1, -2)).float().mul_(scaling)  # [KV, G, n_rep * n, P]
+    if cb.key_bias is not None:
+        sp.add_(cb.key_bias)  # [G, 1, P]: padded prefix keys out
+    mp = sp.amax(dim=-1, keepdim=True)
+    ep = sp.sub_(mp).exp_()
+    part = torch.cat([torch.matmul(ep.to(vp.dtype), vp).float(), mp, ep.sum(dim=-1, keepdim=True)], dim=-1)
+    # back to the suffix's row order: [KV, G, n_rep, n, D+2] -> [KV, G*n, n_rep, D+2] -> [KV, rows, n_rep, D+2]
+    part = part.view(num_kv, groups, n_rep, n, head_dim + 2).transpose(2, 3).reshape(num_kv, groups * n, n_rep, -1)
+    part = part.index_select(1, cb.back)
+    op, mp, lp = part[..., :head_dim], part[..., head_dim : head_dim + 1], part[..., head_dim + 1 :]
+    if cb.outside is not None:  # rows of no group: prefix weight exp(-inf) = 0
+        mp = mp.masked_fill(cb.outside, float("-inf"))
+    # one merge: rescale both parts to the common maximum, add, divide once
+    ms = m[:, :rows]
+    mx = torch.maximum(ms, mp)
+    a_s, a_p = (ms - mx).exp_(), (mp - mx).exp_()
+    out[:, :rows].mul_(a_s).add_(op * a_p)
+    denom[:, :rows].mul_(a_s).add_(lp * a_p)
+    return out.div_(denom).to(vd.dtype)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:

@@ -19,11 +19,16 @@ import torch
 from contract.executor_info import ExecutorInfo
 from contract.plan import BatchPlan, StepResult
 from executor_svc import attention, step_extras
-from executor_svc.attention import PagedStep, PrefillChunk
+from executor_svc.attention import PagedStep, PrefillChunk, PrefixGroup
 from executor_svc.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, kv_shape_from_config, num_blocks_for_device
 from executor_svc.models import LoadedModel, load_model
 from executor_svc.request_cache import RequestCache, ScheduledChunk
 from executor_svc.sampler import Sampler
+
+# Cascade attention for decodes sharing prefix blocks pays off once the copies it saves,
+# (group size - 1) x prefix tokens per layer, outweigh a group's extra small ops (about
+# ten per layer); docs/executor.md, 'Shared prefixes: cascade attention'.
+CASCADE_MIN_SAVED_TOKENS = 256
 
 
 class ModelRunner:
@@ -41,6 +46,10 @@ class ModelRunner:
         num_threads: torch intra-op threads (process-wide); None leaves torch's
             default. On a CPU shared with other busy processes, fewer threads than
             cores avoids OpenMP spin-wait collapse (10x slower steps measured).
+        cascade_attention: decodes that share prefix blocks attend to the shared
+            prefix once per group (``attention._cascade``); False: every decode
+            gathers its whole context. ``cascade_min_saved_tokens`` is the
+            smallest (group size - 1) x prefix length that uses it.
     """
 
     def __init__(
@@ -59,6 +68,8 @@ class ModelRunner:
         attention_backend: str | None = None,
         seed: int = 0,
         num_threads: int | None = None,
+        cascade_attention: bool = True,
+        cascade_min_saved_tokens: int = CASCADE_MIN_SAVED_TOKENS,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -86,6 +97,8 @@ class ModelRunner:
         self._arange_block = torch.arange(block_size, device=self.device)
         self._gather_k: torch.Tensor | None = None
         self._gather_v: torch.Tensor | None = None
+        self.cascade_attention = cascade_attention
+        self.cascade_min_saved_tokens = cascade_min_saved_tokens
 
     # ---- Runner protocol ------------------------------------------------------------
     def info(self) -> ExecutorInfo:
@@ -157,6 +170,9 @@ class ModelRunner:
     def _prepare(self, chunks: list[ScheduledChunk]):
         decodes = [c for c in chunks if c.is_decode]
         prefills = [c for c in chunks if not c.is_decode]
+        groups: list[tuple[int, int]] = []  # (members, shared prefix blocks) in packed order
+        if len(decodes) > 1 and self.cascade_attention and self.backend == "sdpa":
+            decodes, groups = self._prefix_groups(decodes)
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -183,7 +199,7 @@ class ModelRunner:
                          write_slots=torch.tensor(slots, dtype=torch.long, device=dev),
                          prefills=chunk_meta, num_decodes=len(decodes))
         if decodes:
-            self._prepare_decodes(step, decodes)
+            self._prepare_decodes(step, decodes, groups)
         gather_rows = max([0 if step.decode_slots is None else step.decode_slots.numel()]
                           + [c.context_len + c.q_len for c in chunk_meta if c.context_len])
         if gather_rows and self.backend == "sdpa":
@@ -206,14 +222,63 @@ class ModelRunner:
             self._gather_v = torch.empty(rows * per_row, dtype=self.dtype, device=self.device)
         return self._gather_k, self._gather_v
 
-    def _prepare_decodes(self, step: PagedStep, decodes: list[ScheduledChunk]) -> None:
+    def _prefix_groups(self, decodes: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[tuple[int, int]]]:
+        """Decodes reordered so that those sharing leading blocks are adjacent, and the groups worth a cascade.
+
+        Returns ``(decodes, groups)``; ``groups`` lists ``(members, shared blocks)`` for the
+        first rows of the new order, the remaining decodes are not grouped. Only whole
+        blocks that lie entirely before every member's new token are shared: the scheduler
+        shares full blocks only, and each member keeps at least its new token as suffix.
+        """
+        by_first: dict[int, list[ScheduledChunk]] = {}
+        for c in decodes:
+            if c.state.block_ids:
+                by_first.setdefault(c.state.block_ids[0], []).append(c)
         bs = self.kv.block_size
-        lengths = [c.start + 1 for c in decodes]
+        ordered: list[ScheduledChunk] = []
+        groups: list[tuple[int, int]] = []
+        grouped: set[int] = set()
+        for members in by_first.values():
+            if len(members) < 2:
+                continue
+            first = members[0].state.block_ids
+            limit = min(c.start // bs for c in members)  # whole blocks before every member's new token
+            shared = 0
+            while shared < limit and all(c.state.block_ids[shared] == first[shared] for c in members):
+                shared += 1
+            if shared and (len(members) - 1) * shared * bs >= self.cascade_min_saved_tokens:
+                ordered.extend(members)
+                groups.append((len(members), shared))
+                grouped.update(id(c) for c in members)
+        if not groups:
+            return decodes, []
+        ordered.extend(c for c in decodes if id(c) not in grouped)
+        return ordered, groups
+
+    def _prepare_decodes(self, step: PagedStep, decodes: list[ScheduledChunk],
+                         groups: list[tuple[int, int]]) -> None:
+        bs = self.kv.block_size
+        skip = [0] * len(decodes)  # leading blocks a decode reads through its group's prefix instead
+        row = 0
+        for members, shared in groups:
+            blocks = decodes[row].state.block_ids[:shared]
+            # NOTE: a fresh cache hands out consecutive block ids, so a prefix computed by one
+            # prefill often lies in one run of slots and is read in place. fp32 only: bf16 matmuls
+            # copy such a strided view first and were slower than the gather (docs/executor.md,
+            # 'Shared prefixes: cascade attention')
+            consecutive = blocks == list(range(blocks[0], blocks[0] + shared))
+            first = blocks[0] * bs if consecutive and self.dtype == torch.float32 else None
+            step.decode_groups.append(PrefixGroup(row, row + members, self._read_slots(blocks, shared * bs), first))
+            skip[row : row + members] = [shared] * members
+            row += members
+        lengths = [c.start + 1 - s * bs for c, s in zip(decodes, skip)]  # keys each decode gathers itself
         max_len = max(lengths)
         max_nb = -(-max_len // bs)
         # pad block tables with block 0: padded keys are masked out below
-        table = [c.state.block_ids[:max_nb] + [0] * (max_nb - min(max_nb, len(c.state.block_ids)))
-                 for c in decodes]
+        table = []
+        for c, s in zip(decodes, skip):
+            own = c.state.block_ids[s : s + max_nb]
+            table.append(own + [0] * (max_nb - len(own)))
         bt = torch.tensor(table, dtype=torch.long, device=self.device)
         step.decode_slots = (bt[:, :, None] * bs + self._arange_block).reshape(len(decodes), -1)[:, :max_len]
         if min(lengths) != max_len:

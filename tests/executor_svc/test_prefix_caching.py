@@ -67,16 +67,22 @@ def _arrivals(tok, max_new: int) -> list[tuple[int, Request]]:
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_tokens_equal_with_and_without_prefix_caching(smol):
+def test_smollm2_greedy_tokens_equal_with_and_without_prefix_caching(smol, monkeypatch):
+    from executor_svc import attention
     from executor_svc.runner import ModelRunner
 
     loaded, tok = smol
+    cascades: list[int] = []
+    real = attention._cascade
+    monkeypatch.setattr(attention, "_cascade", lambda *a, **k: cascades.append(1) or real(*a, **k))
     outs = {}
     for on in (False, True):
         cfg = SchedulerConfig(enable_prefix_caching=on, token_budget=64, max_model_len=2048)
         core = make_core("sarathi-fcfs", num_blocks=64, config=cfg)
         arrivals = _arrivals(tok, 8)
-        outs[on], plans = drive(core, ModelRunner(loaded, num_blocks=64), arrivals)
+        # cascade_min_saved_tokens=0: decodes sharing the system prompt's blocks take the cascade path
+        # (executor_svc/attention.py), which must give the uncached run's tokens too
+        outs[on], plans = drive(core, ModelRunner(loaded, num_blocks=64, cascade_min_saved_tokens=0), arrivals)
         cached = [s.num_computed_tokens for p in plans for s in p.new if s.num_computed_tokens]
         if on:
             # q1 and q2 reuse the full blocks of the prompt they share with q0 (the system prompt)
@@ -84,8 +90,9 @@ def test_smollm2_greedy_tokens_equal_with_and_without_prefix_caching(smol):
             common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
             assert common >= 48 and cached == [common // 16 * 16] * 2, (common, cached)
             assert core.prefix_cache.num_hit_tokens == sum(cached)
+            assert cascades  # the shared blocks were read once per group
         else:
-            assert not cached
+            assert not cached and not cascades
     assert outs[True] == outs[False]
     assert "Paris" in tok.decode(outs[True]["q0"])
 
