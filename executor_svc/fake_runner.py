@@ -11,7 +11,11 @@ duplicate ids, chunks past the end, computed-token mismatches, and block checks
 when ``num_blocks`` is given), so a scheduler bug surfaces with either runner.
 
 An optional ``cost(plan) -> seconds`` makes each step take that long (it sleeps),
-and the reported ``forward_ns`` is the cost, so timings look like a real step.
+so timings look like a real step. The whole step, its own bookkeeping included, is
+held to the cost: it sleeps until ``start + cost`` less what the step's tail (sampling,
+committing, the sleep's own overshoot) took recently. A live stack that emulates a
+GPU with this runner then runs the cost model's steps, not the cost plus this
+process's Python (docs/results.md, "Live agreement").
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class FakeRunner:
         self.vocab_size = vocab_size
         self.cost = cost
         self.sleep = sleep
+        self._tail_ns = 0.0  # EWMA of what a step spends after its sleep's deadline (tail work + overshoot)
         self.eos_token_ids = eos_token_ids
         self.avoid = frozenset(avoid_token_ids)
         self.requests = RequestCache(
@@ -91,11 +96,15 @@ class FakeRunner:
         chunks = self.requests.apply(plan)
         t1 = time.perf_counter_ns()
         forward_ns = 0
+        wake_ns = None
         if chunks and self.cost is not None:
             seconds = max(0.0, float(self.cost(plan)))
             forward_ns = int(seconds * 1e9)
             if self.sleep and seconds > 0:
-                time.sleep(seconds)
+                wake_ns = t0 + forward_ns - self._tail_ns
+                left_ns = wake_ns - time.perf_counter_ns()
+                if left_ns > 0:
+                    time.sleep(left_ns / 1e9)
         t2 = time.perf_counter_ns()
         sampled = {c.state.req_id: self.token_for(c.state.req_id, c.state.num_tokens) for c in chunks if c.sample}
         logprobs = self._logprobs(chunks, sampled) if self.requests.num_with_extras else {}
@@ -103,6 +112,8 @@ class FakeRunner:
         req_ids = tuple(c.state.req_id for c in chunks if c.sample)
         t3 = time.perf_counter_ns()
         prepare_ns, sample_ns = t1 - t0, t3 - t2
+        if wake_ns is not None:  # learn the tail: the step should have ended at t0 + cost
+            self._tail_ns += 0.2 * (max(0, t3 - wake_ns) - self._tail_ns)
         if self.sleep:
             forward_ns = t2 - t1
         # without sleeping, the cost stands in for the forward (virtual clocks)

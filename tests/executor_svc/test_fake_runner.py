@@ -75,3 +75,44 @@ def test_no_torch_import():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
+
+
+class FakeClock:
+    """perf_counter_ns and sleep for the fake runner: sleeping overshoots by ``overshoot_ns``."""
+
+    def __init__(self, overshoot_ns: int) -> None:
+        self.now_ns = 0
+        self.overshoot_ns = overshoot_ns
+
+    def perf_counter_ns(self) -> int:
+        return self.now_ns
+
+    def sleep(self, seconds: float) -> None:
+        self.now_ns += int(seconds * 1e9) + self.overshoot_ns
+
+
+def test_a_sleeping_step_is_held_to_its_cost_with_its_own_tail(monkeypatch):
+    # every step spends 300 us sampling after its sleep and the sleep overshoots by 200 us: without
+    # correction each step would take cost + 0.5 ms; the runner learns that tail and sleeps it less
+    import executor_svc.fake_runner as fr
+
+    clock = FakeClock(overshoot_ns=200_000)
+    monkeypatch.setattr(fr, "time", clock)
+    runner = FakeRunner(cost=lambda plan: 0.02)
+    real_token_for = runner.token_for
+
+    def slow_token_for(req_id, position):
+        clock.now_ns += 300_000
+        return real_token_for(req_id, position)
+
+    runner.token_for = slow_token_for
+    runner.execute(BatchPlan(new=(NewRequestSlice(req_id="s", num_tokens=4, num_new_tokens=4, sample=True),)))
+    durations = []
+    for k in range(30):
+        start = clock.now_ns
+        dec = CachedRequestSlice(req_id="s", num_computed_tokens=4 + k, num_new_tokens=1, is_decode=True, sample=True)
+        result = runner.execute(BatchPlan(cached=(dec,)))
+        durations.append(clock.now_ns - start)
+        assert result.total_ns == clock.now_ns - start  # what it reports is what it took
+    assert durations[0] == 20_500_000 - int(0.2 * 500_000)  # one step of learning so far
+    assert abs(durations[-1] - 20_000_000) < 10_000  # converged to the cost: within 10 us of 20 ms
