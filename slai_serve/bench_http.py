@@ -51,6 +51,20 @@ def _token_count(choice: dict[str, Any]) -> int:
     return 1 if choice.get("text") else 0  # a server without return_token_ids: one token per text chunk
 
 
+
+async def sse_lines(resp):
+    """The response's lines split on LF only. SSE ends lines with LF (or CRLF); httpx's ``aiter_lines``
+    splits like ``str.splitlines``, also on U+2028, U+0085 and other separators that a server may send
+    unescaped inside a JSON string of generated text, which cut a chunk in two."""
+    buf = b""
+    async for data in resp.aiter_bytes():
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8", "replace")
+
 async def replay_http(base_url: str, items: list, builder, keys: dict[str, str | None], priority: bool = False,
                       max_prompt: int = 0, max_output: int = 0, timeout_s: float = 600.0) -> tuple[Any, dict]:
     """Send every item at its arrival time over HTTP; return (MetricsCollector, extra counters)."""
@@ -86,7 +100,7 @@ async def replay_http(base_url: str, items: list, builder, keys: dict[str, str |
                     errors[f"HTTP_{resp.status_code}"] += 1
                     finish = f"error:HTTP_{resp.status_code}"
                 else:
-                    async for line in resp.aiter_lines():
+                    async for line in sse_lines(resp):
                         if not line.startswith("data:") or line.strip() == "data: [DONE]":
                             continue
                         chunk = json.loads(line[5:])
@@ -96,7 +110,7 @@ async def replay_http(base_url: str, items: list, builder, keys: dict[str, str |
                             if n or choice.get("finish_reason"):
                                 collector.on_token(item.req_id, time.monotonic() - t0, n,
                                                    choice.get("finish_reason"))
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
             errors[type(exc).__name__] += 1
             finish = f"error:{type(exc).__name__}"
         records.append(request_record(item, collector.records[item.req_id], p_len, o_len, finish))
