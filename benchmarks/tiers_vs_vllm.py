@@ -85,7 +85,8 @@ def markdown(data: dict) -> str:
              (f"Machine: {data['machine']}. SmolLM2-135M-Instruct, {s['dtype']}. Workload: `simulator.workloads` "
               f"synthetic lengths, seed {s['seed']}, {s['num_requests']} requests per load, "
               f"{s['paying_prob']:.0%} paying, prompts clipped at {s['max_prompt_len']} and outputs at "
-              f"{s['max_output_len']} tokens, `ignore_eos`. Objectives scaled to this CPU: paying TBT "
+              f"{s['max_output_len']} tokens, `ignore_eos`, after {s.get('warmup_requests', 0)} unmeasured warm-up requests per "
+              "server start. Objectives scaled to this CPU: paying TBT "
               f"{s['paying_tbt']} s (TTFT {s['paying_ttft']} s), free TBT {s['free_tbt']} s. Ours: "
               f"`slai-serve up --policy P` (rows named by P) with tiers by API key; vLLM: "
               "`--scheduling-policy priority` with `priority` 0 (paying) / 1 (free). Client: "
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qps", default="0.5,1,1.5,2,2.5")
     p.add_argument("--num-requests", type=int, default=160)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--warmup-requests", type=int, default=16,
+                   help="requests replayed (seed + 1, unmeasured) after each server starts; 0 = none")
     p.add_argument("--paying-prob", type=float, default=0.05)
     p.add_argument("--paying-tbt", type=float, default=0.3)
     p.add_argument("--free-tbt", type=float, default=1.5)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         data["machine"] = machine()
         data["settings"] = {k: getattr(args, k) for k in ("seed", "num_requests", "paying_prob", "paying_tbt",
                                                           "free_tbt", "paying_ttft", "max_prompt_len",
-                                                          "max_output_len", "dtype")}
+                                                          "max_output_len", "dtype", "warmup_requests")}
         servers = []
         for server in args.servers.split(","):
             servers += args.policies.split(",") if server in ("ours", "slai") else [server]
@@ -163,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             proc = start(server, args, venv, keys, work / f"{server}.log")
             try:
                 wait_ready(args.port, proc, args.startup_timeout)
+                # NOTE: one unmeasured replay first, so no server is judged on its first steps after start
+                # (lazy initialisation, an online step-time fit with no data yet); vLLM's own client has
+                # --num-warmups for the same reason.
+                warm = argparse.Namespace(**{**vars(args), "num_requests": args.warmup_requests, "seed": args.seed + 1})
+                if args.warmup_requests:
+                    replay(server, max(float(q) for q in args.qps.split(",")), warm, keys)
                 for qps in (float(q) for q in args.qps.split(",")):
                     r = replay(server, qps, args, keys)
                     data["servers"].setdefault(server, {})[str(qps)] = r
