@@ -37,6 +37,7 @@ from typing import Any
 from contract.cost_models import CostModel
 from scheduler_svc.core import StepResult
 from scheduler_svc.core.step_predictor import StepTimePredictor
+from simulator.arrivals import admit
 from simulator.metrics import MetricsCollector
 from simulator.workloads import WorkloadItem
 
@@ -109,13 +110,7 @@ def run_events_ahead(executors: list, items: list[WorkloadItem], cost: CostModel
         if max_sim_time_s is not None and t > max_sim_time_s:
             break
         if kind == ARRIVAL:
-            it = items[payload]
-            ex = route(it)
-            ex.num_assigned += 1
-            ex.tokens_assigned += it.prompt_len + it.output_len
-            ev = ex.core.add(it.to_request(), t)
-            if ev is not None:
-                on_token(ev.req_id, t, 0, ev.finish_reason)
+            ex = admit(items[payload], t, route, on_token)
             next_arrival = payload + 1
             seq += 1
             if next_arrival < len(items):

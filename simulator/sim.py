@@ -29,6 +29,7 @@ from typing import Any
 
 from contract.cost_models import PAPER_MODEL, CostModel
 from scheduler_svc.core import SchedulerConfig, SchedulerCore, StepResult, make_core
+from simulator.arrivals import admit
 from simulator.metrics import MetricsCollector, steady_window_start
 from simulator.workloads import WorkloadItem
 
@@ -156,13 +157,7 @@ def run_events(executors: list[SimExecutor], items: list[WorkloadItem], cost: Co
         if max_sim_time_s is not None and t > max_sim_time_s:
             break
         if kind == ARRIVAL:
-            it = items[payload]
-            ex = route(it)
-            ex.num_assigned += 1
-            ex.tokens_assigned += it.prompt_len + it.output_len
-            ev = ex.core.add(it.to_request(), t)
-            if ev is not None:
-                on_token(ev.req_id, t, 0, ev.finish_reason)
+            ex = admit(items[payload], t, route, on_token)
             next_arrival = payload + 1
             seq += 1
             if next_arrival < len(items):
