@@ -141,7 +141,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             worker.cancel()
 
     async def _read_plans(self, request_iterator, plans: asyncio.Queue) -> None:
-        """Stage 1: decode each StepRequest as it arrives; a plan that does not decode is kept as its error."""
+        """Stage 1: decode each StepRequest as it arrives; a plan that does not decode is kept as its error.
+
+        A request stream that fails (a message that is not a StepRequest) is passed on as the
+        exception itself, for the handler task to raise: only that task may end the call."""
         try:
             async for msg in request_iterator:
                 try:
@@ -151,6 +154,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     plans.put_nowait((msg, exc))
                     continue
                 plans.put_nowait((msg, plan))
+        except Exception as exc:  # noqa: BLE001 - e.g. wire.grpc_server.MalformedRequest: the handler ends the call
+            plans.put_nowait(exc)
         finally:
             plans.put_nowait(None)
 
@@ -160,6 +165,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         free_since = 0  # perf_counter_ns when the runner finished its last step
         try:
             while (item := await plans.get()) is not None:
+                if isinstance(item, Exception):  # the request stream broke: after the plans before it
+                    results.put_nowait(item)
+                    return
                 msg, plan = item
                 t0 = time.perf_counter_ns()
                 idle_ns = t0 - free_since if free_since else 0

@@ -55,11 +55,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         session = GatewaySession(self.dispatcher)
 
         async def read() -> None:
+            error = None
             try:
                 async for msg in request_iterator:
                     session.on_message(msg)
+            except Exception as exc:  # noqa: BLE001 - e.g. a malformed message: messages() raises it
+                error = exc
             finally:
-                session.input_closed()
+                session.input_closed(error)
 
         reader = asyncio.get_running_loop().create_task(read())
         try:

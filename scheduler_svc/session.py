@@ -76,6 +76,7 @@ class GatewaySession:
         self._errors: list[scheduler_pb2.RequestError] = []
         self._wake = asyncio.Event()
         self.input_done = False  # the gateway closed its side
+        self._input_error: Exception | None = None  # ... because its stream broke
         self._last_load: tuple | None = None
         self.num_messages = 0
         self.num_events = 0
@@ -114,8 +115,10 @@ class GatewaySession:
         self._ready[stream.req_id] = stream
         self._wake.set()
 
-    def input_closed(self) -> None:
+    def input_closed(self, error: Exception | None = None) -> None:
+        """The gateway closed its side; with ``error`` (its stream broke) :meth:`messages` raises it."""
         self.input_done = True
+        self._input_error = error
         self._wake.set()
 
     # ------------------------------------------------------------------ scheduler -> gateway
@@ -154,6 +157,8 @@ class GatewaySession:
             except TimeoutError:
                 pass
             self._wake.clear()
+            if self._input_error is not None:  # raised in the handler task, which ends the call
+                raise self._input_error
             msg = self.take_batch()
             if msg is not None:
                 yield msg

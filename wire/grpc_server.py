@@ -131,16 +131,19 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-async def _parsed(requests, context: grpc.aio.ServicerContext):
-    """A request stream that ends the call with INVALID_ARGUMENT at the first message that did not parse.
+async def _parsed(requests):
+    """A request stream that raises :class:`MalformedRequest` at the first message that did not parse.
 
-    The status is sent here, not left to the servicer: a servicer that reads the stream in
-    a task of its own may never see the exception. (One that calls ``context.read()``
-    instead of iterating gets the :class:`_Unparsed` marker itself.)
+    The exception is raised in whichever task iterates the stream. A servicer that iterates it
+    in the handler's own task gets INVALID_ARGUMENT from :class:`ErrorInterceptor`; one that
+    reads it in a task of its own must hand the exception to the handler task and raise it there.
     """
+    # NOTE: the status is not sent here with ``context.abort``: called from a reader task, the abort
+    # races the handler task (which may finish and release the call while the status is in flight,
+    # so the client sees only its deadline); only the handler task ends a call.
     async for request in requests:
         if isinstance(request, _Unparsed):
-            await _abort_with(context, request.error)
+            raise request.error
         yield request
 
 
@@ -155,7 +158,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         def checked(request, context, request_streaming: bool):
             if request_streaming:
-                return _parsed(request, context)
+                return _parsed(request)
             if isinstance(request, _Unparsed):
                 raise request.error
             return request

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from executor_svc.fake_runner import fake_token
 from tests.scheduler_svc.helpers import (
@@ -129,3 +130,36 @@ async def test_requests_survive_an_executor_failure_on_a_session(stack):
     for rid, (p, m) in specs.items():
         assert s.tokens(rid) == [fake_token(rid, p + k, 32000) for k in range(m)], rid
     assert st.dispatcher.num_failovers >= 1
+
+
+async def test_a_message_that_does_not_parse_ends_the_session_with_invalid_argument(stack):
+    # Session reads its stream in a task of its own; the status must still reach the gateway
+    # (it once raced the handler and the call only ended at its deadline) and the live request is freed.
+    runner = RecordingRunner(cost=lambda plan: 0.001)
+    st = await stack([runner])
+    raw = st.channel.stream_stream("/slai.v1.SchedulerService/Session", request_serializer=lambda b: b,
+                                   response_deserializer=scheduler_pb2.SchedulerMessage.FromString)
+    outbox: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        while (b := await outbox.get()) is not None:
+            yield b
+
+    call = raw(requests(), metadata=st.auth, timeout=30)
+    outbox.put_nowait(scheduler_pb2.GatewayMessage(submit=scheduler_pb2.SessionSubmit(
+        request=submit_msg("live", 40, 8000))).SerializeToString())
+    tokens = []
+
+    async def read():
+        async for msg in call:
+            tokens.extend(t for ev in msg.events for t in ev.token_ids)
+
+    reader = asyncio.ensure_future(read())
+    await wait_for(lambda: tokens)
+    outbox.put_nowait(b"\xff\xff\xff")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reader
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request: malformed protobuf") and "GatewayMessage" in err.value.details()
+    await wait_for(lambda: "live" in runner.finished_ids())
+    await wait_for(lambda: not st.dispatcher.streams)
