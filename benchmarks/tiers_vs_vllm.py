@@ -3,6 +3,7 @@
     python -m benchmarks.tiers_vs_vllm                            # both servers over the default QPS grid
     python -m benchmarks.tiers_vs_vllm --qps 0.5,1,2 --num-requests 120 --servers ours
     python -m benchmarks.tiers_vs_vllm --qps 2,3 --servers ours --policies slai,slai-adaptive
+    python -m benchmarks.tiers_vs_vllm --servers ours --policies slai-adaptive --set min_prefill_chunk=16
     python -m benchmarks.tiers_vs_vllm --report-only
 
 The same arrival sequence (``simulator.workloads``, seed 42, 5% paying / 95% free)
@@ -44,6 +45,13 @@ def key_file(path: Path, paying_tbt: float, free_tbt: float, paying_ttft: float)
     return path
 
 
+def label(policy: str, args) -> str:
+    """A row's name: the policy, then the settings it ran with, if any ('slai-adaptive [min_prefill_chunk=16,
+    threads=1]')."""
+    extra = [*args.set, *([f"threads={args.threads}"] if args.threads else [])]
+    return f"{policy} [{', '.join(extra)}]" if extra else policy
+
+
 def start(server: str, args, venv: Path, keys: Path, log: Path) -> subprocess.Popen:
     """``server`` is ``vllm`` or one of this project's policies."""
     if server == "vllm":
@@ -51,9 +59,12 @@ def start(server: str, args, venv: Path, keys: Path, log: Path) -> subprocess.Po
                "--dtype", args.dtype, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(args.port),
                "--scheduling-policy", "priority"]
     else:
-        cmd = [sys.executable, "-m", "slai_serve.cli", "up", "--policy", server, "--api-keys", str(keys),
-               "--http-port", str(args.port), "--dtype", args.dtype,
-               "--log-dir", str(log.parent)]
+        cmd = [sys.executable, "-m", "slai_serve.cli", "up", "--policy", server.split(" ")[0], "--api-keys",
+               str(keys), "--http-port", str(args.port), "--dtype", args.dtype, "--log-dir", str(log.parent)]
+        for pair in args.set:
+            cmd += ["--scheduler-arg=--set", f"--scheduler-arg={pair}"]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
     print(f"[{server}] starting: {' '.join(cmd)}", file=sys.stderr, flush=True)
@@ -139,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-output-len", type=int, default=48)
     p.add_argument("--policies", "--policy", dest="policies", default="slai",
                    help="this project's policies to run, comma-separated (each is a row)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="scheduler setting for our servers (repeatable); their rows are named 'P [NAME=VALUE]'")
+    p.add_argument("--threads", type=int, default=0,
+                   help="our executor's torch threads (0: one per core); rows are named 'P threads=N'")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--startup-timeout", type=float, default=900.0)
@@ -161,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                                                           "max_output_len", "dtype", "warmup_requests")}
         servers = []
         for server in args.servers.split(","):
-            servers += args.policies.split(",") if server in ("ours", "slai") else [server]
+            servers += ([label(p, args) for p in args.policies.split(",")] if server in ("ours", "slai") else [server])
         for server in servers:
-            proc = start(server, args, venv, keys, work / f"{server}.log")
+            proc = start(server, args, venv, keys, work / f"{server.split(' ')[0]}.log")
             try:
                 wait_ready(args.port, proc, args.startup_timeout)
                 # NOTE: one unmeasured replay first, so no server is judged on its first steps after start

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from contract.executor_info import ExecutorInfo
+from contract.executor_info import FAKE_MODEL, ExecutorInfo
 from contract.logprobs import SampleLogprobs, TokenLogprob
 from contract.plan import BatchPlan, StepResult
 from executor_svc.request_cache import RequestCache
@@ -73,7 +73,7 @@ class FakeRunner:
             require_token_ids=False, check_blocks=check_blocks,
         )
         self._info = ExecutorInfo(
-            model="fake", device="cpu", dtype="none", attention_backend="fake", block_size=block_size,
+            model=FAKE_MODEL, device="cpu", dtype="none", attention_backend="fake", block_size=block_size,
             num_blocks=num_blocks or 0, max_model_len=max_model_len, vocab_size=vocab_size,
             eos_token_ids=eos_token_ids,
         )

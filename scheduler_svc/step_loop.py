@@ -41,6 +41,7 @@ from typing import Any, Callable, Protocol
 from contract.plan import BatchPlan, StepResult
 from scheduler_svc.config import ServiceConfig
 from scheduler_svc.core import SchedulerCore, core_for
+from scheduler_svc.core.config import CPU_MIN_PREFILL_CHUNK
 from scheduler_svc.core.request import Request
 from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.executor_client import ExecutorClient, ExecutorLost
@@ -181,6 +182,8 @@ class ExecutorDriver:
             changes["block_size"] = info.block_size  # the executor's KV geometry wins
         if info.max_model_len and info.max_model_len < cfg.max_model_len:
             changes["max_model_len"] = info.max_model_len
+        if cfg.min_prefill_chunk < 0:  # auto: small steps where a model runs on a CPU (not a fake runner)
+            changes["min_prefill_chunk"] = CPU_MIN_PREFILL_CHUNK if info.runs_model_on_cpu else 0
         if changes:
             cfg = cfg.replace(**changes)
         self.core = core_for(self.config.policy, cfg, info.num_blocks,

@@ -10,6 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+# min_prefill_chunk's value for an executor that runs a model on a CPU (one KV block: a prompt still moves
+# every step while steps shrink to fit a TBT objective; docs/scheduler.md, "Small steps on a CPU")
+CPU_MIN_PREFILL_CHUNK = 16
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     # --- shared mechanics (every policy) ---
@@ -50,6 +55,12 @@ class SchedulerConfig:
         "help": "slai-adaptive: KV used fraction at which the step budget reaches kv_min_token_budget"})
     kv_min_token_budget: int = field(default=384, metadata={
         "help": "slai-adaptive: step budget at kv_step_high KV use (>= max_token_budget: no KV cap)"})
+    min_prefill_chunk: int = field(default=-1, metadata={
+        "help": "slai-adaptive: >0 lets a slack-sized step fall below token_budget, to the ready decodes plus "
+                "the prefill that fits the slack but at least this many prefill tokens (for hosts where a "
+                "token_budget step outlasts a TBT objective, such as CPUs); 0: token_budget is the floor; "
+                f"-1 (auto): the scheduler service picks {CPU_MIN_PREFILL_CHUNK} for an executor running a model "
+                "on a CPU, else 0 (the simulator: 0)"})
     ttft_urgent_fraction: float = field(default=0.5, metadata={
         "help": "slai-adaptive: a request with a TTFT objective jumps the prefill order once it has waited "
                 "this share of the objective"})
@@ -77,6 +88,8 @@ class SchedulerConfig:
             raise ValueError(f"ttft_urgent_fraction must be in [0, 1], got {self.ttft_urgent_fraction}")
         if self.default_tbt_s <= 0 or self.default_ttft_s <= 0:
             raise ValueError("default_tbt_s and default_ttft_s must be > 0")
+        if self.min_prefill_chunk < -1:
+            raise ValueError(f"min_prefill_chunk must be >= 0, or -1 for auto, got {self.min_prefill_chunk}")
         if self.hybrid_alpha < 0:
             raise ValueError(f"hybrid_alpha must be >= 0, got {self.hybrid_alpha}")
         if self.edf_prefill_order not in ("spf", "fcfs", "laxity"):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
 
 from executor_svc.fake_runner import fake_token
+from scheduler_svc.core.config import CPU_MIN_PREFILL_CHUNK
 from tests.scheduler_svc.helpers import (
     RecordingRunner,
     collect,
@@ -224,3 +226,20 @@ async def test_planning_ahead_hides_the_gap_and_changes_no_token(stack):
     assert ahead[True] >= steps[True] // 4  # most steps, in practice; a quarter leaves room for a loaded CI box
     # the decision instant, measured: before the running step's result, by no more than a step and a bit
     assert lead[False] == 0.0 and 0.0 < lead[True] < 1.0
+
+
+class CpuModelRunner(RecordingRunner):
+    """A FakeRunner that reports a model on a CPU, as ModelRunner does there."""
+
+    def info(self):
+        return dataclasses.replace(super().info(), model="smollm2-135m-instruct")
+
+
+async def test_small_steps_are_on_by_default_for_a_model_on_a_cpu_only(stack):
+    # min_prefill_chunk = -1 (auto): slai-adaptive may size steps below token_budget where a model runs on a
+    # CPU (docs/scheduler.md, "Small steps on a CPU"); not for a fake runner emulating a GPU, nor when set
+    cases = ((CpuModelRunner(), (), CPU_MIN_PREFILL_CHUNK), (RecordingRunner(), (), 0),
+             (CpuModelRunner(), ("min_prefill_chunk=0",), 0), (RecordingRunner(), ("min_prefill_chunk=32",), 32))
+    for runner, overrides, expected in cases:
+        st = await stack([runner], policy="slai-adaptive", overrides=overrides)
+        assert st.dispatcher.drivers[0].core.config.min_prefill_chunk == expected, (runner, overrides)

@@ -37,6 +37,14 @@ mechanism below serves that balance.
    Shorter steps shorten every request's time between tokens, which is what
    frees KV, so the pool settles below full instead of stalling admissions
    (a full pool leaves steps with only decodes: 4 tokens/ms instead of 9.5).
+   **Small steps.** ``token_budget`` (the paper's tau) is the floor: on the
+   paper's GPU a tau-token step (53 ms) fits every TBT objective. Where it does
+   not (a CPU runs a 512-token step in ~0.9 s against a 0.3 s paying TBT),
+   ``min_prefill_chunk`` > 0 lets the step shrink to the ready decodes plus the
+   prefill the slack allows, at least ``min_prefill_chunk`` tokens so prompts
+   keep moving, and the prefill may not take the decodes' share of the step.
+   The scheduler service turns it on for executors that run a model on a CPU
+   (``-1``, auto); the simulator's default keeps tau as the floor.
 2. **No decode deferral when memory is tight.** At or above ``memory_limit``
    KV use (0.8 for this variant) every decode is critical: all run every
    step, as in Sarathi. A deferred decode keeps its KV for more wall time
@@ -91,6 +99,7 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         self.step_model = OnlineStepFit()
         self._observed_step = -1  # step_id of the last measured plan fed to step_model
         self.last_budget = self.config.token_budget
+        self.prefill_cap: int | None = None  # this step's prefill tokens, when min_prefill_chunk sizes it
         self.kv_used = 0.0  # KV use when the current step was scheduled
         self.serve_all_decodes = False  # KV at or above memory_limit: no decode is deferred
         # requests with a TTFT objective and no first token yet: (urgent from, seq, req) until they come
@@ -165,7 +174,7 @@ class SlaiAdaptivePolicy(SlaiPolicy):
         tier = int(req.tier) if self.config.user_priority else 0
         return tier, tokens + self.config.aging_tokens_per_s * req.arrival_s
 
-    def schedule_prefills(self, b: BatchBuilder, now: float) -> None:
+    def _schedule_prefills(self, b: BatchBuilder, now: float) -> None:
         """Urgent TTFT objectives first (earliest deadline), then paused prefills and new admissions by
         shortest remaining prompt (aged)."""
         check_urgent = bool(self._ttft_pending or self.urgent)
@@ -215,6 +224,7 @@ class SlaiAdaptivePolicy(SlaiPolicy):
     def step_budget(self, now: float) -> int:
         c = self.config
         lo, hi = c.token_budget, max(c.token_budget, c.max_token_budget)
+        self.prefill_cap = None
         if not self.step_model.ready:
             budget = lo
         else:
@@ -224,8 +234,27 @@ class SlaiAdaptivePolicy(SlaiPolicy):
             else:
                 # the step carries (about) every ready decode: their count and context cost time too
                 prefill = self.step_model.max_prefill_within(c.tile_slack_fraction * slack, decodes, ctx)
+                if c.min_prefill_chunk > 0:
+                    # below tau when the slack needs it (point 1 of the module docstring, "Small steps")
+                    prefill = max(prefill, c.min_prefill_chunk)
+                    self.prefill_cap = prefill
+                    lo = 1
                 budget = decodes + prefill if prefill > 0 else 0
             budget = min(hi, max(lo, budget))
         budget = min(budget, self.kv_budget_cap(self.kv_used))
         self.last_budget = budget
         return budget
+
+    def schedule_prefills(self, b: BatchBuilder, now: float) -> None:
+        cap = self.prefill_cap
+        if cap is None:
+            self._schedule_prefills(b, now)
+            return
+        # a step sized for every ready decode plus ``cap`` prefill tokens: the prefill may not take the
+        # non-critical decodes' share of the budget, or the step outlasts the slack it was sized for
+        budget = b.token_budget
+        b.token_budget = min(budget, b.num_tokens + cap)
+        try:
+            self._schedule_prefills(b, now)
+        finally:
+            b.token_budget = budget

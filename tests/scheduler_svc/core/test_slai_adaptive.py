@@ -189,3 +189,56 @@ def test_a_free_tiers_due_objective_does_not_jump_paying_prompts():
             break
     assert plan.new[-1].req_id == free.req_id  # after the step's paying prompts
     assert not any(r.is_paying for r in core.policy.waiting)
+
+
+def cpu_step_s(plan) -> float:
+    """A CPU-like step: 0.12 s before any token, 2.5 ms per prefill token, 1 ms per decode (a 512-token
+    step takes 1.4 s, against a 0.3 s paying TBT)."""
+    return 0.12 + 0.0025 * plan.stats.num_prefill_tokens + 0.001 * plan.stats.num_decodes
+
+
+def _cpu_steps_with_paying_decodes(overrides):
+    """(step times, prefill tokens per step) while four paying requests decode (TBT 0.3 s) and a 2,000-token
+    free prompt waits, on a CPU-like host whose step-time fit was learned from its own steps."""
+    core = make_core("slai-adaptive", num_blocks=20000, overrides=overrides)
+    now = 0.0
+
+    def run_one():
+        nonlocal now
+        plan = core.schedule(now)
+        now += cpu_step_s(plan)
+        core.update(plan, fake_step_result(plan), now)
+        return plan
+
+    for i in range(200):  # mixed steps of varied shapes until the fit is ready
+        if core.policy.step_model.ready:
+            break
+        core.add(make_request(20 + 23 * (i % 9), 3 + i % 5, arrival_s=now), now)
+        run_one()
+    assert core.policy.step_model.ready
+    while core.requests:
+        run_one()
+    paying = [make_request(16, 400, tier=Tier.PAYING, tbt_slo_s=0.3, arrival_s=now) for _ in range(4)]
+    for r in paying:
+        core.add(r, now)
+    while any(r.is_prefill for r in paying):
+        run_one()
+    long = make_request(2000, 1, arrival_s=now)
+    core.add(long, now)
+    times, prefill = [], []
+    for _ in range(30):
+        t0 = now
+        plan = run_one()
+        times.append(now - t0)
+        prefill.append(plan.stats.num_prefill_tokens)
+    return times, prefill
+
+
+def test_min_prefill_chunk_lets_steps_fit_a_tbt_objective_that_a_tau_step_outlasts():
+    # by default tau (512) is the floor: a step with the long prompt's chunk outlasts the 0.3 s TBT
+    times, prefill = _cpu_steps_with_paying_decodes([])
+    assert max(times) > 1.0 and max(prefill) >= 400, (times, prefill)
+    # with min_prefill_chunk the step is sized to the slack, and the prompt still moves every step
+    times, prefill = _cpu_steps_with_paying_decodes(["min_prefill_chunk=16"])
+    assert max(times) <= 0.3, times
+    assert min(prefill) >= 16 and sum(prefill) >= 30 * 16, prefill
