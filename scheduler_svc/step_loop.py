@@ -43,10 +43,10 @@ from scheduler_svc.config import ServiceConfig
 from scheduler_svc.core import SchedulerCore, core_for
 from scheduler_svc.core.config import CPU_MIN_PREFILL_CHUNK
 from scheduler_svc.core.request import Request
+from scheduler_svc.core.step_predictor import StepTimePredictor
 from scheduler_svc.core.token_event import TokenEvent
 from scheduler_svc.executor_client import ExecutorClient, ExecutorLost
 from scheduler_svc.stats import DriverStats
-from scheduler_svc.core.step_predictor import StepTimePredictor
 from scheduler_svc.work_ledger import WorkLedger
 from telemetry import step_tracing
 

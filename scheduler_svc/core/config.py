@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-
 # min_prefill_chunk's value for an executor that runs a model on a CPU (one KV block: a prompt still moves
 # every step while steps shrink to fit a TBT objective; docs/scheduler.md, "Small steps on a CPU")
 CPU_MIN_PREFILL_CHUNK = 16

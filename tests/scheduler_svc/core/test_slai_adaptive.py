@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from scheduler_svc.core import SchedulerConfig, Tier, make_core
 from scheduler_svc.core.step_model import OnlineStepModel
-from tests.builders import decode_ids, fake_step_result, make_request, prefill_chunks, step
+from tests.builders import (
+    decode_ids,
+    fake_step_result,
+    make_request,
+    prefill_chunks,
+    step,
+)
 
 
 def paper_step_s(tokens: int) -> float:
