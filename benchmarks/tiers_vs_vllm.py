@@ -59,8 +59,8 @@ def start(server: str, args, venv: Path, keys: Path, log: Path) -> subprocess.Po
                "--dtype", args.dtype, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(args.port),
                "--scheduling-policy", "priority"]
     else:
-        cmd = [sys.executable, "-m", "slai_serve.cli", "up", "--policy", server.split(" ")[0], "--api-keys",
-               str(keys), "--http-port", str(args.port), "--dtype", args.dtype, "--log-dir", str(log.parent)]
+        cmd = [sys.executable, "-m", "slai_serve.cli", "up", "--policy", server, "--api-keys", str(keys),
+               "--http-port", str(args.port), "--dtype", args.dtype, "--log-dir", str(log.parent)]
         for pair in args.set:
             cmd += ["--scheduler-arg=--set", f"--scheduler-arg={pair}"]
         if args.threads:
@@ -174,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         data["settings"] = {k: getattr(args, k) for k in ("seed", "num_requests", "paying_prob", "paying_tbt",
                                                           "free_tbt", "paying_ttft", "max_prompt_len",
                                                           "max_output_len", "dtype", "warmup_requests")}
-        servers = []
+        servers = []  # (what runs: vllm or a policy of ours, its rows' name)
         for server in args.servers.split(","):
-            servers += ([label(p, args) for p in args.policies.split(",")] if server in ("ours", "slai") else [server])
-        for server in servers:
-            proc = start(server, args, venv, keys, work / f"{server.split(' ')[0]}.log")
+            servers += ([(p, label(p, args)) for p in args.policies.split(",")] if server in ("ours", "slai")
+                        else [(server, server)])
+        for server, row in servers:
+            proc = start(server, args, venv, keys, work / f"{server}.log")
             try:
                 wait_ready(args.port, proc, args.startup_timeout)
                 # NOTE: one unmeasured replay first, so no server is judged on its first steps after start
@@ -189,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                     replay(server, max(float(q) for q in args.qps.split(",")), warm, keys)
                 for qps in (float(q) for q in args.qps.split(",")):
                     r = replay(server, qps, args, keys)
-                    data["servers"].setdefault(server, {})[str(qps)] = r
-                    print(f"[{server}] qps {qps:g}: attainment {r.get('slo_attainment_by_tier')}, "
+                    data["servers"].setdefault(row, {})[str(qps)] = r
+                    print(f"[{row}] qps {qps:g}: attainment {r.get('slo_attainment_by_tier')}, "
                           f"meets {r.get('meets_slo')}", file=sys.stderr, flush=True)
                     json_path.parent.mkdir(parents=True, exist_ok=True)
                     json_path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")

@@ -283,11 +283,16 @@ class GenerationService:
             if deadline is not None:
                 deadline.cancel()
             buf.close(ABORTED)  # nothing more is taken (disarms the stall timer)
-            if self._in_flight.get(rid) is call:  # not a newer request that reuses the id after an abort
-                del self._in_flight[rid]
+            self._forget(rid, call)
             if not finished and call is not None:
                 # the client went away (or an error): cancelling the Submit stream aborts upstream
                 call.cancel()
+
+    def _forget(self, rid: str, call: PoolCall | None) -> None:
+        """``call`` no longer counts against --max-concurrent-requests (unless ``rid`` is a newer request's
+        now, which reuses the id after an abort)."""
+        if self._in_flight.get(rid) is call:
+            del self._in_flight[rid]
 
     def _abort_upstream(self, rid: str, call: PoolCall) -> None:
         # cancelling the call sends an abort on its pool's Session stream (scheduler.proto)
@@ -360,21 +365,19 @@ class _Relay:
 
     def stalled(self) -> None:
         """The client took nothing for --stream-stall-timeout with a full buffer: abort the request."""
-        buf, call, in_flight = self.buf, self.call, self.service._in_flight
+        buf, call = self.buf, self.call
         log.warning("request %s: the client took nothing for %.1f s with %d tokens waiting; aborting it",
                     self.rid, buf.stall_timeout_s, buf.num_tokens)
-        if in_flight.get(self.rid) is call:
-            del in_flight[self.rid]  # it no longer counts against --max-concurrent-requests
+        self.service._forget(self.rid, call)
         if call is not None:
             call.cancel()  # an abort on its pool's Session stream; the buffer ends with ABORTED
         buf.close(ABORTED)
 
     def timed_out(self) -> None:
         """The request ran past --request-timeout: abort it upstream; its stream ends with ``DeadlineExceeded``."""
-        buf, call, in_flight = self.buf, self.call, self.service._in_flight
+        buf, call = self.buf, self.call
         timeout_s = self.service.config.request_timeout_s
-        if in_flight.get(self.rid) is call:
-            del in_flight[self.rid]
+        self.service._forget(self.rid, call)
         # NOTE: the buffer's end first: cancelling the call hands the sink CallCancelled, which would end it ABORTED
         buf.close(DeadlineExceeded(f"request {self.rid} was still running after the gateway's request timeout of "
                                    f"{timeout_s:g} s (--request-timeout-s); it was aborted"))

@@ -51,7 +51,6 @@ def _token_count(choice: dict[str, Any]) -> int:
     return 1 if choice.get("text") else 0  # a server without return_token_ids: one token per text chunk
 
 
-
 async def sse_lines(resp):
     """The response's lines split on LF only. SSE ends lines with LF (or CRLF); httpx's ``aiter_lines``
     splits like ``str.splitlines``, also on U+2028, U+0085 and other separators that a server may send
@@ -64,6 +63,7 @@ async def sse_lines(resp):
             yield line.rstrip(b"\r").decode("utf-8", "replace")
     if buf:
         yield buf.rstrip(b"\r").decode("utf-8", "replace")
+
 
 async def replay_http(base_url: str, items: list, builder, keys: dict[str, str | None], priority: bool = False,
                       max_prompt: int = 0, max_output: int = 0, timeout_s: float = 600.0) -> tuple[Any, dict]:

@@ -49,14 +49,7 @@ class DeadlineHeap:
 
     def push_all(self, reqs, key_of) -> None:
         """``push(req, key_of(req))`` for each of ``reqs`` (one call per step, not per decode)."""
-        heap, live, push = self._heap, self._live, heapq.heappush
-        t = self._next_ticket
-        for req in reqs:
-            live[req.req_id] = t
-            push(heap, (key_of(req), req.arrival_s, t, req))
-            t += 1
-        self._next_ticket = t
-        self._top_valid = self._sorted = False
+        self.push_keyed(reqs, [key_of(req) for req in reqs])
 
     def push_keyed(self, reqs, keys) -> None:
         """``push(req, key)`` for each pair of ``reqs`` and ``keys`` (keys computed by the caller, in bulk)."""
