@@ -78,7 +78,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Stats(self, request, context):
         d = self.dispatcher
         num_queued, num_tokens = d.queued()
-        return submit_codec.stats_to_pb(d.config.policy, d.executor_stats(), num_queued, num_tokens)
+        tbt = d.tbt_hist
+        return submit_codec.stats_to_pb(d.config.policy, d.executor_stats(), num_queued, num_tokens,
+                                        num_tbt_samples=tbt.count, tbt_p50_s=tbt.quantile(0.5) or 0.0,
+                                        tbt_p99_s=tbt.quantile(0.99) or 0.0)
 
 
 async def serve(config: ServiceConfig, address: str = "127.0.0.1:0", clock: Clock = time.monotonic,

@@ -116,15 +116,18 @@ _EXECUTOR_STATS_FIELDS = tuple(f.name for f in scheduler_pb2.ExecutorStats.DESCR
 
 
 def stats_to_pb(policy: str, executors: Iterable[Any], num_queued_total: int,
-                num_queued_prompt_tokens: int) -> scheduler_pb2.StatsResponse:
+                num_queued_prompt_tokens: int, *, num_tbt_samples: int = 0, tbt_p50_s: float = 0.0,
+                tbt_p99_s: float = 0.0) -> scheduler_pb2.StatsResponse:
     """``executors``: values (dataclasses or objects) with the ExecutorStats field names."""
     return scheduler_pb2.StatsResponse(
         policy=policy, num_queued_total=num_queued_total, num_queued_prompt_tokens=num_queued_prompt_tokens,
         executors=[scheduler_pb2.ExecutorStats(**{k: getattr(e, k) for k in _EXECUTOR_STATS_FIELDS})
-                   for e in executors])
+                   for e in executors],
+        num_tbt_samples=num_tbt_samples, tbt_p50_s=tbt_p50_s, tbt_p99_s=tbt_p99_s)
 
 
 def stats_from_pb(msg: scheduler_pb2.StatsResponse) -> dict[str, Any]:
     return {"policy": msg.policy, "num_queued_total": msg.num_queued_total,
             "num_queued_prompt_tokens": msg.num_queued_prompt_tokens,
+            "num_tbt_samples": msg.num_tbt_samples, "tbt_p50_s": msg.tbt_p50_s, "tbt_p99_s": msg.tbt_p99_s,
             "executors": [{k: getattr(e, k) for k in _EXECUTOR_STATS_FIELDS} for e in msg.executors]}

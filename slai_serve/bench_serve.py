@@ -223,7 +223,8 @@ def scheduler_stats(address: str, service_token: str = "") -> dict[str, Any] | N
             "mean_rpc_overhead_s": step_weighted("mean_rpc_overhead_s"),
             "mean_executor_wait_s": step_weighted("mean_executor_wait_s"),
             "num_steps_planned_ahead": sum(e.num_steps_planned_ahead for e in st.executors),
-            "mean_plan_ahead_lead_s": step_weighted("mean_plan_ahead_lead_s")}
+            "mean_plan_ahead_lead_s": step_weighted("mean_plan_ahead_lead_s"),
+            "num_tbt_samples": st.num_tbt_samples, "tbt_p50_s": st.tbt_p50_s, "tbt_p99_s": st.tbt_p99_s}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ from executor_svc.fake_runner import fake_token
 from scheduler_svc.core.config import CPU_MIN_PREFILL_CHUNK
 from tests.scheduler_svc.helpers import (
     RecordingRunner,
+    VirtualClock,
+    VirtualTimeRunner,
     collect,
     stats,
     submit_msg,
@@ -60,6 +62,19 @@ async def test_stats_rpc(stack):
     e = resp.executors[0]
     assert e.healthy and e.num_blocks == 4096 and e.num_steps >= 3 and e.num_running == 0
     assert e.mean_rpc_overhead_s > 0 and e.mean_executor_wait_s > 0
+    assert resp.num_tbt_samples == 2  # 3 tokens: two gaps on the scheduler's clock
+    assert 0 < resp.tbt_p50_s <= resp.tbt_p99_s
+
+
+async def test_stats_tbt_quantiles_are_the_gaps_between_step_results(stack):
+    """On a virtual clock with 50 ms steps every gap is one step: Stats' quantiles within their 0.5%."""
+    clock = VirtualClock()
+    st = await stack([VirtualTimeRunner(clock, lambda plan: 0.05, num_blocks=4096)], clock=clock,
+                     policy="sarathi-fcfs", pipeline=False)
+    await asyncio.gather(*[collect(st.stub, submit_msg(f"r{i}", 8, 11)) for i in range(4)])
+    resp = await st.stub.Stats(scheduler_pb2.StatsRequest())
+    assert resp.num_tbt_samples == 4 * 10
+    assert resp.tbt_p50_s == pytest.approx(0.05, rel=0.005) and resp.tbt_p99_s == pytest.approx(0.05, rel=0.005)
 
 
 async def test_bad_input_is_invalid_argument_and_names_the_field(stack):

@@ -167,13 +167,19 @@ class ExecutorStats(_message.Message):
     def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., kv_used_fraction: _Optional[float] = ..., mean_batch_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., last_num_critical_decodes: _Optional[int] = ..., last_num_noncritical_decodes: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., last_offset: _Optional[float] = ..., mean_decision_s: _Optional[float] = ..., mean_executor_wait_s: _Optional[float] = ..., mean_rpc_overhead_s: _Optional[float] = ..., num_steps_planned_ahead: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., mean_plan_ahead_lead_s: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("policy", "executors", "num_queued_total", "num_queued_prompt_tokens")
+    __slots__ = ("policy", "executors", "num_queued_total", "num_queued_prompt_tokens", "num_tbt_samples", "tbt_p50_s", "tbt_p99_s")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     EXECUTORS_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TBT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TBT_P50_S_FIELD_NUMBER: _ClassVar[int]
+    TBT_P99_S_FIELD_NUMBER: _ClassVar[int]
     policy: str
     executors: _containers.RepeatedCompositeFieldContainer[ExecutorStats]
     num_queued_total: int
     num_queued_prompt_tokens: int
-    def __init__(self, policy: _Optional[str] = ..., executors: _Optional[_Iterable[_Union[ExecutorStats, _Mapping]]] = ..., num_queued_total: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ...) -> None: ...
+    num_tbt_samples: int
+    tbt_p50_s: float
+    tbt_p99_s: float
+    def __init__(self, policy: _Optional[str] = ..., executors: _Optional[_Iterable[_Union[ExecutorStats, _Mapping]]] = ..., num_queued_total: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ..., num_tbt_samples: _Optional[int] = ..., tbt_p50_s: _Optional[float] = ..., tbt_p99_s: _Optional[float] = ...) -> None: ...
