@@ -32,6 +32,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads_or_auto(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a preset name, or a model folder")
     p.add_argument("--preset", default=None, help="random-weight model shape (e.g. tiny-llama, mistral-7b); "
@@ -48,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "amx_bf16/avx512_bf16, else fp32 (docs/executor.md, 'Data types')")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch intra-op threads (default: torch's choice, one per core)")
+    p.add_argument("--small-step-threads", type=_threads_or_auto, default=None,
+                   help="threads for steps of fewer than 256 tokens, i.e. decode steps; 'auto': one fewer than "
+                        "--threads (default: as --threads; `slai-serve up` passes auto, docs/executor.md)")
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-blocks", type=int, default=None, help="exact number of KV blocks")
     kv.add_argument("--memory-fraction", type=float, default=None, help="fraction of free device memory for KV")
@@ -81,7 +88,8 @@ def build_runner(args: argparse.Namespace):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(load_format=args.load_format, device=device, dtype=args.dtype, num_blocks=args.kv_blocks,
               max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
-              num_threads=args.threads, cascade_attention=not args.no_cascade_attention)
+              num_threads=args.threads, small_step_threads=args.small_step_threads,
+              cascade_attention=not args.no_cascade_attention)
     if args.memory_fraction is not None:
         kw["memory_fraction"] = args.memory_fraction
     return ModelRunner(args.preset or args.model, **kw)

@@ -30,6 +30,11 @@ from executor_svc.sampler import Sampler
 # ten per layer); docs/executor.md, 'Shared prefixes: cascade attention'.
 CASCADE_MIN_SAVED_TOKENS = 256
 
+# Steps with fewer tokens than this run on ``small_step_threads`` (docs/executor.md, 'Threads'):
+# a decode step is hundreds of small ops, each a parallel region that waits for its slowest
+# thread, so on a machine shared with the gateway and scheduler it gains little from the last core.
+SMALL_STEP_TOKENS = 256
+
 
 class ModelRunner:
     """The torch implementation of :class:`executor_svc.runner_api.Runner`.
@@ -50,6 +55,9 @@ class ModelRunner:
             prefix once per group (``attention._cascade``); False: every decode
             gathers its whole context. ``cascade_min_saved_tokens`` is the
             smallest (group size - 1) x prefix length that uses it.
+        small_step_threads: intra-op threads for steps of fewer than
+            ``SMALL_STEP_TOKENS`` tokens (decode steps); "auto": one fewer than
+            ``num_threads`` (at least 1); None: the same as every step.
     """
 
     def __init__(
@@ -70,9 +78,16 @@ class ModelRunner:
         num_threads: int | None = None,
         cascade_attention: bool = True,
         cascade_min_saved_tokens: int = CASCADE_MIN_SAVED_TOKENS,
+        small_step_threads: int | str | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.num_threads = torch.get_num_threads()
+        if small_step_threads == "auto":
+            small_step_threads = max(1, self.num_threads - 1)
+        if small_step_threads is not None and not (isinstance(small_step_threads, int) and small_step_threads >= 1):
+            raise ValueError(f"small_step_threads must be 'auto' or >= 1, got {small_step_threads!r}")
+        self.small_step_threads = small_step_threads or self.num_threads
         self.loaded = model if isinstance(model, LoadedModel) else load_model(
             model, load_format=load_format, dtype=dtype, device=device, seed=seed
         )
@@ -120,6 +135,8 @@ class ModelRunner:
         if not chunks:
             return StepResult(step_id=plan.step_id, total_ns=time.perf_counter_ns() - t0)
         extras = self.requests.num_with_extras > 0  # NOTE: False: the plain path, no per-request checks
+        if self.small_step_threads != self.num_threads:
+            self._set_threads(sum(c.num_new_tokens for c in chunks))
         with torch.inference_mode():
             ids, pos, step, keep_rows, sample_chunks = self._prepare(chunks)
             prompt_rows = None
@@ -155,6 +172,13 @@ class ModelRunner:
             prepare_ns=t1 - t0, forward_ns=t2 - t1, sample_ns=t3 - t2, total_ns=t3 - t0,
             logprobs=tuple(logprobs.get(r) for r in req_ids) if logprobs else (),
         )
+
+    def _set_threads(self, num_tokens: int) -> None:
+        # NOTE: torch's thread count is per calling thread (an OpenMP setting), and steps run on
+        # whichever worker thread the server hands them to: set it here, where the step runs.
+        want = self.small_step_threads if num_tokens < SMALL_STEP_TOKENS else self.num_threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
 
     # ---- input building ---------------------------------------------------------------
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:

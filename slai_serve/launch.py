@@ -283,7 +283,9 @@ class LocalStack:
             return [*argv, "--fake", *self.executor_args]
         argv += ["--model", self.model]
         argv += ["--dtype", self.dtype] if self.dtype else []
-        argv += ["--threads", str(self.executor_threads)] if self.executor_threads else []
+        # NOTE: the stack's own services share these cores: decode steps leave one to them unless the
+        # thread count is set (measured on 2 cores, docs/executor.md, 'Threads')
+        argv += ["--threads", str(self.executor_threads)] if self.executor_threads else ["--small-step-threads", "auto"]
         return argv + self.executor_args
 
     def start(self) -> LocalStack:

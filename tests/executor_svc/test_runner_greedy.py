@@ -128,3 +128,32 @@ def test_flash_attn_packing_with_reference_kernel(make_runner, prompts, referenc
             drv.add(rid, p, MAX_NEW)
         drv.step(chunk=11)
     _check(drv.done, references)
+
+
+def test_small_steps_run_on_small_step_threads(make_runner):
+    """Steps under SMALL_STEP_TOKENS use ``small_step_threads``, larger ones ``num_threads``, set in the
+    thread that runs the step (torch's thread count is per OpenMP calling thread)."""
+    from executor_svc.runner import SMALL_STEP_TOKENS
+    from tests.executor_svc.helpers import random_prompt
+
+    before = torch.get_num_threads()
+    try:
+        runner = make_runner(num_blocks=64, num_threads=2, small_step_threads=1)
+        seen: list[tuple[int, int]] = []  # (tokens in the step, threads during its forward)
+        forward = runner.model.forward
+
+        def recording(*args, **kw):
+            seen.append((kw["input_ids"].shape[1], torch.get_num_threads()))
+            return forward(*args, **kw)
+
+        runner.model.forward = recording
+        drv = Driver(runner, num_blocks=64)
+        drv.add("long", random_prompt(5, SMALL_STEP_TOKENS + 44), 3)
+        drv.add("short", random_prompt(6, 9), 3)
+        drv.run()
+        assert seen[0] == (SMALL_STEP_TOKENS + 44 + 9, 2)  # both prompts in one big step
+        assert seen[1:] and all(n < SMALL_STEP_TOKENS and t == 1 for n, t in seen[1:])  # decodes
+        with pytest.raises(ValueError, match="small_step_threads"):
+            make_runner(small_step_threads=0)
+    finally:
+        torch.set_num_threads(before)

@@ -31,10 +31,13 @@ def test_up_passes_dtype_and_threads_to_model_executors_only():
     executor_arguments(executor)
     parsed = executor.parse_args(argv[1:])
     assert (parsed.dtype, parsed.threads, parsed.seed) == ("bfloat16", 1, 3)
+    assert "--small-step-threads" not in argv  # an explicit thread count holds for every step
+    default = stack_from_args(parser.parse_args([])).executor_argv(0)
+    assert executor.parse_args(default[1:]).small_step_threads == "auto"  # decode steps leave a core to the stack
     fake = stack_from_args(parser.parse_args(["--fake", "--dtype", "bfloat16", "--threads", "1"]))
     assert "--dtype" not in fake.executor_argv(0) and "--threads" not in fake.executor_argv(0)
     with pytest.raises(ValueError, match="^--threads:"):
         stack_from_args(parser.parse_args(["--threads", "-1"]))
-    for bad in (["--threads", "0"], ["--dtype", "int8"]):
+    for bad in (["--threads", "0"], ["--dtype", "int8"], ["--small-step-threads", "0"]):
         with pytest.raises(SystemExit):
             executor.parse_args(bad)
