@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hand out KV blocks in random order (default: consecutive, as a fresh cache does)")
     p.add_argument("--no-cascade", action="store_true",
                    help="every decode gathers its whole context (no cascade attention over shared prefixes)")
+    p.add_argument("--no-packed-linears", action="store_true",
+                   help="bf16: torch's linear layers instead of prepacked, fused ones (ModelRunner(packed_linears=False))")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64", help="throughput batch sizes ('' to skip)")
@@ -309,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
     num_blocks = args.kv_blocks or need_tokens // 16 + 64
     t0 = time.perf_counter()
     runner = ModelRunner(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-                         num_blocks=num_blocks, num_threads=args.threads, cascade_attention=not args.no_cascade)
+                         num_blocks=num_blocks, num_threads=args.threads, cascade_attention=not args.no_cascade,
+                         packed_linears=False if args.no_packed_linears else None)
     info = runner.info()
     import torch
 

@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cascade-attention", action="store_true",
                    help="decodes sharing prefix blocks each gather their whole context instead of attending "
                         "to the shared prefix once (docs/executor.md, 'Shared prefixes: cascade attention')")
+    p.add_argument("--no-packed-linears", action="store_true",
+                   help="bf16 on CPU: keep torch's linear layers instead of weights prepacked for oneDNN with "
+                        "q/k/v and gate/up fused (docs/executor.md, 'Prepacked linears')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-tokens", type=int, default=512, help="size of the start-up warm-up step")
     p.add_argument("--fake", action="store_true", help="FakeRunner: deterministic tokens, no torch")
@@ -89,7 +92,8 @@ def build_runner(args: argparse.Namespace):
     kw = dict(load_format=args.load_format, device=device, dtype=args.dtype, num_blocks=args.kv_blocks,
               max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
               num_threads=args.threads, small_step_threads=args.small_step_threads,
-              cascade_attention=not args.no_cascade_attention)
+              cascade_attention=not args.no_cascade_attention,
+              packed_linears=False if args.no_packed_linears else None)
     if args.memory_fraction is not None:
         kw["memory_fraction"] = args.memory_fraction
     return ModelRunner(args.preset or args.model, **kw)

@@ -19,6 +19,7 @@ import torch
 from contract.executor_info import ExecutorInfo
 from contract.plan import BatchPlan, StepResult
 from executor_svc import attention, step_extras
+from executor_svc import packed_linears as packed
 from executor_svc.attention import PagedStep, PrefillChunk, PrefixGroup
 from executor_svc.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, kv_shape_from_config, num_blocks_for_device
 from executor_svc.models import LoadedModel, load_model
@@ -58,6 +59,9 @@ class ModelRunner:
         small_step_threads: intra-op threads for steps of fewer than
             ``SMALL_STEP_TOKENS`` tokens (decode steps); "auto": one fewer than
             ``num_threads`` (at least 1); None: the same as every step.
+        packed_linears: prepack the weights for oneDNN and fuse q/k/v and gate/up
+            (``packed_linears.pack_linears``); None: wherever it applies (CPU, bf16);
+            True where it does not raises ValueError. Mutates a passed ``LoadedModel``.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class ModelRunner:
         cascade_attention: bool = True,
         cascade_min_saved_tokens: int = CASCADE_MIN_SAVED_TOKENS,
         small_step_threads: int | str | None = None,
+        packed_linears: bool | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -94,6 +99,12 @@ class ModelRunner:
         self.model = self.loaded.model
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
+        if packed_linears and not packed.packing_supported(self.device, self.dtype):
+            raise ValueError(f"packed_linears needs a CPU model in {packed.PACKED_DTYPES} and torch built with "
+                             f"oneDNN; this one is {self.dtype} on {self.device}")
+        if packed_linears is None:
+            packed_linears = packed.packing_supported(self.device, self.dtype)
+        self.packed_linears = packed_linears and packed.pack_linears(self.model) > 0
         config = self.model.config
         self.backend = attention.select_backend(self.device, self.dtype, attention_backend)
         self.model.set_attn_implementation(attention.register())

@@ -1,0 +1,109 @@
+"""Prepacked oneDNN linears (bf16 on CPU): same products as torch's, fused q/k/v and gate/up, runner wiring.
+
+bf16 kernels round differently across CPUs and blockings, so products are compared with
+a tolerance and greedy tokens only where the logit margin is large.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from executor_svc import models  # noqa: E402
+from executor_svc.packed_linears import FusedSlice, PackedLinear, pack_linears, packing_supported  # noqa: E402
+from executor_svc.runner import ModelRunner  # noqa: E402
+from tests.executor_svc.helpers import Driver, random_prompt  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.bfloat16),
+                                reason="oneDNN's bf16 kernels need AVX-512 on this CPU")
+
+
+def _reference(x, w, b):
+    y = x.float() @ w.float().T
+    return y if b is None else y + b.float()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_computes_the_same_product(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(192, 96, generator=g).to(torch.bfloat16)
+    b = torch.randn(192, generator=g).to(torch.bfloat16) if bias else None
+    # a strided view as input: the runner's rows are often slices of a bigger tensor
+    x = torch.randn(1, rows + 3, 96, generator=g).to(torch.bfloat16)[:, 3:]
+    y = PackedLinear(w, b)(x)
+    assert y.shape == (1, rows, 192) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), _reference(x, w, b), atol=0.25, rtol=0.02)
+
+
+def _tiny_pair():
+    plain = models.load_model("tiny-llama", dtype="bfloat16", seed=3).model
+    packed = models.load_model("tiny-llama", dtype="bfloat16", seed=3).model
+    return plain, packed
+
+
+def test_pack_linears_replaces_every_projection_and_keeps_the_logits():
+    plain, packed = _tiny_pair()
+    layers = plain.config.num_hidden_layers
+    assert pack_linears(packed) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer; the LM head
+    attn, mlp = packed.model.layers[0].self_attn, packed.model.layers[0].mlp
+    assert isinstance(attn.q_proj, FusedSlice) and isinstance(attn.o_proj, PackedLinear)
+    assert isinstance(mlp.gate_up, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+
+    ids = torch.tensor([random_prompt(5, 48)])
+    with torch.inference_mode():
+        a = plain(input_ids=ids).logits[0].float()
+        b = packed(input_ids=ids).logits[0].float()
+    atol = 0.02 * a.abs().max().item()
+    assert (a - b).abs().max().item() < atol
+    # greedy choices agree wherever the reference's best logit leads the runner-up by more than 2 atol
+    top2 = a.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * atol
+    assert clear.sum() >= 8
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
+
+
+def test_fused_slices_recompute_for_a_different_input():
+    _, packed = _tiny_pair()
+    plain = models.load_model("tiny-llama", dtype="bfloat16", seed=3).model.model.layers[0].self_attn
+    attn = packed.model.layers[0].self_attn
+    pack_linears(packed)
+    x = torch.randn(1, 4, plain.q_proj.in_features).to(torch.bfloat16)
+    other = torch.randn(1, 4, plain.q_proj.in_features).to(torch.bfloat16)
+    with torch.inference_mode():
+        attn.q_proj(x)
+        k = attn.k_proj(other)  # not the input q_proj saw: its own product, not q's cached columns
+        v = attn.v_proj(other)
+        torch.testing.assert_close(k.float(), _reference(other, plain.k_proj.weight, None), atol=0.1, rtol=0.02)
+        torch.testing.assert_close(v.float(), _reference(other, plain.v_proj.weight, None), atol=0.1, rtol=0.02)
+    assert attn.q_proj.shared.x is None and attn.q_proj.shared.y is None  # the last slice let go of them
+
+
+def test_runner_packs_bf16_by_default_and_refuses_where_it_cannot():
+    on = ModelRunner(models.load_model("tiny-llama", dtype="bfloat16"), num_blocks=16)
+    assert on.packed_linears and isinstance(on.model.lm_head, PackedLinear)
+    off = ModelRunner(models.load_model("tiny-llama", dtype="bfloat16"), num_blocks=16, packed_linears=False)
+    assert not off.packed_linears and type(off.model.lm_head) is torch.nn.Linear
+    fp32 = ModelRunner(models.load_model("tiny-llama"), num_blocks=16)
+    assert not fp32.packed_linears  # fp32 keeps torch's products, which the generate-equality tests pin
+    with pytest.raises(ValueError, match="packed_linears"):
+        ModelRunner(models.load_model("tiny-llama"), num_blocks=16, packed_linears=True)
+
+
+def test_packed_runner_generates_what_the_unpacked_runner_does():
+    """Chunked prefill mixed with decodes, shuffled blocks: first tokens match where the margin is large."""
+    prompts = {f"r{n}": random_prompt(n, n) for n in (9, 23, 40)}
+    outs = []
+    for flag in (False, True):
+        runner = ModelRunner(models.load_model("tiny-llama", dtype="bfloat16", seed=1), num_blocks=32,
+                             packed_linears=flag)
+        d = Driver(runner, num_blocks=32, shuffle_blocks=7)
+        for rid, p in prompts.items():
+            d.add(rid, p, 6)
+        outs.append(d.run(chunk=16))
+    plain, packed = outs
+    assert set(plain) == set(packed) == set(prompts)
+    # bf16 rounding may flip a near tie late in a sequence; the first tokens must agree
+    assert all(plain[r][:2] == packed[r][:2] for r in prompts), (plain, packed)
