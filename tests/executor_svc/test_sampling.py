@@ -109,3 +109,26 @@ def test_sampling_frequencies_and_batch_independence():
     together = sampler.sample(logits, mixed, [5] * 8)
     alone = [sampler.sample(logits[i : i + 1], mixed[i : i + 1], [5])[0] for i in range(8)]
     assert together == alone
+
+
+def test_top_p_keeps_the_nucleus_in_proportion():
+    """top-p renormalises over the smallest prefix reaching the mass; top-k applies first."""
+    sampler = Sampler(seed=0)
+    n = 4000
+    row = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    toks = sampler.sample(row.expand(n, 4), [SamplingParams(temperature=1.0, top_p=0.7, seed=2)] * n, list(range(n)))
+    assert set(toks) == {0, 1}
+    assert abs(toks.count(0) / n - 0.625) < 0.03  # 0.5 / (0.5 + 0.3)
+    both = sampler.sample(row.expand(n, 4), [SamplingParams(temperature=1.0, top_k=3, top_p=0.8, seed=2)] * n,
+                          list(range(n)))
+    assert set(both) == {0, 1}  # top-3 renormalised: 0.526, 0.316, 0.158; 0.8 is reached after two
+
+
+def test_top_p_nucleus_wider_than_the_sorted_candidates():
+    """A flat row: the nucleus holds far more tokens than the partial sort looks at; all are reachable."""
+    sampler = Sampler(seed=0)
+    vocab, n = 6000, 3000
+    logits = torch.zeros(n, vocab)
+    toks = sampler.sample(logits, [SamplingParams(temperature=1.0, top_p=0.5, seed=4)] * n, list(range(n)))
+    assert len(set(toks)) > 1500  # uniform over about 3,000 tokens, not only the first 1,024 candidates
+    assert all(0 <= t < vocab for t in toks)
