@@ -9,9 +9,17 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from executor_svc import models  # noqa: E402
-from executor_svc.packed_linears import FusedSlice, PackedLinear, pack_linears, packing_supported  # noqa: E402
+from executor_svc.packed_linears import (  # noqa: E402
+    FusedGateUpMLP,
+    FusedSlice,
+    PackedLinear,
+    SiluGatedMLP,
+    pack_linears,
+    packing_supported,
+)
 from executor_svc.runner import ModelRunner  # noqa: E402
 from tests.executor_svc.helpers import Driver, random_prompt  # noqa: E402
 
@@ -37,19 +45,26 @@ def test_packed_linear_computes_the_same_product(rows, bias):
     torch.testing.assert_close(y.float(), _reference(x, w, b), atol=0.25, rtol=0.02)
 
 
-def _tiny_pair():
-    plain = models.load_model("tiny-llama", dtype="bfloat16", seed=3).model
-    packed = models.load_model("tiny-llama", dtype="bfloat16", seed=3).model
-    return plain, packed
+def _tiny_pair(hidden_act: str | None = None):
+    def build():
+        if hidden_act is None:
+            return models.load_model("tiny-llama", dtype="bfloat16", seed=3).model
+        config = models.preset_config("tiny-llama")
+        config.hidden_act = hidden_act
+        torch.manual_seed(3)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+    return build(), build()
 
 
-def test_pack_linears_replaces_every_projection_and_keeps_the_logits():
-    plain, packed = _tiny_pair()
+@pytest.mark.parametrize("hidden_act, mlp_type", [(None, SiluGatedMLP), ("gelu_pytorch_tanh", FusedGateUpMLP)])
+def test_pack_linears_replaces_every_projection_and_keeps_the_logits(hidden_act, mlp_type):
+    plain, packed = _tiny_pair(hidden_act)
     layers = plain.config.num_hidden_layers
     assert pack_linears(packed) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer; the LM head
     attn, mlp = packed.model.layers[0].self_attn, packed.model.layers[0].mlp
     assert isinstance(attn.q_proj, FusedSlice) and isinstance(attn.o_proj, PackedLinear)
-    assert isinstance(mlp.gate_up, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
+    assert type(mlp) is mlp_type and isinstance(packed.lm_head, PackedLinear)
     assert not any(type(m) is torch.nn.Linear for m in packed.modules())
 
     ids = torch.tensor([random_prompt(5, 48)])
