@@ -1,12 +1,12 @@
-"""The model's linear layers with weights prepacked once for oneDNN (CPU, bf16), q/k/v and the MLP fused.
+"""The model's linear layers with weights prepacked once for oneDNN (CPU, bf16), q/k/v and gate/up fused.
 
 torch runs a bf16 ``F.linear`` on CPU through oneDNN, which reorders the weight into its
 blocked (AMX / AVX-512 BF16) layout on EVERY call: for the small row counts of decode
 steps that reorder costs as much as the product. :func:`pack_linears` does it once at
 load time (``torch.ops.mkldnn._reorder_linear_weight``, the op torch's own compiler uses
 for frozen CPU linears) and calls ``torch.ops.mkldnn._linear_pointwise`` per step; it also
-fuses the attention's q/k/v projections into one product, and the MLP's SiLU and
-gate-times-up product into the products' oneDNN post-ops (docs/executor.md, 'Prepacked
+fuses the attention's q/k/v projections and the MLP's gate/up projections into one
+product each, so a layer runs 4 products instead of 7 (docs/executor.md, 'Prepacked
 linears').
 
 Only where it is exact enough to keep and fast: CPU, bf16, oneDNN built in. fp32 keeps
@@ -94,31 +94,14 @@ class FusedSlice(nn.Module):
         return f"columns=[{self.start}, {self.end})"
 
 
-class SiluGatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))`` with the SiLU and the product fused into the products' epilogues.
-
-    NOTE: oneDNN post-ops: ``gate`` runs with a "swish" (SiLU) post-op and ``up`` with a
-    binary "mul" against the gate's output, so neither the activation nor the product
-    is a separate pass over the ``[T, intermediate]`` tensors (the same ops torch's
-    compiler fuses for frozen CPU linears). For a 1,024-token step this took 4.2 ms per
-    layer against 6.8 ms for two products, ``silu`` and ``mul`` (one thread, AMX); for 32
-    rows it is equal, and one fused gate/up product was no faster than two.
-    """
-
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
-        super().__init__()
-        self.gate_proj = PackedLinear(gate.weight, gate.bias)
-        self.up_proj = PackedLinear(up.weight, up.bias)
-        self.down_proj = PackedLinear(down.weight, down.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.ops.mkldnn._linear_pointwise(x, self.gate_proj.packed, self.gate_proj.bias, "swish", [], "")
-        h = torch.ops.mkldnn._linear_pointwise.binary(x, g, self.up_proj.packed, self.up_proj.bias, "mul")
-        return self.down_proj(h)
-
-
 class FusedGateUpMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with gate and up as one packed product (activations other than SiLU)."""
+    """``down(act(gate(x)) * up(x))`` with gate and up as one packed product.
+
+    NOTE: oneDNN can also run the SiLU and the product as post-ops of two separate products
+    ("swish", then a binary "mul"). That was 11-14% faster for 32 decodes and 1,024-token
+    prefills with one thread, but slower in the server on all six rows of docs/vs_vllm.md
+    (docs/executor.md, 'Prepacked linears'), so it is not used.
+    """
 
     def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn) -> None:
         super().__init__()
@@ -170,10 +153,7 @@ def _pack_mlp(layer: nn.Module) -> int:
     # whose MLP forward differs keeps its own module.
     if "act_fn(self.gate_proj(x)) * self.up_proj(x)" not in _source(type(mlp).forward):
         return 0
-    if isinstance(mlp.act_fn, nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation":  # transformers' SiLU
-        layer.mlp = SiluGatedMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    else:
-        layer.mlp = FusedGateUpMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
+    layer.mlp = FusedGateUpMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
     return 3
 
 
