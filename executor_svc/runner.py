@@ -21,7 +21,12 @@ from contract.plan import BatchPlan, StepResult
 from executor_svc import attention, step_extras
 from executor_svc import packed_linears as packed
 from executor_svc.attention import PagedStep, PrefillChunk, PrefixGroup
-from executor_svc.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, kv_shape_from_config, num_blocks_for_device
+from executor_svc.kv_cache import (
+    DEFAULT_BLOCK_SIZE,
+    KVCache,
+    kv_shape_from_config,
+    num_blocks_for_device,
+)
 from executor_svc.models import LoadedModel, load_model
 from executor_svc.request_cache import RequestCache, ScheduledChunk
 from executor_svc.sampler import Sampler

@@ -9,18 +9,18 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM
 
-from executor_svc import models  # noqa: E402
-from executor_svc.packed_linears import (  # noqa: E402
+from executor_svc import models
+from executor_svc.packed_linears import (
     FusedGateUpMLP,
     FusedSlice,
     PackedLinear,
     pack_linears,
     packing_supported,
 )
-from executor_svc.runner import ModelRunner  # noqa: E402
-from tests.executor_svc.helpers import Driver, random_prompt  # noqa: E402
+from executor_svc.runner import ModelRunner
+from tests.executor_svc.helpers import Driver, random_prompt
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.bfloat16),
                                 reason="oneDNN's bf16 kernels need AVX-512 on this CPU")
