@@ -5,8 +5,8 @@ nothing (the scheduler owns KV placement) and reads no clock for the scheduler (
 * ``Warmup``: caps ``num_blocks`` (the scheduler then only places KV in blocks
   ``[0, cap)``: the memory stays allocated, placement is the scheduler's) and runs
   a full-size warm-up step. Health turns SERVING only after a warm-up.
-* ``Step``: one long-lived bidi stream. Each ``StepRequest`` is decoded, run in a
-  worker thread (torch releases the GIL, so the event loop keeps serving) and
+* ``Step``: one long-lived bidi stream. Each ``StepRequest`` is decoded, run in the
+  stream's worker thread (torch releases the GIL, so the event loop keeps serving) and
   answered with the runner's timings; ``total_ns`` spans taking the plan up to
   its result being ready, ``idle_ns`` the runner's wait for this plan since its
   previous step ended (a scheduler that plans ahead keeps it near zero). Plans
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
@@ -63,7 +65,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self.name = name
         self.state = ExecutorState(num_blocks=runner.info().num_blocks)
         self._on_ready = on_ready  # async callback(bool): flips health
-        self._lock = asyncio.Lock()  # one plan at a time, even if two streams are open
+        # one runner call at a time, even with two streams open; a THREAD lock, because steps
+        # run in each stream's own thread (Step) and other calls in asyncio.to_thread
+        self._runner_lock = threading.Lock()
         self._known: set[str] = set()  # ids the runner holds state for (for Release(all))
 
     # ------------------------------------------------------------------ unary RPCs
@@ -82,8 +86,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def Release(self, request, context):
         ids = set(self._known) if request.all else set(request.request_ids)
         num_known = len(ids & self._known)
-        async with self._lock:
-            await asyncio.to_thread(self.runner.release, sorted(ids))
+        await asyncio.to_thread(self._locked, self.runner.release, sorted(ids))
         self._known -= ids
         return executor_pb2.ReleaseResponse(num_released=num_known)
 
@@ -93,11 +96,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self.state.num_blocks = min(full, max_num_blocks) if max_num_blocks else full
         if self.state.num_blocks < 1:
             raise ValueError(f"no KV blocks available (runner has {full}, cap {max_num_blocks})")
-        async with self._lock:
-            await asyncio.to_thread(self._warmup_step, max(1, max_batch_tokens))
+        await asyncio.to_thread(self._locked, self._warmup_step, max(1, max_batch_tokens))
         self.state.ready = True
         if self._on_ready is not None:
             await self._on_ready(True)
+
+    def _locked(self, fn, *args):
+        with self._runner_lock:
+            return fn(*args)
 
     def _warmup_step(self, max_batch_tokens: int) -> None:
         info = self.runner.info()
@@ -118,11 +124,23 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                    context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.StepResponse]:
         # NOTE: three stages, so the runner never waits on gRPC: a reader takes plans off the
         # stream and decodes them as they arrive (a plan sent ahead is ready when the step
-        # before it ends), a worker runs them back to back, and this generator writes results.
-        plans: asyncio.Queue = asyncio.Queue()
+        # before it ends), a worker THREAD runs them back to back, and this generator writes
+        # results. The worker starts the next plan as soon as a step ends, without a hop
+        # through the event loop, whose turn may be late behind gRPC writes, metrics and spans
+        # (docs/executor.md, 'The step stream').
+        plans: queue.SimpleQueue = queue.SimpleQueue()
         results: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def emit(item) -> None:
+            try:
+                loop.call_soon_threadsafe(results.put_nowait, item)
+            except RuntimeError:  # the loop closed (server shutdown): nobody is waiting
+                pass
+
         reader = asyncio.ensure_future(self._read_plans(request_iterator, plans))
-        worker = asyncio.ensure_future(self._run_plans(plans, results))
+        worker = threading.Thread(target=self._run_plans, args=(plans, emit), name="executor-steps", daemon=True)
+        worker.start()
         try:
             while True:
                 item = await results.get()
@@ -131,6 +149,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 if isinstance(item, BaseException):
                     raise item
                 msg, plan, out = item
+                if plan is None:
+                    self.state.num_rejected += 1
+                else:
+                    self._track(plan)
+                    self.state.num_steps += 1
                 yield out
                 if plan is not None and not plan.is_empty:
                     if self.metrics is not None:
@@ -138,9 +161,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     step_tracing.executor_step_span(msg.traceparent, out, executor=self.name, num_seqs=plan.num_seqs)
         finally:
             reader.cancel()
-            worker.cancel()
+            plans.put(None)  # the worker ends after its current step (the reader may never have run)
 
-    async def _read_plans(self, request_iterator, plans: asyncio.Queue) -> None:
+    async def _read_plans(self, request_iterator, plans: queue.SimpleQueue) -> None:
         """Stage 1: decode each StepRequest as it arrives; a plan that does not decode is kept as its error.
 
         A request stream that fails (a message that is not a StepRequest) is passed on as the
@@ -159,14 +182,16 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         finally:
             plans.put_nowait(None)
 
-    async def _run_plans(self, plans: asyncio.Queue, results: asyncio.Queue) -> None:
-        """Stage 2: run plans in order. ``idle_ns`` is the runner's wait since its last step ended;
-        ``total_ns`` runs from taking the plan up to its result being ready."""
+    def _run_plans(self, plans: queue.SimpleQueue, emit) -> None:
+        """Stage 2, in the stream's own thread: run plans in order and ``emit`` each result to the loop.
+
+        ``idle_ns`` is the runner's wait since its last step ended; ``total_ns`` runs from
+        taking the plan up to its result being ready (encoded)."""
         free_since = 0  # perf_counter_ns when the runner finished its last step
         try:
-            while (item := await plans.get()) is not None:
+            while (item := plans.get()) is not None:
                 if isinstance(item, Exception):  # the request stream broke: after the plans before it
-                    results.put_nowait(item)
+                    emit(item)
                     return
                 msg, plan = item
                 t0 = time.perf_counter_ns()
@@ -174,24 +199,20 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 try:
                     if isinstance(plan, ValueError):
                         raise plan
-                    async with self._lock:
-                        result = await asyncio.to_thread(self.runner.execute, plan)
+                    with self._runner_lock:
+                        result = self.runner.execute(plan)
                 except ValueError as exc:  # PlanError is a ValueError: nothing was run
-                    self.state.num_rejected += 1
                     log.warning("step %d rejected: %s", msg.step_id, exc)
-                    results.put_nowait((msg, None, executor_pb2.StepResponse(
-                        step_id=msg.step_id, error=f"plan rejected: {exc}")))
+                    emit((msg, None, executor_pb2.StepResponse(step_id=msg.step_id, error=f"plan rejected: {exc}")))
                     continue
-                self._track(plan)
-                self.state.num_steps += 1
                 out = executor_codec.result_to_pb(result)
                 out.idle_ns = idle_ns
                 free_since = time.perf_counter_ns()
                 out.total_ns = free_since - t0
-                results.put_nowait((msg, plan, out))
-            results.put_nowait(None)
+                emit((msg, plan, out))
+            emit(None)
         except Exception as exc:  # noqa: BLE001 - a runner crash ends the stream with that error
-            results.put_nowait(exc)
+            emit(exc)
 
     def _check_blocks(self, plan: BatchPlan) -> None:
         """The scheduler may only place KV below the warm-up cap."""
