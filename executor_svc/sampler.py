@@ -74,20 +74,21 @@ class Sampler:
         scaled = logits.float() / temps[:, None]
         ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         filtered = [i for i, p in enumerate(params) if ks[i] < vocab or p.top_p < 1.0]
-        out = [0] * n
         plain = sorted(set(range(n)) - set(filtered))
-        if plain:
-            rows = scaled if len(plain) == n else scaled[plain]
-            weights = torch.softmax(rows, dim=-1)
-            picks = self._draw(weights, [params[i] for i in plain], [positions[i] for i in plain])
-            for i, t in zip(plain, picks.tolist()):
-                out[i] = t
-        if filtered:
-            rows = scaled if len(filtered) == n else scaled[filtered]
-            weights, order = self._filtered_weights(rows, [params[i] for i in filtered], [ks[i] for i in filtered])
-            picks = self._draw(weights, [params[i] for i in filtered], [positions[i] for i in filtered])
-            picks = order.gather(1, picks[:, None])[:, 0]
-            for i, t in zip(filtered, picks.tolist()):
+        out = [0] * n
+        for idx, with_filters in ((plain, False), (filtered, True)):
+            if not idx:
+                continue
+            rows = scaled if len(idx) == n else scaled[idx]
+            sub = [params[i] for i in idx]
+            if with_filters:  # weights over each row's sorted candidates, and their token ids
+                weights, order = self._filtered_weights(rows, sub, [ks[i] for i in idx])
+            else:
+                weights, order = torch.softmax(rows, dim=-1), None
+            picks = self._draw(weights, sub, [positions[i] for i in idx])
+            if order is not None:
+                picks = order.gather(1, picks[:, None])[:, 0]
+            for i, t in zip(idx, picks.tolist()):
                 out[i] = t
         return out
 
@@ -110,7 +111,9 @@ class Sampler:
         vals = vals.masked_fill(cols >= k_t[:, None], float("-inf"))
         # rows with top-k: renormalise over their k columns; rows without: the FULL row's
         # normaliser, so that top-p's mass (and the check below) refers to the whole distribution
-        norm = torch.where(has_k, torch.logsumexp(vals, dim=-1), torch.logsumexp(scaled, dim=-1))
+        norm = torch.logsumexp(vals, dim=-1)
+        if not bool(has_k.all()):  # the full row's pass only where a row needs it
+            norm = torch.where(has_k, norm, torch.logsumexp(scaled, dim=-1))
         probs = torch.exp(vals - norm[:, None])
         top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
         short = (~has_k) & (probs.sum(dim=-1) < top_p) & (width < vocab)
@@ -130,17 +133,18 @@ class Sampler:
         NOTE: inverse CDF needs ONE uniform per row, drawn from that request's own
         generator; the exponential race it replaced drew a whole vocabulary row of noise
         per request (1.2 ms per row for 49,152 tokens on CPU, most of a 32-row step's
-        sampling: 46 ms against 6 ms now, docs/executor.md, 'Sampling').
+        sampling: 46 ms against 11 ms now, docs/executor.md, 'Sampling').
         """
         n, width = weights.shape
         cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)  # fp64: 49,152 fp32 sums drift
-        u = torch.empty(n, 1, dtype=torch.float64)
+        # the generators live on the sampler's device, so the uniforms are drawn there
+        u = torch.empty(n, 1, dtype=torch.float64, device=self.device)
         for i, p in enumerate(params):
             if p.seed is None:
-                u[i] = torch.rand(1, generator=self._unseeded, dtype=torch.float64)
+                u[i] = torch.rand(1, generator=self._unseeded, dtype=torch.float64, device=self.device)
             else:
                 self._row_gen.manual_seed(mix_seed(p.seed, positions[i]))
-                u[i] = torch.rand(1, generator=self._row_gen, dtype=torch.float64)
+                u[i] = torch.rand(1, generator=self._row_gen, dtype=torch.float64, device=self.device)
         # the first column whose cumulative weight exceeds u * total: a zero-weight column
         # never qualifies (its cdf equals its predecessor's)
         picks = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)[:, 0]

@@ -106,18 +106,27 @@ def test_runner_packs_bf16_by_default_and_refuses_where_it_cannot():
         ModelRunner(models.load_model("tiny-llama"), num_blocks=16, packed_linears=True)
 
 
-def test_packed_runner_generates_what_the_unpacked_runner_does():
-    """Chunked prefill mixed with decodes, shuffled blocks: first tokens match where the margin is large."""
+# bf16 rounding differs between packed and plain products (and across CPUs): a pick counts as
+# right when its logit under the plain model is within this of the best (tiny-llama's logits span about +-3.5)
+TINY_BF16_LOGIT_GAP = 0.1
+
+
+def test_packed_runner_picks_what_the_unpacked_model_would():
+    """Chunked prefill mixed with decodes, shuffled blocks: every greedy token of the packed runner is the
+    plain model's best, up to bf16 rounding (teacher-forced on the runner's own tokens)."""
     prompts = {f"r{n}": random_prompt(n, n) for n in (9, 23, 40)}
-    outs = []
-    for flag in (False, True):
-        runner = ModelRunner(models.load_model("tiny-llama", dtype="bfloat16", seed=1), num_blocks=32,
-                             packed_linears=flag)
-        d = Driver(runner, num_blocks=32, shuffle_blocks=7)
-        for rid, p in prompts.items():
-            d.add(rid, p, 6)
-        outs.append(d.run(chunk=16))
-    plain, packed = outs
-    assert set(plain) == set(packed) == set(prompts)
-    # bf16 rounding may flip a near tie late in a sequence; the first tokens must agree
-    assert all(plain[r][:2] == packed[r][:2] for r in prompts), (plain, packed)
+    runner = ModelRunner(models.load_model("tiny-llama", dtype="bfloat16", seed=1), num_blocks=32)
+    assert runner.packed_linears
+    d = Driver(runner, num_blocks=32, shuffle_blocks=7)
+    for rid, p in prompts.items():
+        d.add(rid, p, 6)
+    done = d.run(chunk=16)
+    assert set(done) == set(prompts)
+    plain = models.load_model("tiny-llama", dtype="bfloat16", seed=1).model
+    for rid, p in prompts.items():
+        toks = done[rid]
+        assert len(toks) == 6
+        with torch.inference_mode():
+            logits = plain(input_ids=torch.tensor([p + toks])).logits[0, len(p) - 1 : len(p) - 1 + len(toks)].float()
+        gap = logits.max(dim=-1).values - logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
+        assert gap.max().item() <= TINY_BF16_LOGIT_GAP, (rid, toks, gap.tolist())
