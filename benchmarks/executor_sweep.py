@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every decode gathers its whole context (no cascade attention over shared prefixes)")
     p.add_argument("--no-packed-linears", action="store_true",
                    help="bf16: torch's linear layers instead of prepacked, fused ones (ModelRunner(packed_linears=False))")
+    p.add_argument("--no-cpu-kernels", action="store_true",
+                   help="decodes attend through torch's ops instead of the C++ paged decode kernel "
+                        "(ModelRunner(cpu_kernels=False))")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64", help="throughput batch sizes ('' to skip)")
@@ -312,7 +315,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     runner = ModelRunner(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                          num_blocks=num_blocks, num_threads=args.threads, cascade_attention=not args.no_cascade,
-                         packed_linears=False if args.no_packed_linears else None)
+                         packed_linears=False if args.no_packed_linears else None,
+                         cpu_kernels=False if args.no_cpu_kernels else None)
     info = runner.info()
     import torch
 

@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-packed-linears", action="store_true",
                    help="bf16 on CPU: keep torch's linear layers instead of weights prepacked for oneDNN with "
                         "q/k/v and gate/up fused (docs/executor.md, 'Prepacked linears')")
+    p.add_argument("--no-cpu-kernels", action="store_true",
+                   help="CPU: decodes attend through torch's ops instead of the C++ paged decode kernel that is "
+                        "compiled on first start (docs/executor.md, 'Paged decode attention in C++')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-tokens", type=int, default=512, help="size of the start-up warm-up step")
     p.add_argument("--fake", action="store_true", help="FakeRunner: deterministic tokens, no torch")
@@ -93,7 +96,8 @@ def build_runner(args: argparse.Namespace):
               max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
               num_threads=args.threads, small_step_threads=args.small_step_threads,
               cascade_attention=not args.no_cascade_attention,
-              packed_linears=False if args.no_packed_linears else None)
+              packed_linears=False if args.no_packed_linears else None,
+              cpu_kernels=False if args.no_cpu_kernels else None)
     if args.memory_fraction is not None:
         kw["memory_fraction"] = args.memory_fraction
     return ModelRunner(args.preset or args.model, **kw)

@@ -6,6 +6,8 @@ keyword argument. For every layer, :func:`paged_attention_forward`:
 
 1. writes the step's new K/V into the cache at the plan's slots;
 2. attends, in the split form that is fast on CPU (docs/executor.md, 'Attention backends'):
+   * all decodes with the C++ paged decode kernel (``executor_svc.cpu_kernels``) when the
+     runner has it: each decode's query against its KV blocks where they lie; else
    * all decodes (one query token each) in ONE batched attention (two matmuls,
      fp32 softmax) over gathered, padded KV with a key-padding mask and GQA
      packed into the query;
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from executor_svc.cpu_kernels import PagedDecodeKernel
 from executor_svc.kv_cache import KVCache
 
 ATTN_IMPL_NAME = "slai_paged"
@@ -151,6 +154,11 @@ class PagedStep:
     decode_groups: list[PrefixGroup] = field(default_factory=list)  # cascade groups, disjoint row ranges
     decode_bias: torch.Tensor | None = None  # [B, 1, L_max] fp32 0 / -inf form of decode_mask (first layer)
     cascade: CascadeBatch | None = None  # decode_groups as one batch (first layer)
+    # the C++ kernel (executor_svc.cpu_kernels) instead of everything above: int32 block tables
+    # [B, max_blocks] and key counts [B]; it reads the blocks in place
+    decode_kernel: PagedDecodeKernel | None = None
+    decode_tables: torch.Tensor | None = None
+    decode_lengths: torch.Tensor | None = None
     # NOTE: gathers go into these reused flat buffers (a runner workspace). Fresh
     # 10+ MB outputs per layer cost page faults: a 32 x 512
     # decode gather took 10 ms fresh vs 2.5 ms into a reused buffer on CPU.
@@ -187,7 +195,11 @@ def paged_attention_forward(
     else:
         out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
         k_cache, v_cache = step.kv.k[layer], step.kv.v[layer]  # [KV, slots, D]
-        if step.num_decodes:
+        if step.decode_kernel is not None:
+            nd = step.num_decodes
+            step.decode_kernel(q[:, :nd].transpose(0, 1), k_cache, v_cache, step.decode_tables, step.decode_lengths,
+                               step.kv.block_size, scaling, out[:nd])
+        elif step.num_decodes:
             out[: step.num_decodes] = _decode_attention(step, q, k_cache, v_cache, scaling)
         for chunk in step.prefills:
             out[chunk.q_start : chunk.q_start + chunk.q_len] = _prefill_sdpa(

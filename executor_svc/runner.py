@@ -18,7 +18,7 @@ import torch
 
 from contract.executor_info import ExecutorInfo
 from contract.plan import BatchPlan, StepResult
-from executor_svc import attention, step_extras
+from executor_svc import attention, cpu_kernels, step_extras
 from executor_svc import packed_linears as packed
 from executor_svc.attention import PagedStep, PrefillChunk, PrefixGroup
 from executor_svc.kv_cache import (
@@ -67,6 +67,10 @@ class ModelRunner:
         packed_linears: prepack the weights for oneDNN and fuse q/k/v and gate/up
             (``packed_linears.pack_linears``); None: wherever it applies (CPU, bf16);
             True where it does not raises ValueError. Mutates a passed ``LoadedModel``.
+        cpu_kernels: attend decodes with the C++ paged decode kernel
+            (``executor_svc.cpu_kernels``), which reads KV blocks where they lie; None:
+            wherever it applies (CPU, fp32/bf16, "sdpa" backend) and builds (a C++ compiler
+            is present), else torch's ops; True where it cannot raises ValueError.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class ModelRunner:
         cascade_min_saved_tokens: int = CASCADE_MIN_SAVED_TOKENS,
         small_step_threads: int | str | None = None,
         packed_linears: bool | None = None,
+        cpu_kernels: bool | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -130,6 +135,20 @@ class ModelRunner:
         self._gather_v: torch.Tensor | None = None
         self.cascade_attention = cascade_attention
         self.cascade_min_saved_tokens = cascade_min_saved_tokens
+        self.decode_kernel = self._decode_kernel(cpu_kernels)
+
+    def _decode_kernel(self, wanted: bool | None):
+        if wanted is False:
+            return None
+        applies = (self.device.type == "cpu" and self.backend == "sdpa" and self.dtype in cpu_kernels.SUPPORTED_DTYPES
+                   and self.kv.shape.head_dim <= cpu_kernels.MAX_HEAD_DIM)
+        kernel = cpu_kernels.load() if applies else None
+        if wanted and kernel is None:
+            why = cpu_kernels.unavailable_reason() if applies else (
+                f"it needs the sdpa backend on CPU in {cpu_kernels.SUPPORTED_DTYPES}, "
+                f"head size <= {cpu_kernels.MAX_HEAD_DIM}; this is {self.backend} on {self.device} in {self.dtype}")
+            raise ValueError(f"cpu_kernels: {why}")
+        return kernel
 
     # ---- Runner protocol ------------------------------------------------------------
     def info(self) -> ExecutorInfo:
@@ -211,7 +230,8 @@ class ModelRunner:
         decodes = [c for c in chunks if c.is_decode]
         prefills = [c for c in chunks if not c.is_decode]
         groups: list[tuple[int, int]] = []  # (members, shared prefix blocks) in packed order
-        if len(decodes) > 1 and self.cascade_attention and self.backend == "sdpa":
+        # NOTE: the C++ kernel reads shared prefix blocks in place, so it needs no cascade
+        if len(decodes) > 1 and self.cascade_attention and self.backend == "sdpa" and self.decode_kernel is None:
             decodes, groups = self._prefix_groups(decodes)
         ids: list[int] = []
         pos: list[int] = []
@@ -298,6 +318,16 @@ class ModelRunner:
     def _prepare_decodes(self, step: PagedStep, decodes: list[ScheduledChunk],
                          groups: list[tuple[int, int]]) -> None:
         bs = self.kv.block_size
+        if self.decode_kernel is not None:
+            # block tables as they are; every table is at least ceil(length / bs) blocks long
+            # (RequestCache.check), so the kernel never reads past a table
+            lengths = [c.start + 1 for c in decodes]
+            max_nb = -(-max(lengths) // bs)
+            table = [c.state.block_ids[:max_nb] + [0] * (max_nb - len(c.state.block_ids[:max_nb])) for c in decodes]
+            step.decode_kernel = self.decode_kernel
+            step.decode_tables = torch.tensor(table, dtype=torch.int32)
+            step.decode_lengths = torch.tensor(lengths, dtype=torch.int32)
+            return
         skip = [0] * len(decodes)  # leading blocks a decode reads through its group's prefix instead
         row = 0
         for members, shared in groups:

@@ -127,7 +127,7 @@ def test_runner_groups_decodes_by_their_shared_leading_blocks(make_runner, monke
     """Which decodes the runner puts in a cascade group, and with how many shared blocks."""
     from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
 
-    runner = make_runner(num_blocks=64, cascade_min_saved_tokens=0)
+    runner = make_runner(num_blocks=64, cascade_min_saved_tokens=0, cpu_kernels=False)
     seen: list[PagedStep] = []
     real = attention._decode_attention
 
@@ -186,7 +186,7 @@ def test_greedy_outputs_equal_with_and_without_prefix_sharing(make_runner, monke
     for name, caching, cascade in (("plain", False, True), ("cascade", True, True), ("no-cascade", True, False)):
         cfg = SchedulerConfig(enable_prefix_caching=caching, token_budget=64, max_model_len=512)
         core = make_core("sarathi-fcfs", num_blocks=64, config=cfg)
-        runner = make_runner(num_blocks=64, cascade_attention=cascade, cascade_min_saved_tokens=0)
+        runner = make_runner(num_blocks=64, cascade_attention=cascade, cascade_min_saved_tokens=0, cpu_kernels=False)
         before = len(calls)
         outs[name], plans = drive(core, runner, _shared_prefix_arrivals())
         assert (len(calls) > before) == (name == "cascade"), name  # only the shared run took the cascade
@@ -210,7 +210,7 @@ def test_executor_sweep_places_decodes_on_shared_prefixes(tmp_path, monkeypatch,
     bench.add_arguments(parser)
     args = parser.parse_args(["--model", "tiny-mistral", "--prefill-tokens", "0", "--decodes", "4", "--contexts", "304",
                               "--shared-prefix", "288", "--prefix-groups", "2", "--repeats", "2", "--warmup", "0",
-                              "--batches", "", "--out", str(tmp_path), *flags])
+                              "--batches", "", "--out", str(tmp_path), "--no-cpu-kernels", *flags])
     assert bench.run(args) == 0
     rows = list(csv.DictReader((tmp_path / "steps.csv").open()))
     assert [int(r["num_decodes"]) for r in rows] == [4, 4]

@@ -81,8 +81,10 @@ def test_smollm2_greedy_tokens_equal_with_and_without_prefix_caching(smol, monke
         core = make_core("sarathi-fcfs", num_blocks=64, config=cfg)
         arrivals = _arrivals(tok, 8)
         # cascade_min_saved_tokens=0: decodes sharing the system prompt's blocks take the cascade path
-        # (executor_svc/attention.py), which must give the uncached run's tokens too
-        outs[on], plans = drive(core, ModelRunner(loaded, num_blocks=64, cascade_min_saved_tokens=0), arrivals)
+        # (executor_svc/attention.py, torch's ops; the C++ decode kernel needs none), which must give
+        # the uncached run's tokens too
+        runner = ModelRunner(loaded, num_blocks=64, cascade_min_saved_tokens=0, cpu_kernels=False)
+        outs[on], plans = drive(core, runner, arrivals)
         cached = [s.num_computed_tokens for p in plans for s in p.new if s.num_computed_tokens]
         if on:
             # q1 and q2 reuse the full blocks of the prompt they share with q0 (the system prompt)

@@ -1,0 +1,180 @@
+// Paged decode attention for the CPU: every decode's query against its own KV, read where the
+// blocks lie in the cache (no gather into a workspace). Built at run time by
+// executor_svc/cpu_kernels/__init__.py with the machine's compiler; see docs/executor.md,
+// "Paged decode attention in C++".
+//
+// One work item is (decode b, KV head g): it loads the n_rep query heads that share KV head g
+// (grouped-query attention), so each key and value row is read once for all of them.
+// Pass 1 computes the fp32 scores of all n_rep heads over the decode's keys, then an exact
+// softmax (max, exp, sum) in fp32; pass 2 accumulates the probability-weighted values in fp32.
+// The output is rounded once to the cache's type.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxHeadDim = 512;  // largest head size the kernel takes (the Python side checks)
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {  // bfloat16 bits -> float
+    uint32_t u = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+inline void store(float* dst, float x) { *dst = x; }
+inline void store(uint16_t* dst, float x) {  // float -> bfloat16, round to nearest even (as torch)
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
+        *dst = static_cast<uint16_t>((u >> 16) | 0x40u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    *dst = static_cast<uint16_t>(u >> 16);
+}
+
+// exp(x) for x <= 0 (scores minus their maximum) in a form the compiler vectorises, unlike
+// std::exp: 2^(x log2 e) split into an integer power (built in the exponent bits) and 2^f for
+// f in [-0.5, 0.5] by a degree-6 polynomial; relative error about 2e-7. Below -87 the result is
+// clamped to exp(-87) ~ 1.6e-38, nothing next to the maximum's 1.
+inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float y = x * 1.44269504088896341f;
+    const float n = std::floor(y + 0.5f);
+    const float f = y - n;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+template <typename T, int kD>
+void decode_item(const T* q, int64_t q_stride_b, int64_t q_stride_h, const T* k_head, const T* v_head,
+                 const int32_t* table, int32_t length, int block_size, int head_dim, int n_rep, float scale,
+                 T* out_b, int g, std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc,
+                 std::vector<float>& kt) {
+    const int D = kD > 0 ? kD : head_dim;  // a compile-time D lets the compiler unroll the row loops
+    float* row = kt.data();
+    qf.resize(static_cast<size_t>(n_rep) * D);
+    scores.resize(static_cast<size_t>(n_rep) * length);
+    acc.assign(static_cast<size_t>(n_rep) * D, 0.0f);
+    for (int r = 0; r < n_rep; ++r) {
+        const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
+        for (int d = 0; d < D; ++d) qf[r * D + d] = to_float(qh[d]) * scale;
+    }
+    (void)q_stride_b;
+    // pass 1: scores, block by block (a block's keys are contiguous rows of D); each key row is
+    // converted to fp32 once for all n_rep heads
+    for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+        const int n = (length - t0 < block_size) ? (length - t0) : block_size;
+        const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
+        for (int i = 0; i < n; ++i) {
+            const T* kr = kb + static_cast<int64_t>(i) * D;
+#pragma omp simd
+            for (int d = 0; d < D; ++d) row[d] = to_float(kr[d]);
+            for (int r = 0; r < n_rep; ++r) {
+                const float* qr = &qf[r * D];
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int d = 0; d < D; ++d) s += qr[d] * row[d];
+                scores[static_cast<size_t>(r) * length + t0 + i] = s;
+            }
+        }
+    }
+    // softmax per query head, in place
+    std::vector<float> denom(n_rep);
+    for (int r = 0; r < n_rep; ++r) {
+        float* sr = &scores[static_cast<size_t>(r) * length];
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int32_t t = 0; t < length; ++t) m = sr[t] > m ? sr[t] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int32_t t = 0; t < length; ++t) {
+            sr[t] = exp_nonpositive(sr[t] - m);
+            sum += sr[t];
+        }
+        denom[r] = sum;
+    }
+    // pass 2: probability-weighted values
+    for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+        const int n = (length - t0 < block_size) ? (length - t0) : block_size;
+        const T* vb = v_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
+        for (int i = 0; i < n; ++i) {
+            const T* vr = vb + static_cast<int64_t>(i) * D;
+#pragma omp simd
+            for (int d = 0; d < D; ++d) row[d] = to_float(vr[d]);
+            for (int r = 0; r < n_rep; ++r) {
+                const float p = scores[static_cast<size_t>(r) * length + t0 + i];
+                float* ar = &acc[r * D];
+#pragma omp simd
+                for (int d = 0; d < D; ++d) ar[d] += p * row[d];
+            }
+        }
+    }
+    for (int r = 0; r < n_rep; ++r) {
+        const float inv = 1.0f / denom[r];
+        T* o = out_b + static_cast<int64_t>(g * n_rep + r) * D;
+        for (int d = 0; d < D; ++d) store(o + d, acc[r * D + d] * inv);
+    }
+}
+
+template <typename T>
+void paged_decode(const T* q, int64_t q_stride_b, int64_t q_stride_h, const T* k_cache, const T* v_cache,
+                  int64_t num_slots, const int32_t* tables, int64_t table_stride, const int32_t* lengths,
+                  int64_t batch, int num_kv_heads, int n_rep, int head_dim, int block_size, float scale, T* out,
+                  int num_threads) {
+    const int64_t items = batch * num_kv_heads;
+    const int64_t head_stride = num_slots * head_dim;  // cache layout [KV, slots, D]
+    const int64_t out_stride_b = static_cast<int64_t>(num_kv_heads) * n_rep * head_dim;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && items > 1)
+    {
+        std::vector<float> qf, scores, acc, kt(kMaxHeadDim);
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t b = it / num_kv_heads;
+            const int g = static_cast<int>(it % num_kv_heads);
+            auto item = head_dim == 64 ? decode_item<T, 64> : head_dim == 128 ? decode_item<T, 128> : decode_item<T, 0>;
+            item(q + b * q_stride_b, q_stride_b, q_stride_h, k_cache + g * head_stride,
+                           v_cache + g * head_stride, tables + b * table_stride, lengths[b], block_size,
+                           head_dim, n_rep, scale, out + b * out_stride_b, g, qf, scores, acc, kt);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// q: element (b, h, d) at q[b * q_stride_b + h * q_stride_h + d]; out: contiguous [batch, KV * n_rep, D];
+// k_cache / v_cache: one layer, contiguous [KV, num_slots, D]; tables: [batch, table_stride] block ids;
+// lengths: [batch] keys per decode (its new token included, already written to the cache).
+void slai_paged_decode_f32(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache,
+                           const float* v_cache, int64_t num_slots, const int32_t* tables, int64_t table_stride,
+                           const int32_t* lengths, int64_t batch, int num_kv_heads, int n_rep, int head_dim,
+                           int block_size, float scale, float* out, int num_threads) {
+    paged_decode<float>(q, q_stride_b, q_stride_h, k_cache, v_cache, num_slots, tables, table_stride, lengths,
+                        batch, num_kv_heads, n_rep, head_dim, block_size, scale, out, num_threads);
+}
+
+void slai_paged_decode_bf16(const uint16_t* q, int64_t q_stride_b, int64_t q_stride_h, const uint16_t* k_cache,
+                            const uint16_t* v_cache, int64_t num_slots, const int32_t* tables, int64_t table_stride,
+                            const int32_t* lengths, int64_t batch, int num_kv_heads, int n_rep, int head_dim,
+                            int block_size, float scale, uint16_t* out, int num_threads) {
+    paged_decode<uint16_t>(q, q_stride_b, q_stride_h, k_cache, v_cache, num_slots, tables, table_stride, lengths,
+                           batch, num_kv_heads, n_rep, head_dim, block_size, scale, out, num_threads);
+}
+
+}  // extern "C"

@@ -1,0 +1,156 @@
+"""The C++ paged decode attention (executor_svc/cpu_kernels): exact against an fp64 reference, in
+the runner, and its fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contract.plan import BatchPlan, CachedRequestSlice, NewRequestSlice
+from executor_svc import cpu_kernels
+from tests.executor_svc.helpers import random_prompt
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = cpu_kernels.load()
+    if k is None:
+        pytest.skip(f"C++ kernel unavailable here: {cpu_kernels.unavailable_reason()}")
+    return k
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The loader as before its first call, building into an empty cache folder."""
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setattr(cpu_kernels, "_reason", None)
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path / "kernels"))
+    return tmp_path
+
+
+def _case(seed, dtype, batch, num_kv, n_rep, dim, block_size, num_blocks=64):
+    """Random cache, scattered block tables (padded with block 0 past each decode's blocks) and lengths."""
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_kv, num_blocks * block_size, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_kv, num_blocks * block_size, dim, generator=g).to(dtype)
+    lengths = torch.randint(1, 6 * block_size, (batch,), generator=g, dtype=torch.int32)
+    lengths[0] = 1  # a decode whose only key is its own new token
+    max_nb = -(-int(lengths.max()) // block_size)
+    tables = torch.zeros(batch, max_nb, dtype=torch.int32)
+    for b in range(batch):
+        nb = -(-int(lengths[b]) // block_size)
+        tables[b, :nb] = torch.randperm(num_blocks, generator=g)[:nb].to(torch.int32)
+    # the runner's layout: q is a [B, H, D] transposed view of [H, T, D], T > B
+    q = torch.randn(num_kv * n_rep, batch + 3, dim, generator=g).to(dtype)[:, :batch].transpose(0, 1)
+    return q, k_cache, v_cache, tables, lengths
+
+
+def _reference(q, k_cache, v_cache, tables, lengths, block_size, scale):
+    batch, heads, dim = q.shape
+    n_rep = heads // k_cache.shape[0]
+    out = torch.empty(batch, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        n = int(lengths[b])
+        slots = (tables[b].long()[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:n]
+        for h in range(heads):
+            k = k_cache[h // n_rep, slots].double()
+            v = v_cache[h // n_rep, slots].double()
+            out[b, h] = torch.softmax(q[b, h].double() @ k.T * scale, dim=-1) @ v
+    return out
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("num_kv,n_rep,dim,block_size", [(3, 3, 64, 16), (2, 1, 32, 4), (1, 4, 128, 16)])
+def test_kernel_matches_an_fp64_softmax_attention(kernel, dtype, atol, num_kv, n_rep, dim, block_size):
+    q, k_cache, v_cache, tables, lengths = _case(0, dtype, 7, num_kv, n_rep, dim, block_size)
+    scale = dim ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    kernel(q, k_cache, v_cache, tables, lengths, block_size, scale, out)
+    want = _reference(q, k_cache, v_cache, tables, lengths, block_size, scale)
+    assert torch.allclose(out.double(), want, atol=atol, rtol=0), (out.double() - want).abs().max()
+    # a decode with one key attends only to it: its value, rounded once
+    assert torch.equal(out[0], v_cache[torch.arange(num_kv).repeat_interleave(n_rep),
+                                       int(tables[0, 0]) * block_size])
+
+
+def test_kernel_uses_every_thread_it_is_given(kernel):
+    q, k_cache, v_cache, tables, lengths = _case(1, torch.bfloat16, 16, 3, 3, 64, 16)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(kernel(q, k_cache, v_cache, tables, lengths, 16, 0.125, torch.empty(q.shape, dtype=q.dtype)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])  # each (decode, KV head) is computed alone: no reduction order changes
+
+
+def test_kernel_refuses_layouts_it_would_misread(kernel):
+    q, k_cache, v_cache, tables, lengths = _case(2, torch.float32, 3, 2, 2, 32, 16)
+    out = torch.empty(q.shape)
+    with pytest.raises(ValueError, match="paged_decode"):
+        kernel(q, k_cache, v_cache, tables.long(), lengths, 16, 0.1, out)  # int64 tables
+    with pytest.raises(ValueError, match="paged_decode"):
+        kernel(q, k_cache.transpose(0, 1).contiguous().transpose(0, 1), v_cache, tables, lengths, 16, 0.1, out)
+    with pytest.raises(ValueError, match="paged_decode"):
+        kernel(q.to(torch.bfloat16), k_cache, v_cache, tables, lengths, 16, 0.1, out)
+
+
+def _greedy_steps(runner, prompts: dict[str, list[int]], steps: int) -> dict[str, list[int]]:
+    """Prefill every prompt (blocks laid out by hand, some shared), then ``steps`` batched decode steps."""
+    new, computed, out = [], {}, {}
+    base = 0
+    for rid, p in prompts.items():
+        blocks = list(range(base, base + (len(p) + steps) // 16 + 1))
+        base += len(blocks)
+        new.append(NewRequestSlice(req_id=rid, token_ids=tuple(p), num_tokens=len(p), block_ids=tuple(blocks),
+                                   num_computed_tokens=0, num_new_tokens=len(p), sample=True))
+        computed[rid] = len(p)
+    res = runner.execute(BatchPlan(step_id=0, new=tuple(new)))
+    out = {r: [t] for r, t in zip(res.req_ids, res.token_ids)}
+    for s in range(1, steps):
+        res = runner.execute(BatchPlan(step_id=s, cached=tuple(
+            CachedRequestSlice(req_id=r, num_computed_tokens=n + s - 1, num_new_tokens=1, is_decode=True, sample=True)
+            for r, n in computed.items())))
+        for r, t in zip(res.req_ids, res.token_ids):
+            out[r].append(t)
+    return out
+
+
+def test_runner_decodes_the_same_tokens_with_and_without_the_kernel(kernel, make_runner):
+    prompts = {f"r{n}": random_prompt(n, n) for n in (5, 17, 40, 63)}
+    on = make_runner(num_blocks=64, cpu_kernels=True)
+    off = make_runner(num_blocks=64, cpu_kernels=False)
+    assert on.decode_kernel is kernel and off.decode_kernel is None
+    assert _greedy_steps(on, prompts, 8) == _greedy_steps(off, prompts, 8)
+
+
+def test_runner_without_a_compiler_keeps_torchs_ops(fresh_loader, monkeypatch, make_runner):
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    assert make_runner(num_blocks=16).decode_kernel is None
+    assert "no C++ compiler" in cpu_kernels.unavailable_reason()
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
+        make_runner(num_blocks=16, cpu_kernels=True)
+
+
+def test_a_failed_build_is_reported_and_leaves_nothing_behind(fresh_loader, monkeypatch):
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    bad = fresh_loader / "broken.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
+    assert cpu_kernels.load() is None
+    assert "broken.cpp failed" in cpu_kernels.unavailable_reason()
+    assert list((fresh_loader / "kernels").iterdir()) == []  # no half-written library
+
+
+def test_runner_refuses_the_kernel_where_it_does_not_apply():
+    from executor_svc import models
+    from executor_svc.runner import ModelRunner
+
+    half = models.load_model("tiny-mistral", dtype="float16")
+    with pytest.raises(ValueError, match="cpu_kernels"):
+        ModelRunner(half, num_blocks=16, cpu_kernels=True)
+    assert ModelRunner(half, num_blocks=16).decode_kernel is None
