@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from executor_svc.cpu_kernels import PagedDecodeKernel
+from executor_svc.cpu_kernels import CpuKernels
 from executor_svc.kv_cache import KVCache
 
 ATTN_IMPL_NAME = "slai_paged"
@@ -154,9 +154,10 @@ class PagedStep:
     decode_groups: list[PrefixGroup] = field(default_factory=list)  # cascade groups, disjoint row ranges
     decode_bias: torch.Tensor | None = None  # [B, 1, L_max] fp32 0 / -inf form of decode_mask (first layer)
     cascade: CascadeBatch | None = None  # decode_groups as one batch (first layer)
-    # the C++ kernel (executor_svc.cpu_kernels) instead of everything above: int32 block tables
-    # [B, max_blocks] and key counts [B]; it reads the blocks in place
-    decode_kernel: PagedDecodeKernel | None = None
+    # the C++ kernels (executor_svc.cpu_kernels), when the runner has them: the KV write, and
+    # instead of everything above, decode attention over int32 block tables [B, max_blocks] and
+    # key counts [B], reading the blocks in place
+    kernels: CpuKernels | None = None
     decode_tables: torch.Tensor | None = None
     decode_lengths: torch.Tensor | None = None
     # NOTE: gathers go into these reused flat buffers (a runner workspace). Fresh
@@ -189,16 +190,19 @@ def paged_attention_forward(
                                       dropout=dropout, **kwargs)
     layer = module.layer_idx
     q, k_new, v_new = query[0], key[0], value[0]  # [H, T, D], [KV, T, D], [KV, T, D]
-    step.kv.write(layer, step.write_slots, k_new, v_new)
+    if step.kernels is not None:
+        step.kernels.kv_write(step.kv.k[layer], step.kv.v[layer], step.write_slots, k_new, v_new)
+    else:
+        step.kv.write(layer, step.write_slots, k_new, v_new)
     if step.backend == "flash-attn":
         out = flash_prefill_decode(step, layer, q.transpose(0, 1).contiguous(), scaling)
     else:
         out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
         k_cache, v_cache = step.kv.k[layer], step.kv.v[layer]  # [KV, slots, D]
-        if step.decode_kernel is not None:
+        if step.num_decodes and step.decode_tables is not None:
             nd = step.num_decodes
-            step.decode_kernel(q[:, :nd].transpose(0, 1), k_cache, v_cache, step.decode_tables, step.decode_lengths,
-                               step.kv.block_size, scaling, out[:nd])
+            step.kernels.paged_decode(q[:, :nd].transpose(0, 1), k_cache, v_cache, step.decode_tables,
+                                      step.decode_lengths, step.kv.block_size, scaling, out[:nd])
         elif step.num_decodes:
             out[: step.num_decodes] = _decode_attention(step, q, k_cache, v_cache, scaling)
         for chunk in step.prefills:

@@ -109,9 +109,13 @@ class FusedGateUpMLP(nn.Module):
         self.gate_up = PackedLinear(torch.cat([gate.weight, up.weight]), _cat_bias(gate, up))
         self.down_proj = PackedLinear(down.weight, down.bias)
         self.act_fn = act_fn
+        # act(gate) * up in one pass over [gate | up]; set by kernel_modules.use_kernels
+        self.silu_and_mul = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)
+        if self.silu_and_mul is not None:
+            return self.down_proj(self.silu_and_mul(gu))
         return self.down_proj(self.act_fn(gu[..., : self.inter]) * gu[..., self.inter :])
 
 

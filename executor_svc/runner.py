@@ -18,7 +18,7 @@ import torch
 
 from contract.executor_info import ExecutorInfo
 from contract.plan import BatchPlan, StepResult
-from executor_svc import attention, cpu_kernels, step_extras
+from executor_svc import attention, cpu_kernels, kernel_modules, step_extras
 from executor_svc import packed_linears as packed
 from executor_svc.attention import PagedStep, PrefillChunk, PrefixGroup
 from executor_svc.kv_cache import (
@@ -67,10 +67,11 @@ class ModelRunner:
         packed_linears: prepack the weights for oneDNN and fuse q/k/v and gate/up
             (``packed_linears.pack_linears``); None: wherever it applies (CPU, bf16);
             True where it does not raises ValueError. Mutates a passed ``LoadedModel``.
-        cpu_kernels: attend decodes with the C++ paged decode kernel
-            (``executor_svc.cpu_kernels``), which reads KV blocks where they lie; None:
-            wherever it applies (CPU, fp32/bf16, "sdpa" backend) and builds (a C++ compiler
-            is present), else torch's ops; True where it cannot raises ValueError.
+        cpu_kernels: use the C++ kernels (``executor_svc.cpu_kernels``): decode attention
+            that reads KV blocks where they lie and the KV write (fp32 and bf16), RMSNorm and
+            SiLU * up (bf16; fp32 keeps transformers' ops, which the generate-equality tests
+            pin). None: wherever they apply (CPU, fp32/bf16, "sdpa" backend) and build (a C++
+            compiler is present), else torch's ops; True where they cannot raises ValueError.
     """
 
     def __init__(
@@ -135,9 +136,11 @@ class ModelRunner:
         self._gather_v: torch.Tensor | None = None
         self.cascade_attention = cascade_attention
         self.cascade_min_saved_tokens = cascade_min_saved_tokens
-        self.decode_kernel = self._decode_kernel(cpu_kernels)
+        self.kernels = self._kernels(cpu_kernels)
+        if self.kernels is not None and self.dtype == torch.bfloat16:
+            kernel_modules.use_kernels(self.model, self.kernels)
 
-    def _decode_kernel(self, wanted: bool | None):
+    def _kernels(self, wanted: bool | None) -> cpu_kernels.CpuKernels | None:
         if wanted is False:
             return None
         applies = (self.device.type == "cpu" and self.backend == "sdpa" and self.dtype in cpu_kernels.SUPPORTED_DTYPES
@@ -231,7 +234,7 @@ class ModelRunner:
         prefills = [c for c in chunks if not c.is_decode]
         groups: list[tuple[int, int]] = []  # (members, shared prefix blocks) in packed order
         # NOTE: the C++ kernel reads shared prefix blocks in place, so it needs no cascade
-        if len(decodes) > 1 and self.cascade_attention and self.backend == "sdpa" and self.decode_kernel is None:
+        if len(decodes) > 1 and self.cascade_attention and self.backend == "sdpa" and self.kernels is None:
             decodes, groups = self._prefix_groups(decodes)
         ids: list[int] = []
         pos: list[int] = []
@@ -255,7 +258,7 @@ class ModelRunner:
             chunk_meta.append(PrefillChunk(q_start, c.num_new_tokens, c.start, read))
             last_row[st.req_id] = len(ids) - 1
         dev = self.device
-        step = PagedStep(kv=self.kv, backend=self.backend,
+        step = PagedStep(kv=self.kv, backend=self.backend, kernels=self.kernels,
                          write_slots=torch.tensor(slots, dtype=torch.long, device=dev),
                          prefills=chunk_meta, num_decodes=len(decodes))
         if decodes:
@@ -318,13 +321,12 @@ class ModelRunner:
     def _prepare_decodes(self, step: PagedStep, decodes: list[ScheduledChunk],
                          groups: list[tuple[int, int]]) -> None:
         bs = self.kv.block_size
-        if self.decode_kernel is not None:
+        if self.kernels is not None:
             # block tables as they are; every table is at least ceil(length / bs) blocks long
             # (RequestCache.check), so the kernel never reads past a table
             lengths = [c.start + 1 for c in decodes]
             max_nb = -(-max(lengths) // bs)
             table = [c.state.block_ids[:max_nb] + [0] * (max_nb - len(c.state.block_ids[:max_nb])) for c in decodes]
-            step.decode_kernel = self.decode_kernel
             step.decode_tables = torch.tensor(table, dtype=torch.int32)
             step.decode_lengths = torch.tensor(lengths, dtype=torch.int32)
             return

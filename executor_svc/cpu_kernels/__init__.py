@@ -1,5 +1,8 @@
 """C++ kernels for the CPU executor, compiled on the machine that runs them (docs/executor.md,
-"Paged decode attention in C++").
+"C++ kernels").
+
+* ``paged_decode.cpp``: every decode's attention over its KV blocks, read where they lie;
+* ``elementwise.cpp``: RMSNorm, SiLU(gate) * up and the KV cache write, one pass each.
 
 The sources ship with the package; :func:`load` compiles them once with the system's C++
 compiler (``$CXX``, else ``c++`` or ``g++``) for this CPU (``-march=native``) into
@@ -30,14 +33,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_decode.cpp")
+SOURCES = (Path(__file__).with_name("paged_decode.cpp"), Path(__file__).with_name("elementwise.cpp"))
 CACHE_ENV = "SLAI_KERNEL_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM = 512  # kMaxHeadDim in paged_decode.cpp
 
 _lock = threading.Lock()
-_loaded: PagedDecodeKernel | None = None
+_loaded: CpuKernels | None = None
 _reason: str | None = None
 _tried = False
 
@@ -66,9 +69,9 @@ def _cpu_flags() -> str:
 
 def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, *FLAGS, platform.machine(),
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), cxx, version, *FLAGS, platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"paged_decode-{key}.so"
+    target = cache_dir() / f"slai-kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        proc = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                               timeout=300, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
@@ -87,23 +90,40 @@ def _build(cxx: str) -> Path:
     return target
 
 
-class PagedDecodeKernel:
-    """``paged_decode.cpp`` loaded: one call per layer attends every decode of a step."""
+class CpuKernels:
+    """The compiled library: one method per kernel, each checking what it is handed.
+
+    NOTE: every call checks dtypes, shapes and layouts: a wrong pointer here reads or writes
+    arbitrary memory. Index values (block tables, slots) are the caller's to keep in range;
+    the runner builds them from plans that ``RequestCache.check`` has validated.
+    """
 
     def __init__(self, path: Path) -> None:
         torch.empty(0)  # NOTE: torch (and its libgomp) is loaded before the library asks for libgomp
         lib = ctypes.CDLL(str(path))
         ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        self._fns = {}
-        for dtype, name in ((torch.float32, "slai_paged_decode_f32"), (torch.bfloat16, "slai_paged_decode_bf16")):
-            fn = getattr(lib, name)
-            fn.restype = None
-            fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i32, i32, i32, i32, f32, ptr, i32]
-            self._fns[dtype] = fn
+        signatures = {
+            "paged_decode": [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i32, i32, i32, i32, f32, ptr, i32],
+            "rms_norm": [ptr, i64, ptr, i64, i64, f32, ptr, i32],
+            "silu_and_mul": [ptr, i64, i64, i64, ptr, i32],
+            "kv_write": [ptr, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i32, i32],
+        }
+        self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        for name, argtypes in signatures.items():
+            for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+                fn = getattr(lib, f"slai_{name}_{suffix}")
+                fn.restype = None
+                fn.argtypes = argtypes
+                self._fns[name, dtype] = fn
         self.path = path
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                 lengths: torch.Tensor, block_size: int, scale: float, out: torch.Tensor) -> torch.Tensor:
+    def _fn(self, name: str, dtype: torch.dtype, ok: bool):
+        if not ok or dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: unexpected shapes, dtypes or layouts")
+        return self._fns[name, dtype]
+
+    def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                     lengths: torch.Tensor, block_size: int, scale: float, out: torch.Tensor) -> torch.Tensor:
         """Attention of ``B`` decodes over their paged KV, written into ``out``.
 
         Args:
@@ -116,22 +136,57 @@ class PagedDecodeKernel:
         batch, heads, dim = q.shape
         num_kv, num_slots = k_cache.shape[0], k_cache.shape[1]
         dtype = k_cache.dtype
-        # NOTE: checked on every call: a wrong pointer here reads or writes arbitrary memory
-        if (q.dtype != dtype or v_cache.dtype != dtype or out.dtype != dtype or q.stride(2) != 1
-                or not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous())
-                or tables.dtype != torch.int32 or lengths.dtype != torch.int32 or not tables.is_contiguous()
-                or not lengths.is_contiguous() or tables.shape[0] != batch or lengths.shape[0] != batch
-                or out.shape != (batch, heads, dim) or heads % num_kv or k_cache.shape[2] != dim
-                or v_cache.shape != k_cache.shape or dim > MAX_HEAD_DIM or dtype not in self._fns or q.device.type != "cpu"):
-            raise ValueError("paged_decode: unexpected shapes, dtypes or layouts")
-        self._fns[dtype](q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
-                         num_slots, tables.data_ptr(), tables.shape[1], lengths.data_ptr(), batch, num_kv,
-                         heads // num_kv, dim, block_size, scale, out.data_ptr(), torch.get_num_threads())
+        ok = (q.dtype == dtype and v_cache.dtype == dtype and out.dtype == dtype and q.stride(2) == 1
+              and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
+              and tables.dtype == torch.int32 and lengths.dtype == torch.int32 and tables.is_contiguous()
+              and lengths.is_contiguous() and tables.shape[0] == batch and lengths.shape[0] == batch
+              and out.shape == (batch, heads, dim) and heads % num_kv == 0 and k_cache.shape[2] == dim
+              and v_cache.shape == k_cache.shape and dim <= MAX_HEAD_DIM and q.device.type == "cpu")
+        self._fn("paged_decode", dtype, ok)(
+            q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), num_slots,
+            tables.data_ptr(), tables.shape[1], lengths.data_ptr(), batch, num_kv, heads // num_kv, dim, block_size,
+            scale, out.data_ptr(), torch.get_num_threads())
         return out
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' RMSNorm ``weight * to_dtype(x * rsqrt(mean(x^2) + eps))`` over the last dim, as one pass."""
+        hidden = x.shape[-1]
+        rows = x.reshape(-1, hidden)  # a view where the rows are evenly strided, else a copy
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        ok = (x.device.type == "cpu" and weight.dtype == x.dtype and weight.is_contiguous()
+              and weight.shape == (hidden,) and rows.stride(1) == 1)
+        self._fn("rms_norm", x.dtype, ok)(rows.data_ptr(), rows.stride(0), weight.data_ptr(), rows.shape[0], hidden,
+                                          eps, out.data_ptr(), torch.get_num_threads())
+        return out
 
-def load() -> PagedDecodeKernel | None:
-    """The compiled kernel, built on first use; ``None`` where it cannot be (see :func:`unavailable_reason`)."""
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for ``gate_up = [gate | up]`` over the last dim (as transformers rounds it)."""
+        inter = gate_up.shape[-1] // 2
+        rows = gate_up.reshape(-1, 2 * inter)
+        out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
+        ok = gate_up.device.type == "cpu" and gate_up.shape[-1] % 2 == 0 and rows.stride(1) == 1
+        self._fn("silu_and_mul", gate_up.dtype, ok)(rows.data_ptr(), rows.stride(0), rows.shape[0], inter,
+                                                    out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def kv_write(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor) -> None:
+        """``k_cache[:, slots] = key`` and the same for V; caches contiguous ``[KV, slots, D]``, key/value ``[KV, T, D]``."""
+        num_kv, num_slots, dim = k_cache.shape
+        tokens = slots.shape[0]
+        dtype = k_cache.dtype
+        ok = (k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
+              and v_cache.dtype == dtype and key.dtype == dtype and value.dtype == dtype
+              and key.shape == (num_kv, tokens, dim) and value.shape == key.shape
+              and key.stride(2) == 1 and value.stride(2) == 1 and slots.dtype == torch.int64
+              and slots.is_contiguous() and k_cache.device.type == "cpu")
+        self._fn("kv_write", dtype, ok)(
+            k_cache.data_ptr(), v_cache.data_ptr(), num_slots, slots.data_ptr(), tokens, key.data_ptr(),
+            key.stride(0), key.stride(1), value.data_ptr(), value.stride(0), value.stride(1), num_kv, dim)
+
+
+def load() -> CpuKernels | None:
+    """The compiled kernels, built on first use; ``None`` where it cannot be (see :func:`unavailable_reason`)."""
     global _loaded, _reason, _tried
     with _lock:
         if not _tried:
@@ -141,11 +196,11 @@ def load() -> PagedDecodeKernel | None:
                 _reason = "no C++ compiler found ($CXX, c++ or g++)"
             else:
                 try:
-                    _loaded = PagedDecodeKernel(_build(cxx))
+                    _loaded = CpuKernels(_build(cxx))
                 except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                    _reason = f"building {SOURCE.name} failed: {exc}"
+                    _reason = f"building {', '.join(s.name for s in SOURCES)} failed: {exc}"
             if _reason:
-                log.warning("C++ paged decode attention unavailable, using torch's ops: %s", _reason)
+                log.warning("C++ kernels unavailable, using torch's ops: %s", _reason)
         return _loaded
 
 

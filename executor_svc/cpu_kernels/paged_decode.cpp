@@ -45,7 +45,7 @@ inline void store(uint16_t* dst, float x) {  // float -> bfloat16, round to near
 inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
     const float y = x * 1.44269504088896341f;
-    const float n = std::floor(y + 0.5f);
+    const float n = (y + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23); std::floor blocks vectorising
     const float f = y - n;
     float p = 1.535336188319500e-4f;
     p = p * f + 1.339887440266574e-3f;

@@ -1,5 +1,6 @@
-"""The C++ paged decode attention (executor_svc/cpu_kernels): exact against an fp64 reference, in
-the runner, and its fallback where it cannot be built."""
+"""The C++ kernels (executor_svc/cpu_kernels): paged decode attention against an fp64 reference, the
+elementwise kernels against the torch modules they replace, the runner with and without them, and the
+fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_kernel_matches_an_fp64_softmax_attention(kernel, dtype, atol, num_kv, n
     q, k_cache, v_cache, tables, lengths = _case(0, dtype, 7, num_kv, n_rep, dim, block_size)
     scale = dim ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=dtype)
-    kernel(q, k_cache, v_cache, tables, lengths, block_size, scale, out)
+    kernel.paged_decode(q, k_cache, v_cache, tables, lengths, block_size, scale, out)
     want = _reference(q, k_cache, v_cache, tables, lengths, block_size, scale)
     assert torch.allclose(out.double(), want, atol=atol, rtol=0), (out.double() - want).abs().max()
     # a decode with one key attends only to it: its value, rounded once
@@ -81,7 +82,7 @@ def test_kernel_uses_every_thread_it_is_given(kernel):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append(kernel(q, k_cache, v_cache, tables, lengths, 16, 0.125, torch.empty(q.shape, dtype=q.dtype)))
+            outs.append(kernel.paged_decode(q, k_cache, v_cache, tables, lengths, 16, 0.125, torch.empty(q.shape, dtype=q.dtype)))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])  # each (decode, KV head) is computed alone: no reduction order changes
@@ -91,11 +92,72 @@ def test_kernel_refuses_layouts_it_would_misread(kernel):
     q, k_cache, v_cache, tables, lengths = _case(2, torch.float32, 3, 2, 2, 32, 16)
     out = torch.empty(q.shape)
     with pytest.raises(ValueError, match="paged_decode"):
-        kernel(q, k_cache, v_cache, tables.long(), lengths, 16, 0.1, out)  # int64 tables
+        kernel.paged_decode(q, k_cache, v_cache, tables.long(), lengths, 16, 0.1, out)  # int64 tables
     with pytest.raises(ValueError, match="paged_decode"):
-        kernel(q, k_cache.transpose(0, 1).contiguous().transpose(0, 1), v_cache, tables, lengths, 16, 0.1, out)
+        kernel.paged_decode(q, k_cache.transpose(0, 1).contiguous().transpose(0, 1), v_cache, tables, lengths, 16,
+                            0.1, out)
     with pytest.raises(ValueError, match="paged_decode"):
-        kernel(q.to(torch.bfloat16), k_cache, v_cache, tables, lengths, 16, 0.1, out)
+        kernel.paged_decode(q.to(torch.bfloat16), k_cache, v_cache, tables, lengths, 16, 0.1, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_transformers_module(kernel, dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=g))
+    x = (3 * torch.randn(1, 40, 96, generator=g)).to(dtype)[:, 5:]  # a strided view, as the runner's rows can be
+    got = kernel.rms_norm(x, norm.weight, norm.variance_epsilon)
+    want = norm(x)
+    assert got.shape == want.shape and got.dtype == dtype
+    # the same formula rounded at the same places; only the fp32 sum of squares is added in another order,
+    # which can move a bf16 result by one unit in the last place
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_torch(kernel, dtype):
+    g = torch.Generator().manual_seed(4)
+    gate_up = (4 * torch.randn(2, 9, 2 * 200, generator=g)).to(dtype)  # 200: not a multiple of the 64-wide chunks
+    got = kernel.silu_and_mul(gate_up)
+    want = torch.nn.functional.silu(gate_up[..., :200]) * gate_up[..., 200:]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_kv_write_places_every_token_at_its_slot(kernel):
+    g = torch.Generator().manual_seed(5)
+    k_cache, v_cache = torch.zeros(3, 64, 8, dtype=torch.bfloat16), torch.zeros(3, 64, 8, dtype=torch.bfloat16)
+    slots = torch.randperm(64, generator=g)[:10]
+    # the runner's shapes: key [KV, T, D] transposed from [T, KV, D]; value a column slice of a wider product
+    key = torch.randn(10, 3, 8, generator=g).to(torch.bfloat16).transpose(0, 1)
+    value = torch.randn(10, 5 * 8, generator=g).to(torch.bfloat16)[:, 8:32].reshape(10, 3, 8).transpose(0, 1)
+    kernel.kv_write(k_cache, v_cache, slots, key, value)
+    want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    want_k.index_copy_(1, slots, key)
+    want_v.index_copy_(1, slots, value)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(ValueError, match="kv_write"):
+        kernel.kv_write(k_cache, v_cache, slots.int(), key, value)
+
+
+def test_bf16_runner_swaps_norms_and_activation_for_the_kernels(kernel):
+    from executor_svc import models
+    from executor_svc.kernel_modules import KernelRMSNorm
+    from executor_svc.packed_linears import FusedGateUpMLP, packing_supported
+    from executor_svc.runner import ModelRunner
+
+    if not packing_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("oneDNN's bf16 kernels need AVX-512 on this CPU")
+    runner = ModelRunner(models.load_model("tiny-llama", dtype="bfloat16"), num_blocks=16)
+    mods = list(runner.model.modules())
+    assert sum(isinstance(m, KernelRMSNorm) for m in mods) == 2 * runner.model.config.num_hidden_layers + 1
+    assert all(m.silu_and_mul is not None for m in mods if isinstance(m, FusedGateUpMLP))
+    fp32 = ModelRunner(models.load_model("tiny-llama"), num_blocks=16)
+    assert fp32.kernels is kernel and not any(isinstance(m, KernelRMSNorm) for m in fp32.model.modules())
 
 
 def _greedy_steps(runner, prompts: dict[str, list[int]], steps: int) -> dict[str, list[int]]:
@@ -123,13 +185,13 @@ def test_runner_decodes_the_same_tokens_with_and_without_the_kernel(kernel, make
     prompts = {f"r{n}": random_prompt(n, n) for n in (5, 17, 40, 63)}
     on = make_runner(num_blocks=64, cpu_kernels=True)
     off = make_runner(num_blocks=64, cpu_kernels=False)
-    assert on.decode_kernel is kernel and off.decode_kernel is None
+    assert on.kernels is kernel and off.kernels is None
     assert _greedy_steps(on, prompts, 8) == _greedy_steps(off, prompts, 8)
 
 
 def test_runner_without_a_compiler_keeps_torchs_ops(fresh_loader, monkeypatch, make_runner):
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
-    assert make_runner(num_blocks=16).decode_kernel is None
+    assert make_runner(num_blocks=16).kernels is None
     assert "no C++ compiler" in cpu_kernels.unavailable_reason()
     with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
         make_runner(num_blocks=16, cpu_kernels=True)
@@ -140,7 +202,7 @@ def test_a_failed_build_is_reported_and_leaves_nothing_behind(fresh_loader, monk
         pytest.skip("no C++ compiler here")
     bad = fresh_loader / "broken.cpp"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (bad,))
     assert cpu_kernels.load() is None
     assert "broken.cpp failed" in cpu_kernels.unavailable_reason()
     assert list((fresh_loader / "kernels").iterdir()) == []  # no half-written library
@@ -153,4 +215,4 @@ def test_runner_refuses_the_kernel_where_it_does_not_apply():
     half = models.load_model("tiny-mistral", dtype="float16")
     with pytest.raises(ValueError, match="cpu_kernels"):
         ModelRunner(half, num_blocks=16, cpu_kernels=True)
-    assert ModelRunner(half, num_blocks=16).decode_kernel is None
+    assert ModelRunner(half, num_blocks=16).kernels is None

@@ -1,0 +1,140 @@
+// Fused elementwise kernels for the CPU executor: RMSNorm, SiLU(gate) * up, and the KV cache
+// write. Each replaces several torch ops (one pass over memory each) by one pass; see
+// docs/executor.md, "C++ kernels". The bf16 variants round where transformers' modules round,
+// so that their outputs match the unfused modules up to the order of one fp32 sum.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+    uint32_t u = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline uint16_t to_bf16(float x) {  // round to nearest even, as torch
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+inline float round_as(float x, float*) { return x; }
+inline float round_as(float x, uint16_t*) { return to_float(to_bf16(x)); }
+inline void store(float* dst, float x) { *dst = x; }
+inline void store(uint16_t* dst, float x) { *dst = to_bf16(x); }
+
+// exp(x) in a form the compiler vectorises (see paged_decode.cpp); x clamped to [-87, 88]
+inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float y = x * 1.44269504088896341f;
+    const float n = (y + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23); std::floor blocks vectorising
+    const float f = y - n;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+// transformers' RMSNorm: w * to_dtype(x * rsqrt(mean(x^2) + eps)), in fp32
+template <typename T>
+void rms_norm(const T* x, int64_t x_stride, const T* w, int64_t rows, int64_t hidden, float eps, T* out,
+              int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && rows > 1) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * x_stride;
+        T* o = out + r * hidden;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < hidden; ++i) {
+            const float v = to_float(xr[i]);
+            ss += v * v;
+        }
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i)
+            store(o + i, to_float(w[i]) * round_as(to_float(xr[i]) * inv, o));
+    }
+}
+
+// act(gate) * up for rows of [gate | up] (the fused gate/up product), act = SiLU
+template <typename T>
+void silu_and_mul(const T* gu, int64_t gu_stride, int64_t rows, int64_t inter, T* out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && rows > 1) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* g = gu + r * gu_stride;
+        const T* u = g + inter;
+        T* o = out + r * inter;
+        // NOTE: in chunks through fp32 buffers: written as one loop, the compiler did not vectorise it
+        float a[64], b[64], c[64];
+        for (int64_t i0 = 0; i0 < inter; i0 += 64) {
+            const int n = inter - i0 < 64 ? static_cast<int>(inter - i0) : 64;
+            for (int i = 0; i < n; ++i) a[i] = to_float(g[i0 + i]);
+            for (int i = 0; i < n; ++i) b[i] = to_float(u[i0 + i]);
+#pragma omp simd
+            for (int i = 0; i < n; ++i) c[i] = a[i] / (1.0f + exp_approx(-a[i]));
+            for (int i = 0; i < n; ++i) store(o + i0 + i, round_as(c[i], o) * b[i]);
+        }
+    }
+}
+
+// cache[g, slots[t], :] = src[g, t, :] for K and V; caches are contiguous [KV, num_slots, D]
+template <typename T>
+void kv_write(T* k_cache, T* v_cache, int64_t num_slots, const int64_t* slots, int64_t tokens, const T* k,
+              int64_t k_stride_g, int64_t k_stride_t, const T* v, int64_t v_stride_g, int64_t v_stride_t, int num_kv,
+              int head_dim) {
+    for (int g = 0; g < num_kv; ++g) {
+        T* kc = k_cache + g * num_slots * head_dim;
+        T* vc = v_cache + g * num_slots * head_dim;
+        for (int64_t t = 0; t < tokens; ++t) {
+            std::memcpy(kc + slots[t] * head_dim, k + g * k_stride_g + t * k_stride_t, sizeof(T) * head_dim);
+            std::memcpy(vc + slots[t] * head_dim, v + g * v_stride_g + t * v_stride_t, sizeof(T) * head_dim);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+void slai_rms_norm_f32(const float* x, int64_t x_stride, const float* w, int64_t rows, int64_t hidden, float eps,
+                       float* out, int num_threads) {
+    rms_norm<float>(x, x_stride, w, rows, hidden, eps, out, num_threads);
+}
+void slai_rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t rows, int64_t hidden,
+                        float eps, uint16_t* out, int num_threads) {
+    rms_norm<uint16_t>(x, x_stride, w, rows, hidden, eps, out, num_threads);
+}
+void slai_silu_and_mul_f32(const float* gu, int64_t gu_stride, int64_t rows, int64_t inter, float* out,
+                           int num_threads) {
+    silu_and_mul<float>(gu, gu_stride, rows, inter, out, num_threads);
+}
+void slai_silu_and_mul_bf16(const uint16_t* gu, int64_t gu_stride, int64_t rows, int64_t inter, uint16_t* out,
+                            int num_threads) {
+    silu_and_mul<uint16_t>(gu, gu_stride, rows, inter, out, num_threads);
+}
+void slai_kv_write_f32(float* k_cache, float* v_cache, int64_t num_slots, const int64_t* slots, int64_t tokens,
+                       const float* k, int64_t k_stride_g, int64_t k_stride_t, const float* v, int64_t v_stride_g,
+                       int64_t v_stride_t, int num_kv, int head_dim) {
+    kv_write<float>(k_cache, v_cache, num_slots, slots, tokens, k, k_stride_g, k_stride_t, v, v_stride_g, v_stride_t,
+                    num_kv, head_dim);
+}
+void slai_kv_write_bf16(uint16_t* k_cache, uint16_t* v_cache, int64_t num_slots, const int64_t* slots,
+                        int64_t tokens, const uint16_t* k, int64_t k_stride_g, int64_t k_stride_t, const uint16_t* v,
+                        int64_t v_stride_g, int64_t v_stride_t, int num_kv, int head_dim) {
+    kv_write<uint16_t>(k_cache, v_cache, num_slots, slots, tokens, k, k_stride_g, k_stride_t, v, v_stride_g,
+                       v_stride_t, num_kv, head_dim);
+}
+
+}  // extern "C"
