@@ -114,7 +114,7 @@ def test_rms_norm_matches_transformers_module(kernel, dtype):
     assert got.shape == want.shape and got.dtype == dtype
     # the same formula rounded at the same places; only the fp32 sum of squares is added in another order,
     # which can move a bf16 result by one unit in the last place
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -7)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0, "rtol": 2 ** -7}
     torch.testing.assert_close(got, want, **tol)
 
 
@@ -124,7 +124,7 @@ def test_silu_and_mul_matches_torch(kernel, dtype):
     gate_up = (4 * torch.randn(2, 9, 2 * 200, generator=g)).to(dtype)  # 200: not a multiple of the 64-wide chunks
     got = kernel.silu_and_mul(gate_up)
     want = torch.nn.functional.silu(gate_up[..., :200]) * gate_up[..., 200:]
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -7)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0, "rtol": 2 ** -7}
     torch.testing.assert_close(got, want, **tol)
 
 
