@@ -139,6 +139,7 @@ class ModelRunner:
         self.kernels = self._kernels(cpu_kernels)
         if self.kernels is not None and self.dtype == torch.bfloat16:
             kernel_modules.use_kernels(self.model, self.kernels)
+        self.sampler.kernels = self.kernels
 
     def _kernels(self, wanted: bool | None) -> cpu_kernels.CpuKernels | None:
         if wanted is False:

@@ -3,7 +3,10 @@
 Logits arrive only for the rows that sample (the runner passes an index tensor
 as ``logits_to_keep``), so this works on ``[N, vocab]`` with N = sampled slices.
 
-Drawing: inverse CDF, one uniform per row over the row's (filtered) weights.
+Drawing: inverse CDF, one uniform per row over the row's (filtered) weights. Rows without
+top-k/top-p are drawn by the C++ kernel when the sampler has one (``executor_svc.cpu_kernels``:
+two passes over a row instead of torch's six; the same uniform picks the same column up to the
+rounding of the weights).
 Seeding: a request with ``seed`` draws its token at sequence position ``pos``
 from a generator seeded with ``mix(seed, pos)``. Re-seeding per position
 (instead of advancing one generator per request) keeps a request's tokens the
@@ -36,8 +39,10 @@ def mix_seed(seed: int, position: int) -> int:
 class Sampler:
     """Samples one token per logits row."""
 
-    def __init__(self, device: torch.device | str = "cpu", seed: int = 0) -> None:
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0, kernels=None) -> None:
         self.device = torch.device(device)
+        # executor_svc.cpu_kernels.CpuKernels (CPU only) or None
+        self.kernels = kernels if self.device.type == "cpu" else None
         self._unseeded = torch.Generator(device=self.device)
         self._unseeded.manual_seed(seed)
         self._row_gen = torch.Generator(device=self.device)
@@ -71,11 +76,21 @@ class Sampler:
         n, vocab = logits.shape
         dev = logits.device
         temps = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
-        scaled = logits.float() / temps[:, None]
         ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         filtered = [i for i, p in enumerate(params) if ks[i] < vocab or p.top_p < 1.0]
         plain = sorted(set(range(n)) - set(filtered))
         out = [0] * n
+        if plain and self.kernels is not None:
+            sub = [params[i] for i in plain]
+            rows = logits if len(plain) == n else logits[plain]
+            picks = self.kernels.sample_rows(rows.float(), (1.0 / temps[plain]).contiguous(),
+                                             self._uniforms(sub, [positions[i] for i in plain]))
+            for i, t in zip(plain, picks.tolist()):
+                out[i] = t
+            if not filtered:
+                return out
+            plain = []
+        scaled = logits.float() / temps[:, None]
         for idx, with_filters in ((plain, False), (filtered, True)):
             if not idx:
                 continue
@@ -135,16 +150,9 @@ class Sampler:
         per request (1.2 ms per row for 49,152 tokens on CPU, most of a 32-row step's
         sampling: 46 ms against 11 ms now, docs/executor.md, 'Sampling').
         """
-        n, width = weights.shape
+        width = weights.shape[1]
         cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)  # fp64: 49,152 fp32 sums drift
-        # the generators live on the sampler's device, so the uniforms are drawn there
-        u = torch.empty(n, 1, dtype=torch.float64, device=self.device)
-        for i, p in enumerate(params):
-            if p.seed is None:
-                u[i] = torch.rand(1, generator=self._unseeded, dtype=torch.float64, device=self.device)
-            else:
-                self._row_gen.manual_seed(mix_seed(p.seed, positions[i]))
-                u[i] = torch.rand(1, generator=self._row_gen, dtype=torch.float64, device=self.device)
+        u = self._uniforms(params, positions)[:, None]
         # the first column whose cumulative weight exceeds u * total: a zero-weight column
         # never qualifies (its cdf equals its predecessor's)
         picks = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)[:, 0]
@@ -152,3 +160,15 @@ class Sampler:
         if bool(over.any()):
             picks = torch.where(over, weights.argmax(dim=-1), picks)
         return picks
+
+    def _uniforms(self, params: Sequence[SamplingParams], positions: Sequence[int]) -> torch.Tensor:
+        """One fp64 uniform in [0, 1) per row: from ``mix_seed(seed, position)`` for seeded rows, else the
+        sampler's own generator; ``[N]`` on the sampler's device (where its generators live)."""
+        u = torch.empty(len(params), dtype=torch.float64, device=self.device)
+        for i, p in enumerate(params):
+            if p.seed is None:
+                u[i] = torch.rand(1, generator=self._unseeded, dtype=torch.float64, device=self.device)
+            else:
+                self._row_gen.manual_seed(mix_seed(p.seed, positions[i]))
+                u[i] = torch.rand(1, generator=self._row_gen, dtype=torch.float64, device=self.device)
+        return u

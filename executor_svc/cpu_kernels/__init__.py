@@ -2,7 +2,8 @@
 "C++ kernels").
 
 * ``paged_decode.cpp``: every decode's attention over its KV blocks, read where they lie;
-* ``elementwise.cpp``: RMSNorm, SiLU(gate) * up and the KV cache write, one pass each.
+* ``elementwise.cpp``: RMSNorm, SiLU(gate) * up and the KV cache write, one pass each;
+* ``sampling.cpp``: temperature sampling (no top-k/top-p) by inverse CDF, two passes per row.
 
 The sources ship with the package; :func:`load` compiles them once with the system's C++
 compiler (``$CXX``, else ``c++`` or ``g++``) for this CPU (``-march=native``) into
@@ -33,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("paged_decode.cpp"), Path(__file__).with_name("elementwise.cpp"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("paged_decode.cpp", "elementwise.cpp", "sampling.cpp"))
 CACHE_ENV = "SLAI_KERNEL_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -107,10 +108,13 @@ class CpuKernels:
             "rms_norm": [ptr, i64, ptr, i64, i64, f32, ptr, i32],
             "silu_and_mul": [ptr, i64, i64, i64, ptr, i32],
             "kv_write": [ptr, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i32, i32],
+            "sample_rows": [ptr, i64, i64, i64, ptr, ptr, ptr, i32],
         }
         self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
         for name, argtypes in signatures.items():
             for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+                if name == "sample_rows" and dtype != torch.float32:
+                    continue  # logits are sampled in fp32 whatever the model's dtype
                 fn = getattr(lib, f"slai_{name}_{suffix}")
                 fn.restype = None
                 fn.argtypes = argtypes
@@ -167,6 +171,20 @@ class CpuKernels:
         ok = gate_up.device.type == "cpu" and gate_up.shape[-1] % 2 == 0 and rows.stride(1) == 1
         self._fn("silu_and_mul", gate_up.dtype, ok)(rows.data_ptr(), rows.stride(0), rows.shape[0], inter,
                                                     out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def sample_rows(self, logits: torch.Tensor, inv_temps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One column per row of fp32 ``logits`` ``[N, V]`` with probability ``softmax(logits * inv_temps)``,
+        by inverse CDF at the fp64 uniforms ``u`` ``[N]``; ``[N]`` int64. Columns more than 87 below the
+        row's scaled maximum (``-inf`` among them) are never drawn."""
+        rows, vocab = logits.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        ok = (logits.device.type == "cpu" and logits.stride(1) == 1 and inv_temps.dtype == torch.float32
+              and inv_temps.shape == (rows,) and inv_temps.is_contiguous() and u.dtype == torch.float64
+              and u.shape == (rows,) and u.is_contiguous() and u.device.type == "cpu")
+        self._fn("sample_rows", logits.dtype, ok and logits.dtype == torch.float32)(
+            logits.data_ptr(), logits.stride(0), rows, vocab, inv_temps.data_ptr(), u.data_ptr(), out.data_ptr(),
+            torch.get_num_threads())
         return out
 
     def kv_write(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,

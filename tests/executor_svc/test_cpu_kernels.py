@@ -216,3 +216,52 @@ def test_runner_refuses_the_kernel_where_it_does_not_apply():
     with pytest.raises(ValueError, match="cpu_kernels"):
         ModelRunner(half, num_blocks=16, cpu_kernels=True)
     assert ModelRunner(half, num_blocks=16).kernels is None
+
+
+def _kernel_sampler(kernel, seed=0):
+    from executor_svc.sampler import Sampler
+
+    return Sampler(seed=seed, kernels=kernel)
+
+
+@pytest.mark.parametrize("temperature,want", [(1.0, (0.7, 0.2, 0.1)), (0.5, (0.49 / 0.54, 0.04 / 0.54, 0.01 / 0.54))])
+def test_kernel_sampling_draws_in_proportion(kernel, temperature, want):
+    from contract.sampling import SamplingParams
+
+    n = 4000
+    row = torch.log(torch.tensor([0.7, 0.2, 0.1]))
+    toks = _kernel_sampler(kernel).sample(row.expand(n, 3), [SamplingParams(temperature=temperature, seed=5)] * n,
+                                          list(range(n)))
+    freq = [toks.count(t) / n for t in range(3)]
+    assert all(abs(f - w) < 0.03 for f, w in zip(freq, want)), freq
+
+
+def test_kernel_sampling_never_draws_a_masked_token(kernel):
+    from contract.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, 5000, generator=g)  # 5,000: the last 64-column chunk is partial
+    masked = torch.randperm(5000, generator=g)[:2500]
+    logits[:, masked] = float("-inf")
+    toks = _kernel_sampler(kernel).sample(logits, [SamplingParams(temperature=2.0)] * 64, [0] * 64)
+    assert not set(toks) & set(masked.tolist())
+    # a row with one finite logit always draws it
+    one = torch.full((3, 5000), float("-inf"))
+    one[:, 4999] = 0.0
+    assert _kernel_sampler(kernel).sample(one, [SamplingParams(temperature=1.0)] * 3, [0, 1, 2]) == [4999] * 3
+
+
+def test_kernel_sampling_picks_what_the_torch_path_picks(kernel):
+    """The same uniforms over the same weights: the same columns, but where rounding moves a boundary."""
+    from contract.sampling import SamplingParams
+    from executor_svc.sampler import Sampler
+
+    g = torch.Generator().manual_seed(7)
+    logits = 3 * torch.randn(300, 2000, generator=g)
+    params = [SamplingParams(temperature=0.8, seed=s) for s in range(300)]
+    with_kernel = _kernel_sampler(kernel).sample(logits, params, [9] * 300)
+    torch_path = Sampler(seed=0).sample(logits, params, [9] * 300)
+    assert sum(a == b for a, b in zip(with_kernel, torch_path)) >= 297
+    # each seeded row alone draws what it drew in the batch
+    alone = [_kernel_sampler(kernel, seed=1).sample(logits[i : i + 1], params[i : i + 1], [9])[0] for i in range(20)]
+    assert alone == with_kernel[:20]
