@@ -2,7 +2,8 @@
 "C++ kernels").
 
 * ``paged_decode.cpp``: every decode's attention over its KV blocks, read where they lie;
-* ``elementwise.cpp``: RMSNorm, SiLU(gate) * up and the KV cache write, one pass each;
+* ``elementwise.cpp``: RMSNorm (alone and after the residual add), rotary embedding, SiLU(gate) * up
+  and the KV cache write, one pass each;
 * ``sampling.cpp``: temperature sampling (no top-k/top-p) by inverse CDF, two passes per row.
 
 The sources ship with the package; :func:`load` compiles them once with the system's C++
@@ -107,6 +108,8 @@ class CpuKernels:
             "paged_decode": [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i32, i32, i32, i32, f32, ptr, i32],
             "rms_norm": [ptr, i64, ptr, i64, i64, f32, ptr, i32],
             "silu_and_mul": [ptr, i64, i64, i64, ptr, i32],
+            "add_rms_norm": [ptr, ptr, i64, ptr, i64, i64, f32, ptr, i32],
+            "rope": [ptr, i64, i64, i64, i32, i32, ptr, ptr],
             "kv_write": [ptr, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i32, i32],
             "sample_rows": [ptr, i64, i64, i64, ptr, ptr, ptr, i32],
         }
@@ -162,6 +165,28 @@ class CpuKernels:
         self._fn("rms_norm", x.dtype, ok)(rows.data_ptr(), rows.stride(0), weight.data_ptr(), rows.shape[0], hidden,
                                           eps, out.data_ptr(), torch.get_num_threads())
         return out
+
+    def add_rms_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``x += y`` in place (the residual stream, rounded as torch's add), then RMSNorm of the sum (returned).
+
+        ``x`` contiguous ``[T, hidden]``; ``y`` ``[T, hidden]`` with a unit stride over hidden."""
+        rows, hidden = x.shape
+        out = torch.empty_like(x)
+        ok = (x.device.type == "cpu" and x.is_contiguous() and y.shape == x.shape and y.dtype == x.dtype
+              and y.stride(1) == 1 and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape == (hidden,))
+        self._fn("add_rms_norm", x.dtype, ok)(x.data_ptr(), y.data_ptr(), y.stride(0), weight.data_ptr(), rows,
+                                              hidden, eps, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotary embedding of ``x`` ``[T, heads, D]`` (unit stride over D) in place, as transformers'
+        ``apply_rotary_pos_emb`` computes and rounds it; ``cos``/``sin`` contiguous ``[T, D]``."""
+        tokens, heads, dim = x.shape
+        ok = (x.device.type == "cpu" and x.stride(2) == 1 and dim % 2 == 0 and dim <= MAX_HEAD_DIM
+              and cos.shape == (tokens, dim) and sin.shape == cos.shape and cos.dtype == x.dtype
+              and sin.dtype == x.dtype and cos.is_contiguous() and sin.is_contiguous())
+        self._fn("rope", x.dtype, ok)(x.data_ptr(), x.stride(0), x.stride(1), tokens, heads, dim, cos.data_ptr(),
+                                      sin.data_ptr())
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` for ``gate_up = [gate | up]`` over the last dim (as transformers rounds it)."""

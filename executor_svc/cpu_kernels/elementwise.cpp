@@ -8,6 +8,8 @@
 
 namespace {
 
+constexpr int kMaxHeadDim = 512;  // MAX_HEAD_DIM in __init__.py
+
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {
     uint32_t u = static_cast<uint32_t>(x) << 16;
@@ -68,6 +70,53 @@ void rms_norm(const T* x, int64_t x_stride, const T* w, int64_t rows, int64_t hi
     }
 }
 
+// residual add then RMSNorm: x += y (rounded as torch's add), out = rms_norm(x); x contiguous rows
+template <typename T>
+void add_rms_norm(T* x, const T* y, int64_t y_stride, const T* w, int64_t rows, int64_t hidden, float eps, T* out,
+                  int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && rows > 1) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        T* xr = x + r * hidden;
+        const T* yr = y + r * y_stride;
+        T* o = out + r * hidden;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < hidden; ++i) {
+            const float v = round_as(to_float(xr[i]) + to_float(yr[i]), o);
+            store(xr + i, v);
+            ss += v * v;
+        }
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i)
+            store(o + i, to_float(w[i]) * round_as(to_float(xr[i]) * inv, o));
+    }
+}
+
+// rotary embedding in place, as transformers' apply_rotary_pos_emb rounds it:
+// x = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; row (t, h) at x + t * stride_t + h * stride_h,
+// cos / sin contiguous [tokens, head_dim]
+template <typename T>
+void rope(T* x, int64_t stride_t, int64_t stride_h, int64_t tokens, int heads, int head_dim, const T* cos,
+          const T* sin) {
+    const int half = head_dim / 2;
+    float a[kMaxHeadDim];
+    for (int64_t t = 0; t < tokens; ++t) {
+        const T* c = cos + t * head_dim;
+        const T* s = sin + t * head_dim;
+        for (int h = 0; h < heads; ++h) {
+            T* row = x + t * stride_t + h * stride_h;
+            for (int d = 0; d < head_dim; ++d) a[d] = to_float(row[d]);
+#pragma omp simd
+            for (int d = 0; d < half; ++d)
+                store(row + d, round_as(a[d] * to_float(c[d]), row) + round_as(-a[d + half] * to_float(s[d]), row));
+#pragma omp simd
+            for (int d = half; d < head_dim; ++d)
+                store(row + d, round_as(a[d] * to_float(c[d]), row) + round_as(a[d - half] * to_float(s[d]), row));
+        }
+    }
+}
+
 // act(gate) * up for rows of [gate | up] (the fused gate/up product), act = SiLU
 template <typename T>
 void silu_and_mul(const T* gu, int64_t gu_stride, int64_t rows, int64_t inter, T* out, int num_threads) {
@@ -115,6 +164,22 @@ void slai_rms_norm_f32(const float* x, int64_t x_stride, const float* w, int64_t
 void slai_rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t rows, int64_t hidden,
                         float eps, uint16_t* out, int num_threads) {
     rms_norm<uint16_t>(x, x_stride, w, rows, hidden, eps, out, num_threads);
+}
+void slai_add_rms_norm_f32(float* x, const float* y, int64_t y_stride, const float* w, int64_t rows, int64_t hidden,
+                           float eps, float* out, int num_threads) {
+    add_rms_norm<float>(x, y, y_stride, w, rows, hidden, eps, out, num_threads);
+}
+void slai_add_rms_norm_bf16(uint16_t* x, const uint16_t* y, int64_t y_stride, const uint16_t* w, int64_t rows,
+                            int64_t hidden, float eps, uint16_t* out, int num_threads) {
+    add_rms_norm<uint16_t>(x, y, y_stride, w, rows, hidden, eps, out, num_threads);
+}
+void slai_rope_f32(float* x, int64_t stride_t, int64_t stride_h, int64_t tokens, int heads, int head_dim,
+                   const float* cos, const float* sin) {
+    rope<float>(x, stride_t, stride_h, tokens, heads, head_dim, cos, sin);
+}
+void slai_rope_bf16(uint16_t* x, int64_t stride_t, int64_t stride_h, int64_t tokens, int heads, int head_dim,
+                    const uint16_t* cos, const uint16_t* sin) {
+    rope<uint16_t>(x, stride_t, stride_h, tokens, heads, head_dim, cos, sin);
 }
 void slai_silu_and_mul_f32(const float* gu, int64_t gu_stride, int64_t rows, int64_t inter, float* out,
                            int num_threads) {

@@ -128,6 +128,30 @@ def test_silu_and_mul_matches_torch(kernel, dtype):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_and_rope_match_transformers(kernel, dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(8)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0, "rtol": 2 ** -7}
+    norm = LlamaRMSNorm(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+    x = torch.randn(9, 64, generator=g).to(dtype)
+    y = torch.randn(9, 3 * 64, generator=g).to(dtype)[:, 64:128]  # a column slice, as o_proj's rows can be
+    want_sum = x + y
+    got = kernel.add_rms_norm(x, y, norm.weight, norm.variance_epsilon)
+    torch.testing.assert_close(x, want_sum, atol=0, rtol=0)  # the residual stream, updated in place
+    torch.testing.assert_close(got, norm(want_sum), **tol)
+    # rotary embedding in place on q of a fused [T, (H + 2 KV) * D] product
+    qkv = torch.randn(9, (4 + 2 * 2) * 16, generator=g).to(dtype)
+    q = qkv[:, : 4 * 16].view(9, 4, 16)
+    cos, sin = torch.randn(9, 16, generator=g).to(dtype), torch.randn(9, 16, generator=g).to(dtype)
+    want_q, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos[None], sin[None])
+    kernel.rope(q, cos, sin)
+    torch.testing.assert_close(q.transpose(0, 1), want_q[0], **tol)
+
+
 def test_kv_write_places_every_token_at_its_slot(kernel):
     g = torch.Generator().manual_seed(5)
     k_cache, v_cache = torch.zeros(3, 64, 8, dtype=torch.bfloat16), torch.zeros(3, 64, 8, dtype=torch.bfloat16)
@@ -265,3 +289,42 @@ def test_kernel_sampling_picks_what_the_torch_path_picks(kernel):
     # each seeded row alone draws what it drew in the batch
     alone = [_kernel_sampler(kernel, seed=1).sample(logits[i : i + 1], params[i : i + 1], [9])[0] for i in range(20)]
     assert alone == with_kernel[:20]
+
+
+def _bf16_runner_or_skip(kernel, seed=2):
+    from executor_svc import models
+    from executor_svc.packed_linears import packing_supported
+    from executor_svc.runner import ModelRunner
+
+    if not packing_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("oneDNN's bf16 kernels need AVX-512 on this CPU")
+    return ModelRunner(models.load_model("tiny-llama", dtype="bfloat16", seed=seed), num_blocks=32)
+
+
+def _logits_of_steps(runner, prompts, steps):
+    seen = []
+    real = runner.sampler.sample
+    runner.sampler.sample = lambda logits, *a: seen.append(logits.clone()) or real(logits, *a)
+    _greedy_steps(runner, prompts, steps)
+    return seen
+
+
+def test_fast_decoder_layers_compute_what_transformers_layers_do(kernel):
+    """The layers' step forward (norms, rotary embedding, residual adds as kernels) against the same runner
+    with transformers' layer forward: the same logits up to bf16 rounding, step after step."""
+    prompts = {f"r{n}": random_prompt(n, n) for n in (7, 30)}
+    fast = _bf16_runner_or_skip(kernel)
+    assert all(hasattr(layer, "_slai_fast") for layer in fast.model.model.layers)
+    plain = _bf16_runner_or_skip(kernel)
+    for layer in plain.model.model.layers:
+        del layer.forward  # back to the class's forward
+    for a, b in zip(_logits_of_steps(fast, prompts, 5), _logits_of_steps(plain, prompts, 5), strict=True):
+        torch.testing.assert_close(a, b, atol=0.02, rtol=0.02)
+
+
+def test_layers_whose_rotary_embedding_differs_keep_their_forward(kernel, monkeypatch):
+    import transformers.models.llama.modeling_llama as llama
+
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", lambda q, k, cos, sin: (q * cos, k * cos))
+    runner = _bf16_runner_or_skip(kernel)
+    assert not any(hasattr(layer, "_slai_fast") for layer in runner.model.model.layers)
