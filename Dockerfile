@@ -2,7 +2,7 @@
 #   gateway       tokenizer + FastAPI/uvicorn, no torch
 #   scheduler     grpc + the pure scheduling core, no torch
 #   executor-cpu  + torch (CPU wheel, forced by constraints-cpu.txt) + transformers (+ gguf for the
-#                 one-time SmolLM2 conversion)
+#                 one-time SmolLM2 conversion) + g++ for the executor's C++ kernels
 #   executor-gpu  + torch with CUDA from the base image
 # Every target's entrypoint is the `slai-serve` command; compose passes the subcommand and flags.
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -32,6 +32,8 @@ RUN pip install ".[gateway]"
 EXPOSE 50051 8000
 
 FROM base AS executor-cpu
+# g++: the executor compiles its C++ kernels for the CPU it starts on (~1 s; docs/executor.md, "C++ kernels")
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN pip install -c constraints-cpu.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[executor,tools]"
 EXPOSE 50071 9102
 
