@@ -36,6 +36,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("paged_decode.cpp", "elementwise.cpp", "sampling.cpp"))
+HEADERS = (Path(__file__).with_name("cpu_math.h"),)  # part of the build's cache key
 CACHE_ENV = "SLAI_KERNEL_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -71,8 +72,8 @@ def _cpu_flags() -> str:
 
 def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), cxx, version, *FLAGS, platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    parts = [*(s.read_text() for s in SOURCES + HEADERS), cxx, version, *FLAGS, platform.machine(), _cpu_flags()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / f"slai-kernels-{key}.so"
     if target.exists():
         return target

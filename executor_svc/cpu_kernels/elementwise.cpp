@@ -1,52 +1,38 @@
-// Fused elementwise kernels for the CPU executor: RMSNorm, SiLU(gate) * up, and the KV cache
-// write. Each replaces several torch ops (one pass over memory each) by one pass; see
-// docs/executor.md, "C++ kernels". The bf16 variants round where transformers' modules round,
-// so that their outputs match the unfused modules up to the order of one fp32 sum.
+// Fused elementwise kernels for the CPU executor: RMSNorm (alone and after the residual add), the
+// rotary embedding, SiLU(gate) * up, and the KV cache write. Each replaces several torch ops (one
+// pass over memory each) by one pass; see docs/executor.md, "C++ kernels (CPU)". The bf16 variants
+// round where transformers' modules round, so their outputs match up to the order of one fp32 sum.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_math.h"
+
 namespace {
 
-constexpr int kMaxHeadDim = 512;  // MAX_HEAD_DIM in __init__.py
+using slai::kMaxHeadDim;
+using slai::round_as;
+using slai::store;
+using slai::to_float;
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-    uint32_t u = static_cast<uint32_t>(x) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-inline uint16_t to_bf16(float x) {  // round to nearest even, as torch
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
-inline float round_as(float x, float*) { return x; }
-inline float round_as(float x, uint16_t*) { return to_float(to_bf16(x)); }
-inline void store(float* dst, float x) { *dst = x; }
-inline void store(uint16_t* dst, float x) { *dst = to_bf16(x); }
-
-// exp(x) in a form the compiler vectorises (see paged_decode.cpp); x clamped to [-87, 88]
-inline float exp_approx(float x) {
+inline float exp_approx(float x) {  // exp(x), x clamped to [-87, 88]
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
-    const float y = x * 1.44269504088896341f;
-    const float n = (y + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23); std::floor blocks vectorising
-    const float f = y - n;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return slai::exp_clamped(x);
+}
+
+// one row of transformers' RMSNorm: o = w * to_dtype(x * rsqrt(mean(x^2) + eps)), in fp32
+template <typename T>
+inline void norm_row(const T* xr, const T* w, int64_t hidden, float eps, T* o) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < hidden; ++i) {
+        const float v = to_float(xr[i]);
+        ss += v * v;
+    }
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < hidden; ++i) store(o + i, to_float(w[i]) * round_as(to_float(xr[i]) * inv, o));
 }
 
 // transformers' RMSNorm: w * to_dtype(x * rsqrt(mean(x^2) + eps)), in fp32
@@ -54,20 +40,7 @@ template <typename T>
 void rms_norm(const T* x, int64_t x_stride, const T* w, int64_t rows, int64_t hidden, float eps, T* out,
               int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && rows > 1) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const T* xr = x + r * x_stride;
-        T* o = out + r * hidden;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < hidden; ++i) {
-            const float v = to_float(xr[i]);
-            ss += v * v;
-        }
-        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < hidden; ++i)
-            store(o + i, to_float(w[i]) * round_as(to_float(xr[i]) * inv, o));
-    }
+    for (int64_t r = 0; r < rows; ++r) norm_row(x + r * x_stride, w, hidden, eps, out + r * hidden);
 }
 
 // residual add then RMSNorm: x += y (rounded as torch's add), out = rms_norm(x); x contiguous rows
@@ -78,18 +51,9 @@ void add_rms_norm(T* x, const T* y, int64_t y_stride, const T* w, int64_t rows, 
     for (int64_t r = 0; r < rows; ++r) {
         T* xr = x + r * hidden;
         const T* yr = y + r * y_stride;
-        T* o = out + r * hidden;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < hidden; ++i) {
-            const float v = round_as(to_float(xr[i]) + to_float(yr[i]), o);
-            store(xr + i, v);
-            ss += v * v;
-        }
-        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + eps);
 #pragma omp simd
-        for (int64_t i = 0; i < hidden; ++i)
-            store(o + i, to_float(w[i]) * round_as(to_float(xr[i]) * inv, o));
+        for (int64_t i = 0; i < hidden; ++i) store(xr + i, to_float(xr[i]) + to_float(yr[i]));
+        norm_row(xr, w, hidden, eps, out + r * hidden);
     }
 }
 

@@ -1,7 +1,7 @@
 // Paged decode attention for the CPU: every decode's query against its own KV, read where the
 // blocks lie in the cache (no gather into a workspace). Built at run time by
 // executor_svc/cpu_kernels/__init__.py with the machine's compiler; see docs/executor.md,
-// "Paged decode attention in C++".
+// "C++ kernels (CPU)".
 //
 // One work item is (decode b, KV head g): it loads the n_rep query heads that share KV head g
 // (grouped-query attention), so each key and value row is read once for all of them.
@@ -14,59 +14,25 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace {
 
-constexpr int kMaxHeadDim = 512;  // largest head size the kernel takes (the Python side checks)
+using slai::kMaxHeadDim;
+using slai::store;
+using slai::to_float;
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {  // bfloat16 bits -> float
-    uint32_t u = static_cast<uint32_t>(x) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-inline void store(float* dst, float x) { *dst = x; }
-inline void store(uint16_t* dst, float x) {  // float -> bfloat16, round to nearest even (as torch)
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
-        *dst = static_cast<uint16_t>((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    *dst = static_cast<uint16_t>(u >> 16);
-}
-
-// exp(x) for x <= 0 (scores minus their maximum) in a form the compiler vectorises, unlike
-// std::exp: 2^(x log2 e) split into an integer power (built in the exponent bits) and 2^f for
-// f in [-0.5, 0.5] by a degree-6 polynomial; relative error about 2e-7. Below -87 the result is
-// clamped to exp(-87) ~ 1.6e-38, nothing next to the maximum's 1.
-inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float y = x * 1.44269504088896341f;
-    const float n = (y + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23); std::floor blocks vectorising
-    const float f = y - n;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+// exp(x) for x <= 0 (scores minus their maximum); below -87 clamped to exp(-87) ~ 1.6e-38, nothing
+// next to the maximum's 1
+inline float exp_nonpositive(float x) { return slai::exp_clamped(x < -87.0f ? -87.0f : x); }
 
 template <typename T, int kD>
-void decode_item(const T* q, int64_t q_stride_b, int64_t q_stride_h, const T* k_head, const T* v_head,
+void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_head,
                  const int32_t* table, int32_t length, int block_size, int head_dim, int n_rep, float scale,
                  T* out_b, int g, std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc,
-                 std::vector<float>& kt) {
+                 std::vector<float>& row_buf) {
     const int D = kD > 0 ? kD : head_dim;  // a compile-time D lets the compiler unroll the row loops
-    float* row = kt.data();
+    float* row = row_buf.data();  // one key or value row in fp32
     qf.resize(static_cast<size_t>(n_rep) * D);
     scores.resize(static_cast<size_t>(n_rep) * length);
     acc.assign(static_cast<size_t>(n_rep) * D, 0.0f);
@@ -74,7 +40,6 @@ void decode_item(const T* q, int64_t q_stride_b, int64_t q_stride_h, const T* k_
         const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
         for (int d = 0; d < D; ++d) qf[r * D + d] = to_float(qh[d]) * scale;
     }
-    (void)q_stride_b;
     // pass 1: scores, block by block (a block's keys are contiguous rows of D); each key row is
     // converted to fp32 once for all n_rep heads
     for (int32_t t0 = 0; t0 < length; t0 += block_size) {
@@ -141,15 +106,15 @@ void paged_decode(const T* q, int64_t q_stride_b, int64_t q_stride_h, const T* k
     const int64_t out_stride_b = static_cast<int64_t>(num_kv_heads) * n_rep * head_dim;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && items > 1)
     {
-        std::vector<float> qf, scores, acc, kt(kMaxHeadDim);
+        std::vector<float> qf, scores, acc, row_buf(kMaxHeadDim);
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; ++it) {
             const int64_t b = it / num_kv_heads;
             const int g = static_cast<int>(it % num_kv_heads);
             auto item = head_dim == 64 ? decode_item<T, 64> : head_dim == 128 ? decode_item<T, 128> : decode_item<T, 0>;
-            item(q + b * q_stride_b, q_stride_b, q_stride_h, k_cache + g * head_stride,
+            item(q + b * q_stride_b, q_stride_h, k_cache + g * head_stride,
                            v_cache + g * head_stride, tables + b * table_stride, lengths[b], block_size,
-                           head_dim, n_rep, scale, out + b * out_stride_b, g, qf, scores, acc, kt);
+                           head_dim, n_rep, scale, out + b * out_stride_b, g, qf, scores, acc, row_buf);
         }
     }
 }

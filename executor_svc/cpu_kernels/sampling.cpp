@@ -13,27 +13,15 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace {
 
 constexpr int kChunk = 64;
 
-inline float weight(float x) {  // exp(x) for x <= 0, vectorisable (see paged_decode.cpp); 0 below -87
-    const bool zero = !(x >= -87.0f);  // also NaN
-    x = zero ? -87.0f : x;
-    const float y = x * 1.44269504088896341f;
-    const float n = (y + 12582912.0f) - 12582912.0f;
-    const float f = y - n;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return zero ? 0.0f : p * scale;
+inline float weight(float x) {  // exp(x) for x <= 0; exactly 0 below -87 (and for NaN)
+    const bool zero = !(x >= -87.0f);
+    return zero ? 0.0f : slai::exp_clamped(x);
 }
 
 inline float chunk_weights(const float* l, int n, float mx, float inv_t, float* w) {
