@@ -234,8 +234,12 @@ class ModelRunner:
         decodes = [c for c in chunks if c.is_decode]
         prefills = [c for c in chunks if not c.is_decode]
         groups: list[tuple[int, int]] = []  # (members, shared prefix blocks) in packed order
-        # NOTE: the C++ kernel reads shared prefix blocks in place, so it needs no cascade
-        if len(decodes) > 1 and self.cascade_attention and self.backend == "sdpa" and self.kernels is None:
+        if self.kernels is not None:
+            # NOTE: the C++ kernel reads shared prefix blocks in place, so it needs no cascade; decodes
+            # that share leading blocks go next to each other, so that its threads read those blocks
+            # from cache rather than memory (docs/executor.md, 'C++ kernels (CPU)')
+            decodes.sort(key=lambda c: c.state.block_ids[0] if c.state.block_ids else -1)
+        elif len(decodes) > 1 and self.cascade_attention and self.backend == "sdpa":
             decodes, groups = self._prefix_groups(decodes)
         ids: list[int] = []
         pos: list[int] = []
