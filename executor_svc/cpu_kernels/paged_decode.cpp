@@ -12,7 +12,15 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define SLAI_DPBF16 1  // the CPU's bf16 dot-product instruction (AVX-512 BF16): bf16 scores without converting K
+#else
+#define SLAI_DPBF16 0
+#endif
 
 #include "cpu_math.h"
 
@@ -42,7 +50,37 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
     }
     // pass 1: scores, block by block (a block's keys are contiguous rows of D); each key row is
     // converted to fp32 once for all n_rep heads
-    for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+    bool scored = false;
+#if SLAI_DPBF16
+    if constexpr (std::is_same_v<T, uint16_t> && kD == 64) {
+        // bf16 pairs of q and k multiplied and summed into fp32 lanes by one instruction per 32 dims
+        // (exact products, fp32 sums), the scale applied to each score
+        __m512bh qv[2 * 16];
+        const int reps = n_rep <= 16 ? n_rep : 16;
+        for (int r = 0; r < reps; ++r) {
+            const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
+            qv[2 * r] = (__m512bh)_mm512_loadu_si512(qh);
+            qv[2 * r + 1] = (__m512bh)_mm512_loadu_si512(qh + 32);
+        }
+        if (reps == n_rep) {
+            for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+                const int n = (length - t0 < block_size) ? (length - t0) : block_size;
+                const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
+                for (int i = 0; i < n; ++i) {
+                    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + static_cast<int64_t>(i) * D);
+                    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kb + static_cast<int64_t>(i) * D + 32);
+                    for (int r = 0; r < n_rep; ++r) {
+                        const __m512 acc = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[2 * r], k0),
+                                                            qv[2 * r + 1], k1);
+                        scores[static_cast<size_t>(r) * length + t0 + i] = _mm512_reduce_add_ps(acc) * scale;
+                    }
+                }
+            }
+            scored = true;
+        }
+    }
+#endif
+    for (int32_t t0 = 0; !scored && t0 < length; t0 += block_size) {
         const int n = (length - t0 < block_size) ? (length - t0) : block_size;
         const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
         for (int i = 0; i < n; ++i) {
