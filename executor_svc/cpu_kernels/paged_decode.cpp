@@ -112,7 +112,62 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
         denom[r] = sum;
     }
     // pass 2: probability-weighted values
-    for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+    bool summed = false;
+#if SLAI_DPBF16
+    if constexpr (std::is_same_v<T, uint16_t> && kD == 64) {
+        if (n_rep <= 16) {
+            // keys in pairs: the two V rows interleaved element by element (within each 128-bit lane), so
+            // that one vdpbf16ps adds p_t v_t[d] + p_t+1 v_t+1[d] into d's fp32 lane, with the probabilities
+            // rounded to bf16 (as torch's bf16 path rounds them). The lanes hold d in a fixed permuted order
+            // (unpacklo: d = 8 (j / 4) + j % 4; unpackhi: 4 more), undone once at the end. An odd last key
+            // of a block is added alone in fp32.
+            __m512 va[16][4];
+            for (int r = 0; r < n_rep; ++r)
+                for (int j = 0; j < 4; ++j) va[r][j] = _mm512_setzero_ps();
+            for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+                const int n = (length - t0 < block_size) ? (length - t0) : block_size;
+                const T* vb = v_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
+                int i = 0;
+                for (; i + 1 < n; i += 2) {
+                    const T* v0 = vb + static_cast<int64_t>(i) * D;
+                    const __m512i a0 = _mm512_loadu_si512(v0), a1 = _mm512_loadu_si512(v0 + 32);
+                    const __m512i b0 = _mm512_loadu_si512(v0 + D), b1 = _mm512_loadu_si512(v0 + D + 32);
+                    const __m512bh w[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0), (__m512bh)_mm512_unpackhi_epi16(a0, b0),
+                                           (__m512bh)_mm512_unpacklo_epi16(a1, b1), (__m512bh)_mm512_unpackhi_epi16(a1, b1)};
+                    for (int r = 0; r < n_rep; ++r) {
+                        const float* pr = &scores[static_cast<size_t>(r) * length + t0 + i];
+                        const uint32_t pair = static_cast<uint32_t>(slai::to_bf16(pr[0])) |
+                                              (static_cast<uint32_t>(slai::to_bf16(pr[1])) << 16);
+                        const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+                        for (int j = 0; j < 4; ++j) va[r][j] = _mm512_dpbf16_ps(va[r][j], pp, w[j]);
+                    }
+                }
+                if (i < n) {
+                    const T* vr = vb + static_cast<int64_t>(i) * D;
+                    for (int d = 0; d < D; ++d) row[d] = to_float(vr[d]);
+                    for (int r = 0; r < n_rep; ++r) {
+                        const float p = scores[static_cast<size_t>(r) * length + t0 + i];
+                        for (int d = 0; d < D; ++d) acc[r * D + d] += p * row[d];
+                    }
+                }
+            }
+            for (int r = 0; r < n_rep; ++r) {
+                float lanes[64];
+                for (int j = 0; j < 4; ++j) _mm512_storeu_ps(lanes + 16 * j, va[r][j]);
+                float* ar = &acc[r * D];
+                for (int j = 0; j < 16; ++j) {
+                    const int d = 8 * (j / 4) + j % 4;
+                    ar[d] += lanes[j];
+                    ar[d + 4] += lanes[16 + j];
+                    ar[d + 32] += lanes[32 + j];
+                    ar[d + 36] += lanes[48 + j];
+                }
+            }
+            summed = true;
+        }
+    }
+#endif
+    for (int32_t t0 = 0; !summed && t0 < length; t0 += block_size) {
         const int n = (length - t0 < block_size) ? (length - t0) : block_size;
         const T* vb = v_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
         for (int i = 0; i < n; ++i) {
