@@ -48,8 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-packed-linears", action="store_true",
                    help="bf16: torch's linear layers instead of prepacked, fused ones (ModelRunner(packed_linears=False))")
     p.add_argument("--no-cpu-kernels", action="store_true",
-                   help="decodes attend through torch's ops instead of the C++ paged decode kernel "
-                        "(ModelRunner(cpu_kernels=False))")
+                   help="torch's ops instead of the C++ kernels (ModelRunner(cpu_kernels=False))")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batches", default="1,8,32,64", help="throughput batch sizes ('' to skip)")

@@ -67,8 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 on CPU: keep torch's linear layers instead of weights prepacked for oneDNN with "
                         "q/k/v and gate/up fused (docs/executor.md, 'Prepacked linears')")
     p.add_argument("--no-cpu-kernels", action="store_true",
-                   help="CPU: decodes attend through torch's ops instead of the C++ paged decode kernel that is "
-                        "compiled on first start (docs/executor.md, 'Paged decode attention in C++')")
+                   help="CPU: torch's ops instead of the C++ kernels (decode attention, KV write, sampling; "
+                        "in bf16 also norms, rotary embedding, SiLU * up) that are compiled on first start "
+                        "(docs/executor.md, 'C++ kernels (CPU)')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-tokens", type=int, default=512, help="size of the start-up warm-up step")
     p.add_argument("--fake", action="store_true", help="FakeRunner: deterministic tokens, no torch")

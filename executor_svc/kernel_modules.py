@@ -106,7 +106,9 @@ def _rope_matches(modeling, kernels: CpuKernels, dtype: torch.dtype) -> bool:
                for got, want in ((got_q, want_q), (got_k, want_k)))
 
 
-def _fast_layer(layer: nn.Module, kernels: CpuKernels) -> _FastLayer | None:
+def _fast_layer(layer: nn.Module, kernels: CpuKernels, rope_ok: dict) -> _FastLayer | None:
+    """The layer's :class:`_FastLayer` where it has the plain Llama shape, else None; ``rope_ok`` caches
+    :func:`_rope_matches` per modeling module (every layer of a model shares it)."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     n1, n2 = getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)
     if not (isinstance(n1, KernelRMSNorm) and isinstance(n2, KernelRMSNorm) and isinstance(mlp, FusedGateUpMLP)
@@ -119,8 +121,12 @@ def _fast_layer(layer: nn.Module, kernels: CpuKernels) -> _FastLayer | None:
     layer_src = _source(type(layer).forward)
     if (hasattr(attn, "q_norm") or hasattr(attn, "k_norm") or layer_src.count("hidden_states = residual + hidden_states") != 2
             or not all(line in layer_src for line in _LAYER_LINES)
-            or not all(line in _source(type(attn).forward) for line in _ATTENTION_LINES)
-            or not _rope_matches(sys.modules.get(type(attn).__module__), kernels, n1.weight.dtype)):
+            or not all(line in _source(type(attn).forward) for line in _ATTENTION_LINES)):
+        return None
+    modeling = sys.modules.get(type(attn).__module__)
+    if modeling not in rope_ok:
+        rope_ok[modeling] = _rope_matches(modeling, kernels, n1.weight.dtype)
+    if not rope_ok[modeling]:
         return None
     d = attn.head_dim
     return _FastLayer(kernels=kernels, norm1=n1, norm2=n2, qkv=q.shared.linear, q_end=q.end, k_end=k.end,
@@ -164,8 +170,9 @@ def use_kernels(model: nn.Module, kernels: CpuKernels) -> int:
             elif isinstance(child, FusedGateUpMLP) and type(child.act_fn).__name__ in _SILU:
                 child.silu_and_mul = kernels.silu_and_mul
                 count += 1
+    rope_ok: dict = {}
     for layer in getattr(getattr(model, "model", None), "layers", None) or []:
-        fast = _fast_layer(layer, kernels)
+        fast = _fast_layer(layer, kernels, rope_ok)
         if fast is not None:
             layer._slai_fast = fast
             layer.forward = types.MethodType(_fast_forward, layer)

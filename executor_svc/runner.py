@@ -68,10 +68,12 @@ class ModelRunner:
             (``packed_linears.pack_linears``); None: wherever it applies (CPU, bf16);
             True where it does not raises ValueError. Mutates a passed ``LoadedModel``.
         cpu_kernels: use the C++ kernels (``executor_svc.cpu_kernels``): decode attention
-            that reads KV blocks where they lie and the KV write (fp32 and bf16), RMSNorm and
-            SiLU * up (bf16; fp32 keeps transformers' ops, which the generate-equality tests
-            pin). None: wherever they apply (CPU, fp32/bf16, "sdpa" backend) and build (a C++
-            compiler is present), else torch's ops; True where they cannot raises ValueError.
+            that reads KV blocks where they lie, the KV write and temperature sampling (fp32
+            and bf16); RMSNorm, rotary embedding, SiLU * up and the layers' step forward
+            (bf16, ``kernel_modules.use_kernels``; fp32 keeps transformers' ops, which the
+            generate-equality tests pin). None: wherever they apply (CPU, fp32/bf16, "sdpa"
+            backend) and build (a C++ compiler is present), else torch's ops; True where they
+            cannot raises ValueError. Mutates a passed ``LoadedModel`` in bf16.
     """
 
     def __init__(
@@ -130,7 +132,6 @@ class ModelRunner:
             limit = min(limit, config.sliding_window)
         self.max_model_len = min(limit, max_model_len) if max_model_len else limit
         self.requests = RequestCache(block_size=block_size, num_blocks=n, max_model_len=self.max_model_len)
-        self.sampler = Sampler(self.device, seed=seed)
         self._arange_block = torch.arange(block_size, device=self.device)
         self._gather_k: torch.Tensor | None = None
         self._gather_v: torch.Tensor | None = None
@@ -139,7 +140,7 @@ class ModelRunner:
         self.kernels = self._kernels(cpu_kernels)
         if self.kernels is not None and self.dtype == torch.bfloat16:
             kernel_modules.use_kernels(self.model, self.kernels)
-        self.sampler.kernels = self.kernels
+        self.sampler = Sampler(self.device, seed=seed, kernels=self.kernels)
 
     def _kernels(self, wanted: bool | None) -> cpu_kernels.CpuKernels | None:
         if wanted is False:
@@ -331,8 +332,8 @@ class ModelRunner:
             # (RequestCache.check), so the kernel never reads past a table
             lengths = [c.start + 1 for c in decodes]
             max_nb = -(-max(lengths) // bs)
-            table = [c.state.block_ids[:max_nb] + [0] * (max_nb - len(c.state.block_ids[:max_nb])) for c in decodes]
-            step.decode_tables = torch.tensor(table, dtype=torch.int32)
+            tables = [c.state.block_ids[:max_nb] for c in decodes]
+            step.decode_tables = torch.tensor([t + [0] * (max_nb - len(t)) for t in tables], dtype=torch.int32)
             step.decode_lengths = torch.tensor(lengths, dtype=torch.int32)
             return
         skip = [0] * len(decodes)  # leading blocks a decode reads through its group's prefix instead

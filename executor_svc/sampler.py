@@ -80,29 +80,24 @@ class Sampler:
         filtered = [i for i, p in enumerate(params) if ks[i] < vocab or p.top_p < 1.0]
         plain = sorted(set(range(n)) - set(filtered))
         out = [0] * n
-        if plain and self.kernels is not None:
-            sub = [params[i] for i in plain]
-            rows = logits if len(plain) == n else logits[plain]
-            picks = self.kernels.sample_rows(rows.float(), (1.0 / temps[plain]).contiguous(),
-                                             self._uniforms(sub, [positions[i] for i in plain]))
-            for i, t in zip(plain, picks.tolist()):
-                out[i] = t
-            if not filtered:
-                return out
-            plain = []
-        scaled = logits.float() / temps[:, None]
         for idx, with_filters in ((plain, False), (filtered, True)):
             if not idx:
                 continue
-            rows = scaled if len(idx) == n else scaled[idx]
+            whole = len(idx) == n
+            rows, row_temps = (logits, temps) if whole else (logits[idx], temps[idx])
             sub = [params[i] for i in idx]
-            if with_filters:  # weights over each row's sorted candidates, and their token ids
-                weights, order = self._filtered_weights(rows, sub, [ks[i] for i in idx])
+            pos = [positions[i] for i in idx]
+            if not with_filters and self.kernels is not None:  # the C++ inverse CDF over the unscaled logits
+                picks = self.kernels.sample_rows(rows.float(), 1.0 / row_temps, self._uniforms(sub, pos))
             else:
-                weights, order = torch.softmax(rows, dim=-1), None
-            picks = self._draw(weights, sub, [positions[i] for i in idx])
-            if order is not None:
-                picks = order.gather(1, picks[:, None])[:, 0]
+                scaled = rows.float() / row_temps[:, None]
+                if with_filters:  # weights over each row's sorted candidates, and their token ids
+                    weights, order = self._filtered_weights(scaled, sub, [ks[i] for i in idx])
+                else:
+                    weights, order = torch.softmax(scaled, dim=-1), None
+                picks = self._draw(weights, sub, pos)
+                if order is not None:
+                    picks = order.gather(1, picks[:, None])[:, 0]
             for i, t in zip(idx, picks.tolist()):
                 out[i] = t
         return out

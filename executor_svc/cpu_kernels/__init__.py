@@ -1,5 +1,5 @@
 """C++ kernels for the CPU executor, compiled on the machine that runs them (docs/executor.md,
-"C++ kernels").
+"C++ kernels (CPU)").
 
 * ``paged_decode.cpp``: every decode's attention over its KV blocks, read where they lie;
 * ``elementwise.cpp``: RMSNorm (alone and after the residual add), rotary embedding, SiLU(gate) * up
@@ -40,7 +40,7 @@ HEADERS = (Path(__file__).with_name("cpu_math.h"),)  # part of the build's cache
 CACHE_ENV = "SLAI_KERNEL_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-MAX_HEAD_DIM = 512  # kMaxHeadDim in paged_decode.cpp
+MAX_HEAD_DIM = 512  # kMaxHeadDim in cpu_math.h
 
 _lock = threading.Lock()
 _loaded: CpuKernels | None = None
@@ -55,8 +55,9 @@ def cache_dir() -> Path:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 

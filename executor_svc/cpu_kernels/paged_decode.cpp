@@ -34,20 +34,26 @@ using slai::to_float;
 // next to the maximum's 1
 inline float exp_nonpositive(float x) { return slai::exp_clamped(x < -87.0f ? -87.0f : x); }
 
+// one thread's buffers, reused from item to item (no allocation per decode and KV head)
+struct Scratch {
+    std::vector<float> qf;      // [n_rep][D] scaled fp32 queries
+    std::vector<float> scores;  // [n_rep][length] scores, then unnormalised probabilities
+    std::vector<float> acc;     // [n_rep][D] weighted sums of values
+    std::vector<float> denom;   // [n_rep] softmax sums
+    std::vector<float> row = std::vector<float>(kMaxHeadDim);  // one key or value row in fp32
+};
+
 template <typename T, int kD>
 void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_head,
                  const int32_t* table, int32_t length, int block_size, int head_dim, int n_rep, float scale,
-                 T* out_b, int g, std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc,
-                 std::vector<float>& row_buf) {
+                 T* out_b, int g, Scratch& sc) {
     const int D = kD > 0 ? kD : head_dim;  // a compile-time D lets the compiler unroll the row loops
-    float* row = row_buf.data();  // one key or value row in fp32
-    qf.resize(static_cast<size_t>(n_rep) * D);
+    float* row = sc.row.data();
+    std::vector<float>& scores = sc.scores;
+    std::vector<float>& acc = sc.acc;
     scores.resize(static_cast<size_t>(n_rep) * length);
     acc.assign(static_cast<size_t>(n_rep) * D, 0.0f);
-    for (int r = 0; r < n_rep; ++r) {
-        const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
-        for (int d = 0; d < D; ++d) qf[r * D + d] = to_float(qh[d]) * scale;
-    }
+    sc.denom.resize(n_rep);
     // pass 1: scores, block by block (a block's keys are contiguous rows of D); each key row is
     // converted to fp32 once for all n_rep heads
     bool scored = false;
@@ -55,14 +61,13 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
     if constexpr (std::is_same_v<T, uint16_t> && kD == 64) {
         // bf16 pairs of q and k multiplied and summed into fp32 lanes by one instruction per 32 dims
         // (exact products, fp32 sums), the scale applied to each score
-        __m512bh qv[2 * 16];
-        const int reps = n_rep <= 16 ? n_rep : 16;
-        for (int r = 0; r < reps; ++r) {
-            const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
-            qv[2 * r] = (__m512bh)_mm512_loadu_si512(qh);
-            qv[2 * r + 1] = (__m512bh)_mm512_loadu_si512(qh + 32);
-        }
-        if (reps == n_rep) {
+        if (n_rep <= 16) {
+            __m512bh qv[2 * 16];
+            for (int r = 0; r < n_rep; ++r) {
+                const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
+                qv[2 * r] = (__m512bh)_mm512_loadu_si512(qh);
+                qv[2 * r + 1] = (__m512bh)_mm512_loadu_si512(qh + 32);
+            }
             for (int32_t t0 = 0; t0 < length; t0 += block_size) {
                 const int n = (length - t0 < block_size) ? (length - t0) : block_size;
                 const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
@@ -70,9 +75,9 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
                     const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + static_cast<int64_t>(i) * D);
                     const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kb + static_cast<int64_t>(i) * D + 32);
                     for (int r = 0; r < n_rep; ++r) {
-                        const __m512 acc = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[2 * r], k0),
+                        const __m512 dot = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[2 * r], k0),
                                                             qv[2 * r + 1], k1);
-                        scores[static_cast<size_t>(r) * length + t0 + i] = _mm512_reduce_add_ps(acc) * scale;
+                        scores[static_cast<size_t>(r) * length + t0 + i] = _mm512_reduce_add_ps(dot) * scale;
                     }
                 }
             }
@@ -80,24 +85,31 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
         }
     }
 #endif
-    for (int32_t t0 = 0; !scored && t0 < length; t0 += block_size) {
-        const int n = (length - t0 < block_size) ? (length - t0) : block_size;
-        const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
-        for (int i = 0; i < n; ++i) {
-            const T* kr = kb + static_cast<int64_t>(i) * D;
+    if (!scored) {
+        std::vector<float>& qf = sc.qf;
+        qf.resize(static_cast<size_t>(n_rep) * D);
+        for (int r = 0; r < n_rep; ++r) {
+            const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
+            for (int d = 0; d < D; ++d) qf[r * D + d] = to_float(qh[d]) * scale;
+        }
+        for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+            const int n = (length - t0 < block_size) ? (length - t0) : block_size;
+            const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
+            for (int i = 0; i < n; ++i) {
+                const T* kr = kb + static_cast<int64_t>(i) * D;
 #pragma omp simd
-            for (int d = 0; d < D; ++d) row[d] = to_float(kr[d]);
-            for (int r = 0; r < n_rep; ++r) {
-                const float* qr = &qf[r * D];
-                float s = 0.0f;
+                for (int d = 0; d < D; ++d) row[d] = to_float(kr[d]);
+                for (int r = 0; r < n_rep; ++r) {
+                    const float* qr = &qf[r * D];
+                    float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-                for (int d = 0; d < D; ++d) s += qr[d] * row[d];
-                scores[static_cast<size_t>(r) * length + t0 + i] = s;
+                    for (int d = 0; d < D; ++d) s += qr[d] * row[d];
+                    scores[static_cast<size_t>(r) * length + t0 + i] = s;
+                }
             }
         }
     }
     // softmax per query head, in place
-    std::vector<float> denom(n_rep);
     for (int r = 0; r < n_rep; ++r) {
         float* sr = &scores[static_cast<size_t>(r) * length];
         float m = -std::numeric_limits<float>::infinity();
@@ -109,7 +121,7 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
             sr[t] = exp_nonpositive(sr[t] - m);
             sum += sr[t];
         }
-        denom[r] = sum;
+        sc.denom[r] = sum;
     }
     // pass 2: probability-weighted values
     bool summed = false;
@@ -183,7 +195,7 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
         }
     }
     for (int r = 0; r < n_rep; ++r) {
-        const float inv = 1.0f / denom[r];
+        const float inv = 1.0f / sc.denom[r];
         T* o = out_b + static_cast<int64_t>(g * n_rep + r) * D;
         for (int d = 0; d < D; ++d) store(o + d, acc[r * D + d] * inv);
     }
@@ -199,7 +211,7 @@ void paged_decode(const T* q, int64_t q_stride_b, int64_t q_stride_h, const T* k
     const int64_t out_stride_b = static_cast<int64_t>(num_kv_heads) * n_rep * head_dim;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && items > 1)
     {
-        std::vector<float> qf, scores, acc, row_buf(kMaxHeadDim);
+        Scratch sc;
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; ++it) {
             const int64_t b = it / num_kv_heads;
@@ -207,7 +219,7 @@ void paged_decode(const T* q, int64_t q_stride_b, int64_t q_stride_h, const T* k
             auto item = head_dim == 64 ? decode_item<T, 64> : head_dim == 128 ? decode_item<T, 128> : decode_item<T, 0>;
             item(q + b * q_stride_b, q_stride_h, k_cache + g * head_stride,
                            v_cache + g * head_stride, tables + b * table_stride, lengths[b], block_size,
-                           head_dim, n_rep, scale, out + b * out_stride_b, g, qf, scores, acc, row_buf);
+                           head_dim, n_rep, scale, out + b * out_stride_b, g, sc);
         }
     }
 }

@@ -1,12 +1,13 @@
 // Temperature sampling without top-k or top-p, by inverse CDF, for the CPU executor
-// (executor_svc/sampler.py; docs/executor.md, "C++ kernels"). Per row, in two passes over the
+// (executor_svc/sampler.py; docs/executor.md, "C++ kernels (CPU)"). Per row, in two passes over the
 // logits instead of torch's six (scale, max, exp, sum, divide, fp64 cumulative sum, search):
 //   1. the row's maximum;
 //   2. weights exp((l - max) / T), summed per chunk of 64 columns into an fp64 table;
 // then the chunk where the cumulative weight first exceeds u * total is found in the table and
 // only that chunk's weights are recomputed and scanned (a chunk whose fp32 sum rounded past the
-// target is scanned in fp64 and, if the target lies beyond it after all, the walk goes on). Columns whose scaled logit is more than 87
-// below the maximum (-inf logits among them) get weight 0 exactly, so a masked token is never drawn.
+// target is scanned in fp64 and, if the target lies beyond it after all, the walk goes on).
+// Columns whose scaled logit is more than 87 below the maximum (-inf logits among them) get
+// weight 0 exactly, so a masked token is never drawn.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,6 +23,10 @@ constexpr int kChunk = 64;
 inline float weight(float x) {  // exp(x) for x <= 0; exactly 0 below -87 (and for NaN)
     const bool zero = !(x >= -87.0f);
     return zero ? 0.0f : slai::exp_clamped(x);
+}
+
+inline int chunk_len(int64_t vocab, int64_t c) {
+    return static_cast<int>(vocab - c * kChunk < kChunk ? vocab - c * kChunk : kChunk);
 }
 
 inline float chunk_weights(const float* l, int n, float mx, float inv_t, float* w) {
@@ -43,7 +48,7 @@ int64_t sample_row(const float* l, int64_t vocab, float inv_t, double u, std::ve
     float w[kChunk];
     double total = 0.0;
     for (int64_t c = 0; c < chunks; ++c) {
-        const int n = static_cast<int>(vocab - c * kChunk < kChunk ? vocab - c * kChunk : kChunk);
+        const int n = chunk_len(vocab, c);
         sums[c] = chunk_weights(l + c * kChunk, n, mx, inv_t, w);
         total += sums[c];
     }
@@ -54,7 +59,7 @@ int64_t sample_row(const float* l, int64_t vocab, float inv_t, double u, std::ve
             cum += sums[c];
             continue;
         }
-        const int n = static_cast<int>(vocab - c * kChunk < kChunk ? vocab - c * kChunk : kChunk);
+        const int n = chunk_len(vocab, c);
         chunk_weights(l + c * kChunk, n, mx, inv_t, w);
         for (int i = 0; i < n; ++i) {
             cum += w[i];
