@@ -156,7 +156,7 @@ class PrefixCachingAllocator(BlockAllocator):
             raise ValueError(f"request {req_id!r} already holds blocks")
         refs, lru = self._refs, self._lru
         need = self.blocks_for(num_tokens) - len(hits)
-        revived = sum(1 for b in hits if not refs[b])
+        revived = sum(1 for b in hits if not refs[b]) if hits else 0
         if need + revived > self.num_free_blocks:
             raise MemoryError(f"need {need + revived} blocks for {req_id!r}, {self.num_free_blocks} free")
         for b in hits:
@@ -164,7 +164,15 @@ class PrefixCachingAllocator(BlockAllocator):
                 del lru[b]
             refs[b] += 1
         ids = list(hits)
-        ids.extend(self._take() for _ in range(need))
+        free = self._free
+        if need <= len(free):  # the common case: never-cached blocks suffice (what ``_take`` would pick)
+            pop = heapq.heappop
+            fresh = [pop(free) for _ in range(need)]
+            for b in fresh:
+                refs[b] = 1
+            ids += fresh
+        else:
+            ids.extend(self._take() for _ in range(need))
         self._tables[req_id] = ids
         self._num_registered[req_id] = len(hits)
         return list(ids)
@@ -176,8 +184,14 @@ class PrefixCachingAllocator(BlockAllocator):
         table = self._tables[req_id]
         if num_tokens_after <= len(table) * self.block_size:
             return ()
-        need = self.blocks_for(num_tokens_after) - len(table)
-        if need > self.num_free_blocks:
+        need = -(-num_tokens_after // self.block_size) - len(table)
+        free = self._free
+        if need == 1 and free:  # a decode's next block, never-cached (what ``_take`` would pick)
+            b = heapq.heappop(free)
+            self._refs[b] = 1
+            table.append(b)
+            return (b,)
+        if need > len(free) + len(self._lru):
             raise MemoryError(f"need {need} more blocks for {req_id!r}, {self.num_free_blocks} free")
         added = tuple(self._take() for _ in range(need))
         table.extend(added)
@@ -192,9 +206,10 @@ class PrefixCachingAllocator(BlockAllocator):
             return 0
         refs, lru, key_of, free = self._refs, self._lru, self._key_of, self._free
         if not key_of:  # nothing registered, so nothing shared (length-only requests): every count is 1
+            push = heapq.heappush
             for b in ids:
                 refs[b] = 0
-                heapq.heappush(free, b)
+                push(free, b)
             return len(ids)
         for b in reversed(ids):
             refs[b] -= 1
