@@ -30,12 +30,11 @@ combined with identical block tokens could alias, as in vLLM with its builtin ha
 
 Without token ids (the simulator's length-only traces) nothing is ever
 registered or matched, and blocks are handed out exactly as by
-:class:`~scheduler_svc.core.kv_blocks.BlockAllocator`: lowest id first.
+:class:`~scheduler_svc.core.kv_blocks.BlockAllocator` (from its free stack).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 
 from scheduler_svc.core.kv_blocks import BlockAllocator
@@ -76,7 +75,7 @@ def _key(req: Request, i: int, hashes: list[int], bs: int) -> tuple:
 class PrefixCachingAllocator(BlockAllocator):
     """A :class:`BlockAllocator` whose full blocks are shared by content (see the module docstring).
 
-    Free blocks are of two kinds: never-cached (the base class's lowest-first heap,
+    Free blocks are of two kinds: never-cached (the base class's free stack,
     used first) and cached (an LRU queue, evicted oldest-first when the heap is
     empty). Both count as free: ``used_fraction`` is the share of referenced blocks.
     """
@@ -165,9 +164,10 @@ class PrefixCachingAllocator(BlockAllocator):
             refs[b] += 1
         ids = list(hits)
         free = self._free
-        if need <= len(free):  # the common case: never-cached blocks suffice (what ``_take`` would pick)
-            pop = heapq.heappop
-            fresh = [pop(free) for _ in range(need)]
+        if 0 < need <= len(free):  # the common case: never-cached blocks suffice (what ``_take`` would pick)
+            fresh = free[-need:]
+            del free[-need:]
+            fresh.reverse()
             for b in fresh:
                 refs[b] = 1
             ids += fresh
@@ -187,7 +187,7 @@ class PrefixCachingAllocator(BlockAllocator):
         need = -(-num_tokens_after // self.block_size) - len(table)
         free = self._free
         if need == 1 and free:  # a decode's next block, never-cached (what ``_take`` would pick)
-            b = heapq.heappop(free)
+            b = free.pop()
             self._refs[b] = 1
             table.append(b)
             return (b,)
@@ -206,10 +206,9 @@ class PrefixCachingAllocator(BlockAllocator):
             return 0
         refs, lru, key_of, free = self._refs, self._lru, self._key_of, self._free
         if not key_of:  # nothing registered, so nothing shared (length-only requests): every count is 1
-            push = heapq.heappush
             for b in ids:
                 refs[b] = 0
-                push(free, b)
+            free.extend(reversed(ids))
             return len(ids)
         for b in reversed(ids):
             refs[b] -= 1
@@ -217,7 +216,7 @@ class PrefixCachingAllocator(BlockAllocator):
                 if b in key_of:
                     lru[b] = None
                 else:
-                    heapq.heappush(free, b)
+                    free.append(b)
         return len(ids)
 
     def register(self, req: Request, num_computed_after: int) -> None:
@@ -267,12 +266,12 @@ class PrefixCachingAllocator(BlockAllocator):
         self._key_of.clear()
         self._lru.clear()
         self._refs = [0] * self.num_blocks
-        self._free = list(range(self.num_blocks))
+        self._free = list(range(self.num_blocks - 1, -1, -1))
 
     def _take(self) -> int:
-        """One free block: never-cached lowest id first, else evict the least recently used."""
+        """One free block: never-cached first (the top of the stack), else evict the least recently used."""
         if self._free:
-            b = heapq.heappop(self._free)
+            b = self._free.pop()
         else:
             b, _ = self._lru.popitem(last=False)
             del self._table[self._key_of.pop(b)]

@@ -57,6 +57,9 @@ class SchedulerCore:
         self.last_step_s = 0.0  # duration of the last non-empty step (schedule -> update)
         self.last_step_tokens = 0  # tokens in that step
         self.last_step_plan: BatchPlan | None = None  # that step's plan (policies that fit its composition)
+        # how many of the requests passed to the policy's ``on_step_end`` still have prompt left to compute
+        # (the others decode); None where not counted. Lets a policy skip re-testing each one (Policy.on_step_end)
+        self.last_served_prefilling: int | None = None
         self.num_preemptions = 0
         self.num_steps = 0
         self.num_waiting_tokens = 0  # uncomputed (uncached) prompt tokens of waiting requests (admission control)
@@ -250,6 +253,7 @@ class SchedulerCore:
         served: list[Request] = []
         requests, running, on_token = self.requests, RequestStatus.RUNNING, self._on_token
         add_event, add_served, tnew = events.append, served.append, tuple.__new__
+        n_prefilling = 0  # served requests whose prompt is still partial (a sampled one decodes now)
         # slices by index, as CachedRequestSlice lays them out: s[0] req_id, s[3] num_new_tokens, s[5] sample
         # (a NamedTuple's index is cheaper than its field name); new slices, if any, first and in that layout
         new = plan.new
@@ -261,7 +265,10 @@ class SchedulerCore:
             if req is None or req.status is not running:
                 continue  # aborted while the step ran: its token (if any) is dropped
             if not s[5]:
-                req.num_computed_tokens += s[3]
+                computed = req.num_computed_tokens = req.num_computed_tokens + s[3]
+                out = req.num_output_tokens
+                if not (out > 0 and req.num_prompt_tokens + out - computed == 1):  # not ``req.is_decode``
+                    n_prefilling += 1
             else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
                 token = sampled.get(rid)
                 if token is None:
@@ -289,6 +296,7 @@ class SchedulerCore:
                 add_event(tnew(TokenEvent, (rid, (token,), None, now, False, n_prompt, n_out, None, now - last,
                                                None)))
             add_served(req)
+        self.last_served_prefilling = n_prefilling
         self.policy.on_step_end(served, now)
         if result.logprobs:
             return _with_logprobs(events, result)
@@ -329,6 +337,7 @@ class SchedulerCore:
         self._advanced = (plan, sampling)
         if not plan.is_empty:
             self.last_batch_end_s = end
+        self.last_served_prefilling = None  # (not counted on this path)
         self.policy.on_step_end(served, end)
 
     def _confirm(self, sampling: list[Request], result: StepResult, now: float) -> list[TokenEvent]:

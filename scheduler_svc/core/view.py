@@ -125,6 +125,12 @@ class CoreView(Protocol):
         ...
 
     @property
+    def last_served_prefilling(self) -> int | None:
+        """Of the requests just passed to ``on_step_end``, how many still have prompt left (the
+        others decode); None when the core did not count them."""
+        ...
+
+    @property
     def num_waiting_tokens(self) -> int:
         """Uncomputed prompt tokens of waiting requests (a cached prefix counts as computed)."""
         ...

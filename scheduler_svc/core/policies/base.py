@@ -47,7 +47,11 @@ class Policy(ABC):
         self.waiting.discard(req)
 
     def on_step_end(self, served: list[Request], now: float) -> None:
-        """``served``: requests in the finished step that are still unfinished."""
+        """``served``: requests in the finished step that are still unfinished, in plan order.
+
+        Each either decodes now (``req.is_decode``) or still has prompt left; the core's
+        ``last_served_prefilling`` says how many do the latter (None when it did not count them).
+        """
 
     # ---- the decision ----
     @abstractmethod

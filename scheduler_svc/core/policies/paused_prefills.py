@@ -26,6 +26,9 @@ class PausedPrefillPolicy(Policy):
         ``paused``); the others are (kept) paused."""
         paused = self.paused
         if not paused:  # the common case, in two comprehensions (this runs once per decode per step)
+            core = self.core
+            if core is not None and core.last_served_prefilling == 0:  # the core counted: every one decodes
+                return served
             ready = [r for r in served
                      if (out := r.num_output_tokens) > 0 and r.num_prompt_tokens + out - r.num_computed_tokens == 1]
             if len(ready) < len(served):  # (served has no duplicates: each non-decode is paused once, in order)

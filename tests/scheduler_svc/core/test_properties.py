@@ -19,6 +19,14 @@ def _run(policy: str, items, num_blocks: int, budget: int):
     cfg = SchedulerConfig(token_budget=budget, max_num_seqs=16, max_decodes=12, max_num_batched_tokens=1024,
                           max_model_len=4096)
     core = make_core(policy, num_blocks=num_blocks, config=cfg)
+    on_step_end = core.policy.on_step_end
+
+    def checked_on_step_end(served, now):  # the count policies rely on to skip re-testing each request
+        n = core.last_served_prefilling
+        assert n is None or n == sum(not r.is_decode for r in served), "the core miscounted prefilling requests"
+        on_step_end(served, now)
+
+    core.policy.on_step_end = checked_on_step_end
     # each policy's own step limit: vllm batches whole prompts; the slack-sized policies (slai-adaptive,
     # and the fairbatching and qoserve baselines: their docstrings) size steps up to max_token_budget
     slack_sized = max(budget, cfg.max_token_budget)
