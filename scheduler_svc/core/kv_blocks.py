@@ -22,7 +22,6 @@ or an ``extend`` (C), not a sift per block, which was ~5% of a simulation
 from __future__ import annotations
 
 
-
 class BlockAllocator:
     """Tracks which request owns which KV block. Pure bookkeeping, no memory."""
 

@@ -248,7 +248,11 @@ class SchedulerCore:
             return self._confirm(advanced[1], result, now)
         if not empty:
             self.last_batch_end_s = now
-        sampled = dict(zip(result.req_ids, result.token_ids))
+        # tokens by position: a result lists its ids in the plan's sampling order (the executor's and the
+        # simulator's), so the k-th sampling slice's token is the k-th; a dict only for a result that does not
+        rids, toks = result.req_ids, result.token_ids
+        n_res, k = len(rids), 0
+        sampled: dict[str, int] | None = None
         events: list[TokenEvent] = []
         served: list[Request] = []
         requests, running, on_token = self.requests, RequestStatus.RUNNING, self._on_token
@@ -263,6 +267,8 @@ class SchedulerCore:
             rid = s[0]
             req = requests.get(rid)
             if req is None or req.status is not running:
+                if s[5] and k < n_res and rids[k] == rid:
+                    k += 1
                 continue  # aborted while the step ran: its token (if any) is dropped
             if not s[5]:
                 computed = req.num_computed_tokens = req.num_computed_tokens + s[3]
@@ -270,9 +276,15 @@ class SchedulerCore:
                 if not (out > 0 and req.num_prompt_tokens + out - computed == 1):  # not ``req.is_decode``
                     n_prefilling += 1
             else:  # a sampled token sets num_computed_tokens itself (prompt + outputs - 1)
-                token = sampled.get(rid)
-                if token is None:
-                    raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
+                if k < n_res and rids[k] == rid:
+                    token = toks[k]
+                    k += 1
+                else:
+                    if sampled is None:
+                        sampled = dict(zip(rids, toks))
+                    token = sampled.get(rid)
+                    if token is None:
+                        raise ValueError(f"step {plan.step_id}: no token sampled for {rid!r}")
                 # NOTE: the hot path (once per decode per step): a token that is neither the first
                 # nor the last is ``_on_token`` inlined, without its lifecycle events (it has none)
                 last = req.last_token_s
