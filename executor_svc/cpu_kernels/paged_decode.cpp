@@ -15,8 +15,13 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#define SLAI_AVX512 1  // fp32 rows of 64 as four 16-lane registers (the compiler's own vectorisation is slower)
+#else
+#define SLAI_AVX512 0
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define SLAI_DPBF16 1  // the CPU's bf16 dot-product instruction (AVX-512 BF16): bf16 scores without converting K
 #else
 #define SLAI_DPBF16 0
@@ -57,6 +62,37 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
     // pass 1: scores, block by block (a block's keys are contiguous rows of D); each key row is
     // converted to fp32 once for all n_rep heads
     bool scored = false;
+#if SLAI_AVX512
+    if constexpr (std::is_same_v<T, float> && kD == 64) {
+        // the n_rep scaled queries in registers; each key row loaded once as four registers, one fused
+        // multiply-add chain and one horizontal sum per (key, head)
+        if (n_rep <= 4) {
+            __m512 qv[4][4];
+            const __m512 sv = _mm512_set1_ps(scale);
+            for (int r = 0; r < n_rep; ++r) {
+                const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
+                for (int j = 0; j < 4; ++j) qv[r][j] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * j), sv);
+            }
+            for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+                const int n = (length - t0 < block_size) ? (length - t0) : block_size;
+                const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
+                for (int i = 0; i < n; ++i) {
+                    const T* kr = kb + static_cast<int64_t>(i) * D;
+                    const __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16);
+                    const __m512 k2 = _mm512_loadu_ps(kr + 32), k3 = _mm512_loadu_ps(kr + 48);
+                    for (int r = 0; r < n_rep; ++r) {
+                        __m512 a = _mm512_mul_ps(qv[r][0], k0);
+                        a = _mm512_fmadd_ps(qv[r][1], k1, a);
+                        a = _mm512_fmadd_ps(qv[r][2], k2, a);
+                        a = _mm512_fmadd_ps(qv[r][3], k3, a);
+                        scores[static_cast<size_t>(r) * length + t0 + i] = _mm512_reduce_add_ps(a);
+                    }
+                }
+            }
+            scored = true;
+        }
+    }
+#endif
 #if SLAI_DPBF16
     if constexpr (std::is_same_v<T, uint16_t> && kD == 64) {
         // bf16 pairs of q and k multiplied and summed into fp32 lanes by one instruction per 32 dims
@@ -125,6 +161,35 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
     }
     // pass 2: probability-weighted values
     bool summed = false;
+#if SLAI_AVX512
+    if constexpr (std::is_same_v<T, float> && kD == 64) {
+        // the n_rep weighted sums in registers for the whole pass (acc is read and written once)
+        if (n_rep <= 4) {
+            __m512 va[4][4];
+            for (int r = 0; r < n_rep; ++r)
+                for (int j = 0; j < 4; ++j) va[r][j] = _mm512_setzero_ps();
+            for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+                const int n = (length - t0 < block_size) ? (length - t0) : block_size;
+                const T* vb = v_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
+                for (int i = 0; i < n; ++i) {
+                    const T* vr = vb + static_cast<int64_t>(i) * D;
+                    const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
+                    const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
+                    for (int r = 0; r < n_rep; ++r) {
+                        const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(r) * length + t0 + i]);
+                        va[r][0] = _mm512_fmadd_ps(p, v0, va[r][0]);
+                        va[r][1] = _mm512_fmadd_ps(p, v1, va[r][1]);
+                        va[r][2] = _mm512_fmadd_ps(p, v2, va[r][2]);
+                        va[r][3] = _mm512_fmadd_ps(p, v3, va[r][3]);
+                    }
+                }
+            }
+            for (int r = 0; r < n_rep; ++r)
+                for (int j = 0; j < 4; ++j) _mm512_storeu_ps(&acc[static_cast<size_t>(r) * D + 16 * j], va[r][j]);
+            summed = true;
+        }
+    }
+#endif
 #if SLAI_DPBF16
     if constexpr (std::is_same_v<T, uint16_t> && kD == 64) {
         if (n_rep <= 16) {

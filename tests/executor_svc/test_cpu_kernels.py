@@ -62,7 +62,7 @@ def _reference(q, k_cache, v_cache, tables, lengths, block_size, scale):
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("num_kv,n_rep,dim,block_size", [(3, 3, 64, 16), (2, 1, 32, 4), (1, 4, 128, 16)])
+@pytest.mark.parametrize("num_kv,n_rep,dim,block_size", [(3, 3, 64, 16), (2, 1, 32, 4), (1, 4, 128, 16), (1, 6, 64, 16)])
 def test_kernel_matches_an_fp64_softmax_attention(kernel, dtype, atol, num_kv, n_rep, dim, block_size):
     q, k_cache, v_cache, tables, lengths = _case(0, dtype, 7, num_kv, n_rep, dim, block_size)
     scale = dim ** -0.5
