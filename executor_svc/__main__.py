@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decodes sharing prefix blocks each gather their whole context instead of attending "
                         "to the shared prefix once (docs/executor.md, 'Shared prefixes: cascade attention')")
     p.add_argument("--no-packed-linears", action="store_true",
-                   help="bf16 on CPU: keep torch's linear layers instead of weights prepacked for oneDNN with "
+                   help="CPU: keep torch's linear layers instead of weights prepacked for oneDNN (bf16; fp32 where "
+                        "a probe at load measures them faster) with "
                         "q/k/v and gate/up fused (docs/executor.md, 'Prepacked linears')")
     p.add_argument("--no-cpu-kernels", action="store_true",
                    help="CPU: torch's ops instead of the C++ kernels (decode attention, KV write, sampling; "

@@ -9,35 +9,88 @@ fuses the attention's q/k/v projections and the MLP's gate/up projections into o
 product each, so a layer runs 4 products instead of 7 (docs/executor.md, 'Prepacked
 linears').
 
-Only where it is exact enough to keep and fast: CPU, bf16, oneDNN built in. fp32 keeps
-``F.linear`` (MKL), whose results the token-for-token tests against ``generate`` pin, and
-which was as fast or faster for one-row products.
+Where: CPU with oneDNN built in; bf16 wherever oneDNN's bf16 kernels run natively, fp32 only
+where :func:`fp32_packing_pays` measures the packed product faster than ``F.linear`` (MKL).
+MKL's fp32 GEMM is tuned per CPU: on an Intel Xeon it was as fast or faster for one-row
+products, on an AMD EPYC the packed one was 1.3-1.7x faster at 1 and 32 rows
+(docs/executor.md, 'Prepacked linears').
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-PACKED_DTYPES = (torch.bfloat16,)
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+FP32_PROBE_ROWS = (1, 32)  # a one-decode step and a busy decode step
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where :func:`pack_linears` applies: a CPU model in bf16, with oneDNN's bf16 kernels usable.
+    """True where :func:`pack_linears` can apply: a CPU model in bf16 or fp32 and torch built with oneDNN
+    (for bf16, with oneDNN's bf16 kernels usable).
 
     oneDNN's bf16 path needs AVX-512 (with or without native bf16 units); on an AVX2-only
-    CPU torch itself emulates bf16 and this returns False.
+    CPU torch itself emulates bf16 and this returns False for bf16.
     """
     if device.type != "cpu" or dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
         return False
+    if dtype == torch.float32:
+        return hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch without these private ops
         return False
+
+
+def _best_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (first-call setup, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
+def fp32_packing_pays(weight: torch.Tensor, rows: tuple[int, ...] = FP32_PROBE_ROWS, repeats: int = 3) -> bool:
+    """Whether oneDNN's prepacked product beats ``F.linear`` for the fp32 ``weight`` on this CPU, at every
+    row count in ``rows`` (best of ``repeats`` each, with the threads torch runs with now).
+
+    Measured, not assumed from the CPU's vendor: ``F.linear`` in fp32 is MKL's GEMM, whose speed depends
+    on how MKL dispatches on the CPU; the runner probes its model's largest product (the LM head) once at load.
+    """
+    w = weight.detach().contiguous()
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    g = torch.Generator().manual_seed(0)
+    timings = []
+    with torch.inference_mode():
+        for n in rows:
+            x = torch.randn(n, w.shape[1], generator=g)
+            plain_ms = _best_ms(lambda x=x: torch.nn.functional.linear(x, w), repeats)
+            packed_ms = _best_ms(lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                                 repeats)
+            timings.append((n, plain_ms, packed_ms))
+    pays = all(p < f for _, f, p in timings)
+    log.info("fp32 %s x %s product, F.linear vs prepacked (ms): %s -> %s", w.shape[0], w.shape[1],
+             ", ".join(f"{n} rows {f:.2f} / {p:.2f}" for n, f, p in timings), "pack" if pays else "keep F.linear")
+    return pays
+
+
+def packing_pays(model: nn.Module, dtype: torch.dtype) -> bool:
+    """The runner's default where :func:`packing_supported`: always in bf16 (oneDNN would reorder the weights on
+    every call otherwise); in fp32 where :func:`fp32_packing_pays` for the model's LM head (else its first
+    projection)."""
+    if dtype != torch.float32:
+        return True
+    head = getattr(model, "lm_head", None)
+    if not _is_linear(head):
+        head = next((m for m in model.modules() if _is_linear(m)), None)
+    return head is not None and fp32_packing_pays(head.weight)
 
 
 class PackedLinear(nn.Module):

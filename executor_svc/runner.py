@@ -65,7 +65,8 @@ class ModelRunner:
             ``SMALL_STEP_TOKENS`` tokens (decode steps); "auto": one fewer than
             ``num_threads`` (at least 1); None: the same as every step.
         packed_linears: prepack the weights for oneDNN and fuse q/k/v and gate/up
-            (``packed_linears.pack_linears``); None: wherever it applies (CPU, bf16);
+            (``packed_linears.pack_linears``); None: in bf16 wherever it applies, in fp32 where
+            it measures faster than ``F.linear`` at load (``packed_linears.packing_pays``);
             True where it does not raises ValueError. Mutates a passed ``LoadedModel``.
         cpu_kernels: use the C++ kernels (``executor_svc.cpu_kernels``): decode attention
             that reads KV blocks where they lie, the KV write and temperature sampling (fp32
@@ -116,7 +117,8 @@ class ModelRunner:
             raise ValueError(f"packed_linears needs a CPU model in {packed.PACKED_DTYPES} and torch built with "
                              f"oneDNN; this one is {self.dtype} on {self.device}")
         if packed_linears is None:
-            packed_linears = packed.packing_supported(self.device, self.dtype)
+            packed_linears = (packed.packing_supported(self.device, self.dtype)
+                              and packed.packing_pays(self.model, self.dtype))
         self.packed_linears = packed_linears and packed.pack_linears(self.model) > 0
         config = self.model.config
         self.backend = attention.select_backend(self.device, self.dtype, attention_backend)

@@ -1,4 +1,4 @@
-"""Prepacked oneDNN linears (bf16 on CPU): same products as torch's, fused q/k/v and gate/up, runner wiring.
+"""Prepacked oneDNN linears (CPU: bf16, and fp32 where measured faster): same products as torch's, fused q/k/v and gate/up, runner wiring.
 
 bf16 kernels round differently across CPUs and blockings, so products are compared with
 a tolerance and greedy tokens only where the logit margin is large.
@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from transformers import AutoModelForCausalLM
 
-from executor_svc import models
+from executor_svc import models, packed_linears
 from executor_svc.packed_linears import (
     FusedGateUpMLP,
     FusedSlice,
@@ -100,10 +100,33 @@ def test_runner_packs_bf16_by_default_and_refuses_where_it_cannot():
     assert on.packed_linears and isinstance(on.model.lm_head, PackedLinear)
     off = ModelRunner(models.load_model("tiny-llama", dtype="bfloat16"), num_blocks=16, packed_linears=False)
     assert not off.packed_linears and type(off.model.lm_head) is torch.nn.Linear
-    fp32 = ModelRunner(models.load_model("tiny-llama"), num_blocks=16)
-    assert not fp32.packed_linears  # fp32 keeps torch's products, which the generate-equality tests pin
     with pytest.raises(ValueError, match="packed_linears"):
-        ModelRunner(models.load_model("tiny-llama"), num_blocks=16, packed_linears=True)
+        ModelRunner(models.load_model("tiny-llama", dtype="float16"), num_blocks=16, packed_linears=True)
+
+
+@pytest.mark.parametrize("faster", [False, True])
+def test_fp32_packs_by_default_only_where_the_probe_measures_it_faster(monkeypatch, faster):
+    probed = []
+
+    def probe(weight):
+        probed.append(tuple(weight.shape))
+        return faster
+
+    monkeypatch.setattr(packed_linears, "fp32_packing_pays", probe)
+    model = models.load_model("tiny-llama")
+    head_shape = tuple(model.model.lm_head.weight.shape)
+    runner = ModelRunner(model, num_blocks=16)
+    assert probed == [head_shape]  # the LM head, probed once
+    assert runner.packed_linears is faster
+    assert isinstance(runner.model.lm_head, PackedLinear) is faster
+
+
+def test_fp32_probe_compares_both_products_at_each_row_count(caplog):
+    w = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("INFO", logger="executor_svc.packed_linears"):
+        verdict = packed_linears.fp32_packing_pays(w, rows=(1, 4), repeats=1)
+    assert isinstance(verdict, bool)
+    assert "1 rows" in caplog.text and "4 rows" in caplog.text
 
 
 # bf16 rounding differs between packed and plain products (and across CPUs): a pick counts as
@@ -111,22 +134,23 @@ def test_runner_packs_bf16_by_default_and_refuses_where_it_cannot():
 TINY_BF16_LOGIT_GAP = 0.1
 
 
-def test_packed_runner_picks_what_the_unpacked_model_would():
+@pytest.mark.parametrize("dtype,max_gap", [("bfloat16", TINY_BF16_LOGIT_GAP), ("float32", 1e-4)])
+def test_packed_runner_picks_what_the_unpacked_model_would(dtype, max_gap):
     """Chunked prefill mixed with decodes, shuffled blocks: every greedy token of the packed runner is the
-    plain model's best, up to bf16 rounding (teacher-forced on the runner's own tokens)."""
+    plain model's best, up to rounding (teacher-forced on the runner's own tokens)."""
     prompts = {f"r{n}": random_prompt(n, n) for n in (9, 23, 40)}
-    runner = ModelRunner(models.load_model("tiny-llama", dtype="bfloat16", seed=1), num_blocks=32)
+    runner = ModelRunner(models.load_model("tiny-llama", dtype=dtype, seed=1), num_blocks=32, packed_linears=True)
     assert runner.packed_linears
     d = Driver(runner, num_blocks=32, shuffle_blocks=7)
     for rid, p in prompts.items():
         d.add(rid, p, 6)
     done = d.run(chunk=16)
     assert set(done) == set(prompts)
-    plain = models.load_model("tiny-llama", dtype="bfloat16", seed=1).model
+    plain = models.load_model("tiny-llama", dtype=dtype, seed=1).model
     for rid, p in prompts.items():
         toks = done[rid]
         assert len(toks) == 6
         with torch.inference_mode():
             logits = plain(input_ids=torch.tensor([p + toks])).logits[0, len(p) - 1 : len(p) - 1 + len(toks)].float()
         gap = logits.max(dim=-1).values - logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
-        assert gap.max().item() <= TINY_BF16_LOGIT_GAP, (rid, toks, gap.tolist())
+        assert gap.max().item() <= max_gap, (rid, toks, gap.tolist())
