@@ -13,7 +13,8 @@ executor. Every row runs against both with the same seed, so both see the same
 prompts and arrival times.
 
 Writes the raw numbers (``--json``), a markdown table of ratios (``--out``) and a
-plot of the ratios (``--plot``); docs/vs_vllm.md is this command's output.
+plot of the ratios (``--plot``); docs/vs_vllm.md is this command's output (docs/vs_vllm_intel_amx.md keeps
+the run on an Intel Xeon with AMX: ``--json docs/data/vs_vllm_intel_amx.json --out docs/vs_vllm_intel_amx.md``).
 """
 
 from __future__ import annotations

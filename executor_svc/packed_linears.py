@@ -152,7 +152,7 @@ class FusedGateUpMLP(nn.Module):
 
     NOTE: oneDNN can also run the SiLU and the product as post-ops of two separate products
     ("swish", then a binary "mul"). That was 11-14% faster for 32 decodes and 1,024-token
-    prefills with one thread, but slower in the server on all six rows of docs/vs_vllm.md
+    prefills with one thread, but slower in the server on all six bf16 rows of a side-by-side run
     (docs/executor.md, 'Prepacked linears'), so it is not used.
     """
 
