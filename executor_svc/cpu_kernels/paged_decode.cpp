@@ -39,6 +39,17 @@ using slai::to_float;
 // next to the maximum's 1
 inline float exp_nonpositive(float x) { return slai::exp_clamped(x < -87.0f ? -87.0f : x); }
 
+// f(row, t) for each of a decode's ``length`` tokens in order: ``row`` points at token t's D values (a key or a
+// value) in its block, found through the decode's block table; ``head`` is one KV head of the cache, [slots, D]
+template <typename T, typename F>
+inline void for_each_row(const T* head, const int32_t* table, int32_t length, int block_size, int D, F&& f) {
+    for (int32_t t0 = 0; t0 < length; t0 += block_size) {
+        const int n = (length - t0 < block_size) ? (length - t0) : block_size;
+        const T* b = head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
+        for (int i = 0; i < n; ++i) f(b + static_cast<int64_t>(i) * D, t0 + i);
+    }
+}
+
 // one thread's buffers, reused from item to item (no allocation per decode and KV head)
 struct Scratch {
     std::vector<float> qf;      // [n_rep][D] scaled fp32 queries
@@ -73,22 +84,17 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
                 const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
                 for (int j = 0; j < 4; ++j) qv[r][j] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * j), sv);
             }
-            for (int32_t t0 = 0; t0 < length; t0 += block_size) {
-                const int n = (length - t0 < block_size) ? (length - t0) : block_size;
-                const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
-                for (int i = 0; i < n; ++i) {
-                    const T* kr = kb + static_cast<int64_t>(i) * D;
-                    const __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16);
-                    const __m512 k2 = _mm512_loadu_ps(kr + 32), k3 = _mm512_loadu_ps(kr + 48);
-                    for (int r = 0; r < n_rep; ++r) {
-                        __m512 a = _mm512_mul_ps(qv[r][0], k0);
-                        a = _mm512_fmadd_ps(qv[r][1], k1, a);
-                        a = _mm512_fmadd_ps(qv[r][2], k2, a);
-                        a = _mm512_fmadd_ps(qv[r][3], k3, a);
-                        scores[static_cast<size_t>(r) * length + t0 + i] = _mm512_reduce_add_ps(a);
-                    }
+            for_each_row(k_head, table, length, block_size, D, [&](const T* kr, int32_t t) {
+                const __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16);
+                const __m512 k2 = _mm512_loadu_ps(kr + 32), k3 = _mm512_loadu_ps(kr + 48);
+                for (int r = 0; r < n_rep; ++r) {
+                    __m512 a = _mm512_mul_ps(qv[r][0], k0);
+                    a = _mm512_fmadd_ps(qv[r][1], k1, a);
+                    a = _mm512_fmadd_ps(qv[r][2], k2, a);
+                    a = _mm512_fmadd_ps(qv[r][3], k3, a);
+                    scores[static_cast<size_t>(r) * length + t] = _mm512_reduce_add_ps(a);
                 }
-            }
+            });
             scored = true;
         }
     }
@@ -104,19 +110,15 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
                 qv[2 * r] = (__m512bh)_mm512_loadu_si512(qh);
                 qv[2 * r + 1] = (__m512bh)_mm512_loadu_si512(qh + 32);
             }
-            for (int32_t t0 = 0; t0 < length; t0 += block_size) {
-                const int n = (length - t0 < block_size) ? (length - t0) : block_size;
-                const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
-                for (int i = 0; i < n; ++i) {
-                    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + static_cast<int64_t>(i) * D);
-                    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kb + static_cast<int64_t>(i) * D + 32);
-                    for (int r = 0; r < n_rep; ++r) {
-                        const __m512 dot = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[2 * r], k0),
-                                                            qv[2 * r + 1], k1);
-                        scores[static_cast<size_t>(r) * length + t0 + i] = _mm512_reduce_add_ps(dot) * scale;
-                    }
+            for_each_row(k_head, table, length, block_size, D, [&](const T* kr, int32_t t) {
+                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kr);
+                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kr + 32);
+                for (int r = 0; r < n_rep; ++r) {
+                    const __m512 dot = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[2 * r], k0),
+                                                        qv[2 * r + 1], k1);
+                    scores[static_cast<size_t>(r) * length + t] = _mm512_reduce_add_ps(dot) * scale;
                 }
-            }
+            });
             scored = true;
         }
     }
@@ -128,22 +130,17 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
             const T* qh = q + static_cast<int64_t>(g * n_rep + r) * q_stride_h;
             for (int d = 0; d < D; ++d) qf[r * D + d] = to_float(qh[d]) * scale;
         }
-        for (int32_t t0 = 0; t0 < length; t0 += block_size) {
-            const int n = (length - t0 < block_size) ? (length - t0) : block_size;
-            const T* kb = k_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
-            for (int i = 0; i < n; ++i) {
-                const T* kr = kb + static_cast<int64_t>(i) * D;
+        for_each_row(k_head, table, length, block_size, D, [&](const T* kr, int32_t t) {
 #pragma omp simd
-                for (int d = 0; d < D; ++d) row[d] = to_float(kr[d]);
-                for (int r = 0; r < n_rep; ++r) {
-                    const float* qr = &qf[r * D];
-                    float s = 0.0f;
+            for (int d = 0; d < D; ++d) row[d] = to_float(kr[d]);
+            for (int r = 0; r < n_rep; ++r) {
+                const float* qr = &qf[r * D];
+                float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-                    for (int d = 0; d < D; ++d) s += qr[d] * row[d];
-                    scores[static_cast<size_t>(r) * length + t0 + i] = s;
-                }
+                for (int d = 0; d < D; ++d) s += qr[d] * row[d];
+                scores[static_cast<size_t>(r) * length + t] = s;
             }
-        }
+        });
     }
     // softmax per query head, in place
     for (int r = 0; r < n_rep; ++r) {
@@ -168,22 +165,17 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
             __m512 va[4][4];
             for (int r = 0; r < n_rep; ++r)
                 for (int j = 0; j < 4; ++j) va[r][j] = _mm512_setzero_ps();
-            for (int32_t t0 = 0; t0 < length; t0 += block_size) {
-                const int n = (length - t0 < block_size) ? (length - t0) : block_size;
-                const T* vb = v_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
-                for (int i = 0; i < n; ++i) {
-                    const T* vr = vb + static_cast<int64_t>(i) * D;
-                    const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
-                    const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
-                    for (int r = 0; r < n_rep; ++r) {
-                        const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(r) * length + t0 + i]);
-                        va[r][0] = _mm512_fmadd_ps(p, v0, va[r][0]);
-                        va[r][1] = _mm512_fmadd_ps(p, v1, va[r][1]);
-                        va[r][2] = _mm512_fmadd_ps(p, v2, va[r][2]);
-                        va[r][3] = _mm512_fmadd_ps(p, v3, va[r][3]);
-                    }
+            for_each_row(v_head, table, length, block_size, D, [&](const T* vr, int32_t t) {
+                const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
+                const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
+                for (int r = 0; r < n_rep; ++r) {
+                    const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(r) * length + t]);
+                    va[r][0] = _mm512_fmadd_ps(p, v0, va[r][0]);
+                    va[r][1] = _mm512_fmadd_ps(p, v1, va[r][1]);
+                    va[r][2] = _mm512_fmadd_ps(p, v2, va[r][2]);
+                    va[r][3] = _mm512_fmadd_ps(p, v3, va[r][3]);
                 }
-            }
+            });
             for (int r = 0; r < n_rep; ++r)
                 for (int j = 0; j < 4; ++j) _mm512_storeu_ps(&acc[static_cast<size_t>(r) * D + 16 * j], va[r][j]);
             summed = true;
@@ -244,20 +236,17 @@ void decode_item(const T* q, int64_t q_stride_h, const T* k_head, const T* v_hea
         }
     }
 #endif
-    for (int32_t t0 = 0; !summed && t0 < length; t0 += block_size) {
-        const int n = (length - t0 < block_size) ? (length - t0) : block_size;
-        const T* vb = v_head + static_cast<int64_t>(table[t0 / block_size]) * block_size * D;
-        for (int i = 0; i < n; ++i) {
-            const T* vr = vb + static_cast<int64_t>(i) * D;
+    if (!summed) {
+        for_each_row(v_head, table, length, block_size, D, [&](const T* vr, int32_t t) {
 #pragma omp simd
             for (int d = 0; d < D; ++d) row[d] = to_float(vr[d]);
             for (int r = 0; r < n_rep; ++r) {
-                const float p = scores[static_cast<size_t>(r) * length + t0 + i];
+                const float p = scores[static_cast<size_t>(r) * length + t];
                 float* ar = &acc[r * D];
 #pragma omp simd
                 for (int d = 0; d < D; ++d) ar[d] += p * row[d];
             }
-        }
+        });
     }
     for (int r = 0; r < n_rep; ++r) {
         const float inv = 1.0f / sc.denom[r];
