@@ -80,10 +80,7 @@ class BlockAllocator:
         n = self.blocks_for(num_tokens)
         if n > self.num_free_blocks:
             raise MemoryError(f"need {n} blocks for {req_id!r}, {self.num_free_blocks} free")
-        free = self._free
-        ids = free[-n:]  # (n >= 1: a request has at least one token)
-        del free[-n:]
-        ids.reverse()
+        ids = self._pop_free(n)
         self._tables[req_id] = ids
         return list(ids)
 
@@ -98,9 +95,7 @@ class BlockAllocator:
         need = self.blocks_for(num_tokens_after) - len(table)
         if need > self.num_free_blocks:
             raise MemoryError(f"need {need} more blocks for {req_id!r}, {self.num_free_blocks} free")
-        free = self._free
-        added = tuple(free[:-need - 1:-1])
-        del free[-need:]
+        added = tuple(self._pop_free(need))
         table.extend(added)
         return added
 
@@ -111,6 +106,14 @@ class BlockAllocator:
             return 0
         self._free.extend(reversed(ids))
         return len(ids)
+
+    def _pop_free(self, n: int) -> list[int]:
+        """The top ``n`` (>= 1) free blocks, topmost first, taken off the stack (one slice, no loop)."""
+        free = self._free
+        ids = free[-n:]
+        del free[-n:]
+        ids.reverse()
+        return ids
 
     def check_invariants(self) -> None:
         """Raise AssertionError if bookkeeping is inconsistent (used by tests)."""

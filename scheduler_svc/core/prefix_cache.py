@@ -163,11 +163,8 @@ class PrefixCachingAllocator(BlockAllocator):
                 del lru[b]
             refs[b] += 1
         ids = list(hits)
-        free = self._free
-        if 0 < need <= len(free):  # the common case: never-cached blocks suffice (what ``_take`` would pick)
-            fresh = free[-need:]
-            del free[-need:]
-            fresh.reverse()
+        if 0 < need <= len(self._free):  # the common case: never-cached blocks suffice (what ``_take`` would pick)
+            fresh = self._pop_free(need)
             for b in fresh:
                 refs[b] = 1
             ids += fresh
@@ -184,14 +181,13 @@ class PrefixCachingAllocator(BlockAllocator):
         table = self._tables[req_id]
         if num_tokens_after <= len(table) * self.block_size:
             return ()
-        need = -(-num_tokens_after // self.block_size) - len(table)
-        free = self._free
-        if need == 1 and free:  # a decode's next block, never-cached (what ``_take`` would pick)
-            b = free.pop()
+        need = self.blocks_for(num_tokens_after) - len(table)
+        if need == 1 and self._free:  # a decode's next block, never-cached (what ``_take`` would pick)
+            b = self._free.pop()
             self._refs[b] = 1
             table.append(b)
             return (b,)
-        if need > len(free) + len(self._lru):
+        if need > self.num_free_blocks:
             raise MemoryError(f"need {need} more blocks for {req_id!r}, {self.num_free_blocks} free")
         added = tuple(self._take() for _ in range(need))
         table.extend(added)
