@@ -114,6 +114,17 @@ class CostModel:
         """Time of a prefill-only step of ``tokens`` tokens at zero context (stability bound's t_b)."""
         return 1e-3 * self.time_ms(tokens)
 
+    def request_extra_ms(self, prompt_len: int, output_len: int) -> float:
+        """The least time one request adds beyond its tokens' share of full steps: its decodes' own
+        cost and KV context, and its prompt's (chunk x context) pairs, at their least (P^2 / 2, as if
+        chunks were infinitely fine). The mixing penalty is not counted, so a bound built on this stays
+        an upper bound (``simulator.cli_args.stability_bound``). Zero for the paper's fit."""
+        decodes = max(0, output_len - 1)  # the first output token comes with the prompt's last chunk
+        # the j-th decode (j = 1..decodes) attends to prompt_len + j - 1 cached tokens
+        context = decodes * prompt_len + decodes * (decodes - 1) / 2
+        return (self.c_ms_per_decode * decodes + self.d_ms_per_context_token * context
+                + self.e_ms_per_chunk_context * prompt_len * prompt_len / 2)
+
     def with_overhead(self, overhead_ms: float) -> CostModel:
         return replace(self, overhead_ms=overhead_ms)
 

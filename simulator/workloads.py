@@ -245,9 +245,9 @@ def workload_stats(items: list[WorkloadItem]) -> dict[str, float]:
     }
 
 
-def mean_lengths(trace: str | Path | None, seed: int = 42, n_synthetic: int = 200_000,
-                 max_prompt: int = 0, max_output: int = 0) -> tuple[float, float]:
-    """Mean (prompt, output) of the length source: the whole trace, or a large synthetic draw,
+def length_pairs(trace: str | Path | None, seed: int = 42, n_synthetic: int = 200_000,
+                 max_prompt: int = 0, max_output: int = 0) -> list[tuple[int, int]]:
+    """(prompt, output) lengths of the length source: the whole trace, or a large synthetic draw,
     after :func:`clip_lengths` with ``max_prompt``/``max_output`` (0 = no cap)."""
     path = resolve_trace(trace) if isinstance(trace, str) or trace is None else Path(trace)
     if path is not None:
@@ -256,4 +256,11 @@ def mean_lengths(trace: str | Path | None, seed: int = 42, n_synthetic: int = 20
         pairs = synthetic_lengths(n_synthetic, np.random.default_rng(seed))
     if max_prompt or max_output:
         pairs = [clip_lengths(p, d, max_prompt, max_output) for p, d in pairs]
+    return pairs
+
+
+def mean_lengths(trace: str | Path | None, seed: int = 42, n_synthetic: int = 200_000,
+                 max_prompt: int = 0, max_output: int = 0) -> tuple[float, float]:
+    """Mean (prompt, output) of :func:`length_pairs`."""
+    pairs = length_pairs(trace, seed, n_synthetic, max_prompt, max_output)
     return (sum(p for p, _ in pairs) / len(pairs), sum(d for _, d in pairs) / len(pairs))

@@ -160,3 +160,25 @@ def test_gpu_model_is_selectable_and_the_paper_model_is_unchanged(tmp_path):
     assert "mix_ms_per_decode" not in PAPER_MODEL.to_dict()
     gpu.save(tmp_path / "g.json")
     assert CostModel.load(tmp_path / "g.json") == gpu
+
+
+def _prefill_plan(step_id: int, computed: int, chunk: int) -> BatchPlan:
+    return BatchPlan(step_id=step_id, cached=(CachedRequestSlice(
+        req_id="r", num_computed_tokens=computed, num_new_tokens=chunk, is_decode=False, sample=False),),
+        stats=PlanStats(num_prefill_tokens=chunk))
+
+
+def test_request_extra_work_is_what_its_decodes_and_chunks_cost_beyond_their_tokens():
+    m = CostModel(c_ms_per_decode=0.5, d_ms_per_context_token=0.01, e_ms_per_chunk_context=0.001)
+    # P = 10, D = 4: three decodes attend to 10, 11 and 12 cached tokens; the prompt's pairs at least 10^2 / 2
+    assert m.request_extra_ms(10, 4) == pytest.approx(0.5 * 3 + 0.01 * 33 + 0.001 * 50)
+    decode_steps = sum(m.time_ms(1, 1, ctx) for ctx in (10, 11, 12))
+    assert m.request_extra_ms(10, 4) - 0.001 * 50 == pytest.approx(decode_steps)
+    # any chunking of the prompt pays at least the P^2 / 2 that the bound counts
+    for chunks in ((10,), (5, 5), (1,) * 10, (3, 3, 4)):
+        done, pairs = 0, 0.0
+        for c in chunks:
+            pairs += plan_features(_prefill_plan(1, done, c))["sum_chunk_context"]
+            done += c
+        assert pairs >= 10 * 10 / 2
+    assert PAPER_MODEL.request_extra_ms(2000, 400) == 0.0 and m.request_extra_ms(10, 1) == pytest.approx(0.05)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from contract.cost_models import PAPER_MODEL
+from contract.cost_models import PAPER_MODEL, resolve_cost_model
 from simulator.capacity import find_capacities, run_point
 from simulator.capacity_cli import capacity_record
 from simulator.cli_args import RunSpec, stability_bound
@@ -128,3 +128,22 @@ def test_compare_reports_both_capacities(tmp_path):
     assert all("meets_slo_paper" in r and "meets_slo_stable" in r for r in res["grid"])
     md = (out / "results.md").read_text()
     assert "| policy | stable (QPS) |" in md and "Stable criterion" in md
+
+
+def test_the_bound_counts_what_decodes_cost_in_a_gpu_shaped_model():
+    paper = stability_bound(STARVE_SPEC, "sarathi-fcfs")
+    assert "extra_work_s" not in paper  # the paper's fit: the bound and its keys as before
+    per_decode = replace(PAPER_MODEL, c_ms_per_decode=2.0)
+    b = stability_bound(replace(STARVE_SPEC, cost_model=per_decode), "sarathi-fcfs")
+    # every request's D - 1 decodes add 2 ms each (outputs are >= 1 token)
+    assert b["extra_work_s"] == pytest.approx(2e-3 * (b["mean_output"] - 1))
+    work = (b["mean_prompt"] + b["mean_output"]) / b["tokens_per_s"] + b["extra_work_s"]
+    assert b["lambda_max_effective_qps"] == pytest.approx(1 / work)
+    assert b["lambda_max_effective_qps"] < paper["lambda_max_effective_qps"]
+    # it bounds what a saturated run serves under the GPU-shaped model
+    gpu = replace(STARVE_SPEC, cost_model=resolve_cost_model("gpu"))
+    bound = stability_bound(gpu, "sarathi-fcfs")
+    assert bound["lambda_max_nominal_qps"] < stability_bound(STARVE_SPEC, "sarathi-fcfs")["lambda_max_nominal_qps"]
+    s = run_point("sarathi-fcfs", 2 * bound["lambda_max_nominal_qps"], gpu)
+    assert s["num_unfinished"] == 0
+    assert s["throughput_requests_per_s"] <= bound["lambda_max_effective_qps"]
