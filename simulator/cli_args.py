@@ -15,6 +15,7 @@ from simulator.workloads import (
     clipped_rate_factor,
     length_pairs,
     make_workload,
+    mean_lengths,
     resolve_trace,
 )
 
@@ -201,7 +202,7 @@ def stability_bound(spec: RunSpec, policy: str = "slai") -> dict[str, float]:
     model = spec.cost_model
     t_b = model.full_step_s(b)
     pairs = length_pairs(spec.trace, spec.seed, max_prompt=spec.max_prompt_len, max_output=spec.max_output_len)
-    mp, md = sum(p for p, _ in pairs) / len(pairs), sum(d for _, d in pairs) / len(pairs)
+    mp, md = mean_lengths(pairs)
     out: dict[str, float] = {"token_budget": b, "t_b_s": t_b, "tokens_per_s": b / t_b, "mean_prompt": mp,
                              "mean_output": md}
     if model.c_ms_per_decode or model.d_ms_per_context_token or model.e_ms_per_chunk_context:

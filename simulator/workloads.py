@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -259,8 +260,6 @@ def length_pairs(trace: str | Path | None, seed: int = 42, n_synthetic: int = 20
     return pairs
 
 
-def mean_lengths(trace: str | Path | None, seed: int = 42, n_synthetic: int = 200_000,
-                 max_prompt: int = 0, max_output: int = 0) -> tuple[float, float]:
-    """Mean (prompt, output) of :func:`length_pairs`."""
-    pairs = length_pairs(trace, seed, n_synthetic, max_prompt, max_output)
+def mean_lengths(pairs: Sequence[tuple[int, int]]) -> tuple[float, float]:
+    """Mean (prompt, output) of (prompt, output) pairs, e.g. :func:`length_pairs`'s."""
     return (sum(p for p, _ in pairs) / len(pairs), sum(d for _, d in pairs) / len(pairs))

@@ -11,6 +11,7 @@ from simulator.workloads import (
     clip_workload,
     clipped_rate_factor,
     effective_qps,
+    length_pairs,
     load_trace,
     make_workload,
     mean_lengths,
@@ -103,5 +104,5 @@ def test_clip_workload_keeps_arrivals_and_tiers():
     assert all((a.prompt_len, a.output_len) == (min(b.prompt_len, 128), min(b.output_len, 48)) for a, b in zip(c, w))
     assert any(it.prompt_len < 128 for it in c) and max(it.prompt_len for it in c) == 128
     assert clip_workload(w) == w
-    mp, md = mean_lengths(None, seed=3, n_synthetic=2000, max_prompt=128, max_output=48)
+    mp, md = mean_lengths(length_pairs(None, seed=3, n_synthetic=2000, max_prompt=128, max_output=48))
     assert 100 < mp <= 128 and 30 < md <= 48
